@@ -1,0 +1,276 @@
+"""The name server object: Pyro5's NameServer plus leases, load reports and a per-service index."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import MutableMapping
+from typing import Any, Callable, Iterator
+
+import Pyro5.core
+import Pyro5.errors
+import Pyro5.nameserver
+import Pyro5.server
+
+SERVICE_TAG = "pyrorpc.service:"
+LEASE_TAG = "pyrorpc.lease:"
+MIN_TTL = 0.2
+MAX_TTL = 86400.0
+_MAX_LOAD_KEYS = 32
+
+Entry = tuple[str, frozenset[str]]
+
+
+def service_of(metadata: Any) -> str | None:
+    """The service named by a ``pyrorpc.service:S`` tag in ``metadata``, or None."""
+    for tag in metadata or ():
+        if isinstance(tag, str) and tag.startswith(SERVICE_TAG):
+            return tag[len(SERVICE_TAG):]
+    return None
+
+
+def lease_ttl_of(metadata: Any) -> float | None:
+    """The TTL recorded by a ``pyrorpc.lease:TTL`` tag, or None."""
+    for tag in metadata or ():
+        if isinstance(tag, str) and tag.startswith(LEASE_TAG):
+            try:
+                return float(tag[len(LEASE_TAG):])
+            except ValueError:
+                return None
+    return None
+
+
+class IndexedStorage(MutableMapping):  # type: ignore[type-arg]
+    """Wraps a Pyro5 storage (memory or SQLite) and keeps a service -> {name: (uri, metadata)} index.
+
+    Every mutation of the registry goes through this mapping, so the index stays exact whichever
+    NameServer method (inherited or ours) changed it. ``on_forget(name)`` is called for every name that
+    is removed or overwritten, so the owner can drop its lease.
+    """
+
+    def __init__(self, inner: Any, on_forget: Callable[[str], None]) -> None:
+        self.inner = inner
+        self.on_forget = on_forget
+        self.by_service: dict[str, dict[str, Entry]] = {}
+        self.service_by_name: dict[str, str] = {}
+        for name, (uri, meta) in inner.everything(return_metadata=True).items():
+            self._index(name, str(uri), meta)
+
+    # index upkeep
+    def _index(self, name: str, uri: str, metadata: Any) -> None:
+        svc = service_of(metadata)
+        if svc is not None:
+            self.by_service.setdefault(svc, {})[name] = (uri, frozenset(metadata))
+            self.service_by_name[name] = svc
+
+    def _unindex(self, name: str) -> None:
+        svc = self.service_by_name.pop(name, None)
+        if svc is not None:
+            members = self.by_service.get(svc)
+            if members is not None:
+                members.pop(name, None)
+                if not members:
+                    del self.by_service[svc]
+
+    # MutableMapping
+    def __getitem__(self, key: str) -> Any:
+        return self.inner[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.inner[key] = value
+        self._unindex(key)
+        self.on_forget(key)
+        uri, metadata = value
+        self._index(key, str(uri), metadata or ())
+
+    def __delitem__(self, key: str) -> None:
+        del self.inner[key]
+        self._unindex(key)
+        self.on_forget(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.inner
+
+    def clear(self) -> None:
+        names = list(self.service_by_name)
+        self.inner.clear()
+        self.by_service.clear()
+        self.service_by_name.clear()
+        for name in names:
+            self.on_forget(name)
+
+    # the optional storage protocol of Pyro5's NameServer
+    def optimized_prefix_list(self, prefix: str, return_metadata: bool = False) -> Any:
+        return self.inner.optimized_prefix_list(prefix, return_metadata)
+
+    def optimized_regex_list(self, regex: str, return_metadata: bool = False) -> Any:
+        return self.inner.optimized_regex_list(regex, return_metadata)
+
+    def optimized_metadata_search(self, metadata_all: Any = None, metadata_any: Any = None,
+                                  return_metadata: bool = False) -> Any:
+        if metadata_all:
+            wanted = frozenset(metadata_all)
+            services = [t[len(SERVICE_TAG):] for t in wanted if isinstance(t, str) and t.startswith(SERVICE_TAG)]
+            if services:
+                # O(workers of the service) instead of a scan of the whole registry
+                members = self.by_service.get(services[0], {})
+                return {name: ((uri, set(meta)) if return_metadata else uri)
+                        for name, (uri, meta) in members.items() if wanted <= meta}
+        return self.inner.optimized_metadata_search(metadata_all, metadata_any, return_metadata)
+
+    def everything(self, return_metadata: bool = False) -> Any:
+        return self.inner.everything(return_metadata)
+
+    def remove_items(self, items: Any) -> None:
+        items = list(items)
+        self.inner.remove_items(items)
+        for name in items:
+            self._unindex(name)
+            self.on_forget(name)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class Lease:
+    """One leased registration: its TTL, when it was last renewed, and the load its worker reported."""
+
+    __slots__ = ("ttl", "renewed", "load", "uri")
+
+    def __init__(self, ttl: float, uri: str, load: dict[str, Any] | None = None) -> None:
+        self.ttl = ttl
+        self.uri = uri
+        self.renewed = time.monotonic()
+        self.load: dict[str, Any] = load or {}
+
+    def expired(self, now: float) -> bool:
+        return now - self.renewed > self.ttl
+
+
+@Pyro5.server.expose
+class NameServer(Pyro5.nameserver.NameServer):
+    """Pyro5's name server with leases and a service index; a drop-in with the same constructor.
+
+    Inherited methods (``lookup``, ``register``, ``list``, ``yplookup``, ``remove``, ...) keep their
+    behaviour; ``yplookup(meta_all={"pyrorpc.service:S"})`` is answered from the service index. Added:
+    ``lease`` (register-or-renew with a load report), ``service_workers``, ``services``, ``expire``.
+    """
+
+    default_lease_ttl = 10.0
+
+    def __init__(self, storageProvider: Any = None) -> None:  # noqa: N803 - Pyro5's signature
+        inner = storageProvider if storageProvider is not None else Pyro5.nameserver.MemoryStorage()
+        self.leases: dict[str, Lease] = {}
+        self._leasing = threading.local()
+        super().__init__(IndexedStorage(inner, self._forget))
+        # leases restart their clock on load: a persisted worker that does not come back expires
+        for name, members in list(self.storage.by_service.items()):
+            for wname, (uri, meta) in members.items():
+                ttl = lease_ttl_of(meta)
+                if ttl is not None:
+                    self.leases[wname] = Lease(ttl, uri)
+
+    def _forget(self, name: str) -> None:
+        if not getattr(self._leasing, "active", False):
+            self.leases.pop(name, None)
+
+    def lease(self, name: str, uri: str, metadata: Any = None, load: Any = None,
+              ttl: float | None = None) -> dict[str, Any]:
+        """Register ``name`` with a lease, or renew its lease; returns ``{"ttl": s, "created": bool}``.
+
+        The entry is (re)written only when it is missing or its URI or metadata changed, so a renewal
+        costs no storage write. ``load`` is a small dict of numbers the worker reports (in_flight, calls,
+        errors, ...). Without ``ttl`` the server's default lease TTL applies.
+        """
+        if not isinstance(name, str) or not name or name == Pyro5.core.NAMESERVER_NAME:
+            raise TypeError("name must be a non-empty str")
+        if isinstance(uri, Pyro5.core.URI):
+            uri = str(uri)
+        if not isinstance(uri, str):
+            raise TypeError("uri must be a str")
+        Pyro5.core.URI(uri)  # validates
+        if ttl is None:
+            ttl = self.default_lease_ttl
+        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not MIN_TTL <= ttl <= MAX_TTL:
+            raise ValueError(f"ttl must be between {MIN_TTL} and {MAX_TTL} seconds")
+        ttl = float(ttl)
+        if metadata is None:
+            metadata = ()
+        if isinstance(metadata, str):
+            raise TypeError("metadata should not be a str, but another iterable (set, list, etc)")
+        tags = {t for t in metadata if isinstance(t, str) and not t.startswith(LEASE_TAG)}
+        tags.add(f"{LEASE_TAG}{ttl:g}")
+        clean_load = _clean_load(load)
+        with self.lock:
+            current = self.leases.get(name)
+            try:
+                old_uri, old_meta = self.storage[name]
+            except KeyError:
+                old_uri, old_meta = None, None
+            created = old_uri is None
+            if created or str(old_uri) != uri or set(old_meta or ()) != tags:
+                self._leasing.active = True
+                try:
+                    self.storage[name] = uri, tags
+                finally:
+                    self._leasing.active = False
+                current = None
+            if current is None or current.ttl != ttl:
+                current = self.leases[name] = Lease(ttl, uri)
+            current.renewed = time.monotonic()
+            current.load = clean_load
+        return {"ttl": ttl, "created": created}
+
+    def service_workers(self, service: str) -> list[dict[str, Any]]:
+        """The registrations of one service, with lease and load data; costs O(its workers)."""
+        if not isinstance(service, str):
+            raise TypeError("service must be a str")
+        now = time.monotonic()
+        result = []
+        with self.lock:
+            for name, (uri, meta) in self.storage.by_service.get(service, {}).items():
+                lease = self.leases.get(name)
+                if lease is not None and lease.expired(now):
+                    continue
+                result.append({
+                    "name": name,
+                    "uri": uri,
+                    "metadata": sorted(meta),
+                    "load": dict(lease.load) if lease else {},
+                    "ttl": lease.ttl if lease else None,
+                    "age": round(now - lease.renewed, 3) if lease else None,
+                })
+        return result
+
+    def services(self) -> dict[str, int]:
+        """Every service in the index with its number of registrations."""
+        with self.lock:
+            return {svc: len(members) for svc, members in self.storage.by_service.items()}
+
+    def expire(self) -> list[str]:
+        """Drop every registration whose lease was not renewed within its TTL; returns their names."""
+        now = time.monotonic()
+        with self.lock:
+            dead = [name for name, lease in self.leases.items() if lease.expired(now)]
+            if dead:
+                self.storage.remove_items([n for n in dead if n in self.storage])
+                for name in dead:
+                    self.leases.pop(name, None)
+        return dead
+
+
+def _clean_load(load: Any) -> dict[str, Any]:
+    if not isinstance(load, dict):
+        return {}
+    clean: dict[str, Any] = {}
+    for key, value in list(load.items())[:_MAX_LOAD_KEYS]:
+        if isinstance(key, str) and len(key) <= 64 and isinstance(value, (int, float, str)) \
+                and not isinstance(value, bool) and (not isinstance(value, str) or len(value) <= 256):
+            clean[key] = value
+    return clean

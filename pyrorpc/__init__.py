@@ -1,0 +1,35 @@
+"""pyrorpc: distributed objects on Pyro5 — named services, worker hosts, proxies and load-balanced pools."""
+
+from . import errors
+from .config import Address, Settings
+from .errors import (AuthenticationError, CallTimeoutError, ConfigurationError, NameServerUnavailableError,
+                     NoWorkersError, RpcError, WorkerDrainingError, WorkerLostError)
+from .naming import NameServerClient, WorkerInfo
+from .proxy import Proxy, RemoteMethod, connect
+from .service import idempotent, oneway, service
+from .worker import WorkerHost
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Address",
+    "AuthenticationError",
+    "CallTimeoutError",
+    "ConfigurationError",
+    "NameServerClient",
+    "NameServerUnavailableError",
+    "NoWorkersError",
+    "Proxy",
+    "RemoteMethod",
+    "RpcError",
+    "Settings",
+    "WorkerDrainingError",
+    "WorkerHost",
+    "WorkerInfo",
+    "WorkerLostError",
+    "connect",
+    "errors",
+    "idempotent",
+    "oneway",
+    "service",
+]

@@ -1,0 +1,166 @@
+"""Settings: one frozen dataclass of explicit values, read from keywords and ``PYRORPC_*`` variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, NamedTuple
+
+DEFAULT_NS = "127.0.0.1:9090"
+ENV_PREFIX = "PYRORPC_"
+
+
+class Address(NamedTuple):
+    """A ``host:port`` pair."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: "str | Address | tuple[str, int]", *, what: str = "address") -> "Address":
+        """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into an Address.
+
+        Raises:
+            ValueError: naming ``what`` when the text is not a valid ``HOST:PORT``.
+        """
+        if isinstance(text, tuple):
+            host, port = text
+            return cls._checked(str(host), port, what, f"{host}:{port}")
+        if not isinstance(text, str):
+            raise ValueError(f"{what} must be HOST:PORT, got {text!r}")
+        raw = text.strip()
+        if raw.startswith("["):
+            host, sep, rest = raw[1:].partition("]")
+            if not sep or not rest.startswith(":"):
+                raise ValueError(f"{what} must be HOST:PORT, got {text!r}")
+            port_text = rest[1:]
+        else:
+            host, sep, port_text = raw.rpartition(":")
+            if not sep:
+                raise ValueError(f"{what} must be HOST:PORT, got {text!r}")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ValueError(f"{what} must be HOST:PORT with a numeric port, got {text!r}") from None
+        return cls._checked(host, port, what, text)
+
+    @classmethod
+    def _checked(cls, host: str, port: Any, what: str, text: str) -> "Address":
+        if not host or any(c.isspace() for c in host):
+            raise ValueError(f"{what} must be HOST:PORT with a host name, got {text!r}")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"{what} port must be 0-65535, got {text!r}")
+        return cls(host, port)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every tunable of pyrorpc, as explicit values passed to WorkerHost, Proxy, Pool and the name server.
+
+    Pyro5's global ``Pyro5.config`` is never changed by the library: these values are applied per proxy
+    and per daemon.
+
+    ================  =====================  ==================  ==================================================
+    field             env variable           default             meaning
+    ================  =====================  ==================  ==================================================
+    ns                PYRORPC_NS             127.0.0.1:9090      name server address
+    host              PYRORPC_HOST           127.0.0.1           interface a worker binds to
+    timeout           PYRORPC_TIMEOUT        30.0                seconds a call may take before CallTimeoutError
+    connect_timeout   PYRORPC_CONNECT_TIMEOUT 5.0                seconds to connect + handshake, name server calls
+    lease_ttl         PYRORPC_LEASE_TTL      None                worker lease TTL; None = the name server's (10 s)
+    drain_timeout     PYRORPC_DRAIN_TIMEOUT  10.0                seconds a stopping worker waits for in-flight calls
+    threads           PYRORPC_THREADS        64                  worker thread pool = max client connections
+    max_in_flight     PYRORPC_MAX_IN_FLIGHT  16                  calls in flight per worker from one Proxy/Pool
+    refresh           PYRORPC_REFRESH        2.0                 seconds between pool membership refreshes
+    secret            PYRORPC_SECRET         None                shared secret for the handshake token
+    ================  =====================  ==================  ==================================================
+    """
+
+    ns: Address = Address("127.0.0.1", 9090)
+    host: str = "127.0.0.1"
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    lease_ttl: float | None = None
+    drain_timeout: float = 10.0
+    threads: int = 64
+    max_in_flight: int = 16
+    refresh: float = 2.0
+    secret: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ns", Address.parse(self.ns, what="ns"))
+        for name in ("timeout", "connect_timeout", "lease_ttl", "refresh"):
+            value = getattr(self, name)
+            if value is None and name == "lease_ttl":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"`{name}` must be a positive number of seconds, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.drain_timeout, (int, float)) or self.drain_timeout < 0:
+            raise ValueError(f"`drain_timeout` must be non-negative, got {self.drain_timeout!r}")
+        for name in ("threads", "max_in_flight"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"`host` must be a host name or address, got {self.host!r}")
+        if self.secret is not None and (not isinstance(self.secret, str) or not self.secret):
+            raise ValueError("`secret` must be a non-empty string or None")
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with the given fields changed; ``None`` values are ignored."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Defaults, then ``PYRORPC_*`` variables, then the given keyword overrides (``None`` = not given).
+
+        Raises:
+            ValueError: naming the variable whose value is malformed.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is None or raw == "":
+                continue
+            try:
+                values[field.name] = _convert(field.name, raw)
+            except ValueError as exc:
+                raise ValueError(f"{ENV_PREFIX}{field.name.upper()}: {exc}") from None
+        try:
+            base = cls(**values)
+        except ValueError as exc:
+            raise ValueError(f"bad PYRORPC_* environment: {exc}") from None
+        return base.replace(**overrides)
+
+
+def _convert(name: str, raw: str) -> Any:
+    if name == "ns":
+        return Address.parse(raw, what="ns")
+    if name in ("threads", "max_in_flight"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+    if name in ("host", "secret"):
+        return raw
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+
+
+def resolve(settings: Settings | None, **overrides: Any) -> Settings:
+    """The settings an object runs with: ``settings`` (or ``Settings.from_env()``) plus keyword overrides."""
+    if settings is not None and not isinstance(settings, Settings):
+        raise TypeError(f"`settings` must be a pyrorpc.Settings, got {type(settings).__name__}")
+    base = settings if settings is not None else Settings.from_env()
+    return base.replace(**overrides)

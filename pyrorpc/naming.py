@@ -1,0 +1,188 @@
+"""Name-server client: registration, leases, service lookups; works with pyrorpc's and stock Pyro5's server."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import Pyro5.client
+import Pyro5.core
+import Pyro5.errors
+
+from .config import Address, Settings
+from .errors import NameServerUnavailableError
+
+SERVICE_TAG = "pyrorpc.service:"
+LEASE_TAG = "pyrorpc.lease:"
+
+
+@dataclasses.dataclass
+class WorkerInfo:
+    """One worker of a service as the name server (and, in a Pool, this client) sees it."""
+
+    name: str
+    uri: str
+    service: str
+    host: str = ""
+    pid: int = 0
+    threads: int = 0
+    in_flight: int = 0
+    calls: int = 0
+    errors: int = 0
+    started: float = 0.0
+    last_heartbeat: float | None = None  # seconds ago; None where the name server keeps no leases
+    ttl: float | None = None
+    client_in_flight: int = 0  # calls in flight from this Pool (Pool.workers() only)
+    ejected: bool = False  # in a failure cooldown (Pool.workers() only)
+
+    @property
+    def uptime(self) -> float:
+        return max(0.0, time.time() - self.started) if self.started else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["uptime"] = round(self.uptime, 1)
+        return d
+
+    @classmethod
+    def from_record(cls, name: str, uri: str, metadata: Any, load: dict[str, Any] | None = None,
+                    age: float | None = None, ttl: float | None = None) -> "WorkerInfo":
+        tags = _tags(metadata)
+        load = load or {}
+        return cls(
+            name=name, uri=str(uri), service=tags.get("service", name.split(".")[0]),
+            host=str(load.get("host", tags.get("host", ""))),
+            pid=_int(load.get("pid", tags.get("pid"))),
+            threads=_int(load.get("threads", tags.get("threads"))),
+            in_flight=_int(load.get("in_flight")), calls=_int(load.get("calls")), errors=_int(load.get("errors")),
+            started=_float(load.get("started", tags.get("started"))),
+            last_heartbeat=age, ttl=ttl,
+        )
+
+
+def _tags(metadata: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for tag in metadata or ():
+        if isinstance(tag, str) and tag.startswith("pyrorpc."):
+            key, _, value = tag[len("pyrorpc."):].partition(":")
+            out[key] = value
+    return out
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+class NameServerClient:
+    """Talks to one name server. Each operation uses its own short connection, so the client is thread
+    safe and never pins a name-server thread; every operation has the ``connect_timeout``.
+
+    Raises (from every operation):
+        NameServerUnavailableError: the name server could not be reached or did not answer in time.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.address: Address = settings.ns
+        self.uri = Pyro5.core.URI(f"PYRO:{Pyro5.core.NAMESERVER_NAME}@{self.address}")
+        self._leasing: bool | None = None  # does the server speak pyrorpc's lease API?
+
+    def __repr__(self) -> str:
+        return f"<NameServerClient {self.address}>"
+
+    def _proxy(self) -> Pyro5.client.Proxy:
+        proxy = Pyro5.client.Proxy(self.uri)
+        proxy._pyroTimeout = self.settings.connect_timeout
+        return proxy
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        proxy = self._proxy()
+        try:
+            try:
+                proxy._pyroBind()
+            except Pyro5.errors.CommunicationError as exc:
+                raise NameServerUnavailableError(f"cannot reach the name server at {self.address}: {exc}") from None
+            if self._leasing is None:
+                self._leasing = "lease" in proxy._pyroMethods
+            try:
+                return proxy._pyroInvoke(method, args, kwargs)
+            except Pyro5.errors.TimeoutError:
+                raise NameServerUnavailableError(f"name server at {self.address} did not answer within "
+                                                 f"{self.settings.connect_timeout:g}s") from None
+            except Pyro5.errors.ConnectionClosedError as exc:
+                raise NameServerUnavailableError(f"name server at {self.address} closed the connection: {exc}") \
+                    from None
+        finally:
+            proxy._pyroRelease()
+
+    @property
+    def leasing(self) -> bool:
+        """True when the server is pyrorpc's (leases, service index); False for a stock Pyro5 one."""
+        if self._leasing is None:
+            self.ping()
+        return bool(self._leasing)
+
+    def ping(self) -> None:
+        self._call("ping")
+
+    def count(self) -> int:
+        return int(self._call("count"))
+
+    def lookup(self, name: str) -> tuple[str, set[str]]:
+        """``(uri, metadata)`` of a registered name. Raises Pyro5 NamingError for an unknown name."""
+        uri, meta = self._call("lookup", name, return_metadata=True)
+        return str(uri), set(meta or ())
+
+    def list(self, prefix: str | None = None) -> dict[str, tuple[str, set[str]]]:
+        result = self._call("list", prefix=prefix, return_metadata=True)
+        return {name: (str(uri), set(meta or ())) for name, (uri, meta) in result.items()}
+
+    def register(self, name: str, uri: str, metadata: Any = None) -> None:
+        self._call("register", name, str(uri), metadata=sorted(metadata or ()))
+
+    def remove(self, name: str) -> int:
+        return int(self._call("remove", name))
+
+    def lease(self, name: str, uri: str, metadata: Any, load: dict[str, Any], ttl: float | None) -> float | None:
+        """Register-or-renew ``name``; returns the lease TTL, or None against a stock Pyro5 name server
+        (where the name is re-registered if it went missing)."""
+        if self.leasing:
+            reply = self._call("lease", name, str(uri), sorted(metadata), load, ttl)
+            return float(reply["ttl"])
+        try:
+            current, _meta = self.lookup(name)
+        except Pyro5.errors.NamingError:
+            current = None
+        if current != str(uri):
+            self.register(name, uri, metadata)
+        return None
+
+    def service_workers(self, service: str) -> list[WorkerInfo]:
+        """Live workers of ``service`` (O(its workers) on pyrorpc's name server)."""
+        if self.leasing:
+            records = self._call("service_workers", service)
+            return [WorkerInfo.from_record(r["name"], r["uri"], r["metadata"], r.get("load"), r.get("age"),
+                                           r.get("ttl")) for r in records]
+        found = self._call("yplookup", meta_all=[SERVICE_TAG + service], return_metadata=True)
+        return [WorkerInfo.from_record(name, uri, meta) for name, (uri, meta) in found.items()]
+
+    def services(self) -> dict[str, int]:
+        if self.leasing:
+            return dict(self._call("services"))
+        counts: dict[str, int] = {}
+        for _name, (_uri, meta) in self.list().items():
+            svc = _tags(meta).get("service")
+            if svc:
+                counts[svc] = counts.get(svc, 0) + 1
+        return counts

@@ -1,0 +1,373 @@
+"""Proxy: a thread-safe client bound to one worker; Endpoint: pooled Pyro5 connections to one worker."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import select
+import threading
+import time
+from typing import Any, Callable
+
+import Pyro5.client
+import Pyro5.core
+import Pyro5.errors
+from Pyro5 import protocol
+
+from .config import Settings, resolve
+from .errors import (CallTimeoutError, ConfigurationError, NoWorkersError, WorkerDrainingError,
+                     WorkerLostError)
+from .naming import NameServerClient, WorkerInfo
+
+__all__ = ["Endpoint", "NotSent", "Proxy", "RemoteMethod", "connect"]
+
+
+class NotSent(Exception):
+    """Internal: the call never reached the worker (connect failed, worker draining); safe to resend."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _remote(exc: BaseException) -> bool:
+    # Pyro5 marks exceptions raised by the remote method with their remote traceback
+    return hasattr(exc, "_pyroTraceback")
+
+
+class Endpoint:
+    """Connections to one worker, reused across calls and threads, at most ``capacity`` at once.
+
+    ``invoke`` raises ``NotSent`` when the request never left (so any method may go elsewhere),
+    ``WorkerLostError`` when the connection broke after sending, ``CallTimeoutError`` on timeout, and the
+    remote method's own exception otherwise.
+    """
+
+    def __init__(self, uri: str, settings: Settings, name: str | None = None, capacity: int | None = None) -> None:
+        self.uri = Pyro5.core.URI(uri)
+        self.name = name or self.uri.object
+        self.settings = settings
+        self.capacity = capacity or settings.max_in_flight
+        self.slots = threading.BoundedSemaphore(self.capacity)
+        self.in_flight = 0
+        self.calls = 0
+        self.errors = 0
+        self.idempotent: frozenset[str] = frozenset()
+        self.oneway: frozenset[str] = frozenset()
+        self.methods: frozenset[str] | None = None
+        self._idle: list[Pyro5.client.Proxy] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.name} in_flight={self.in_flight}>"
+
+    # connections
+    def _connect(self) -> Pyro5.client.Proxy:
+        proxy = Pyro5.client.Proxy(self.uri)
+        proxy._pyroTimeout = self.settings.connect_timeout
+        try:
+            proxy._pyroBind()
+            if self.methods is None:
+                meta = proxy._pyroInvoke("get_metadata", [self.uri.object], {}, objectId=Pyro5.core.DAEMON_NAME)
+                info = meta.get("pyrorpc") or {}
+                self.idempotent = frozenset(info.get("idempotent", ()))
+                self.oneway = frozenset(meta.get("oneway", ()))
+                self.methods = frozenset(meta.get("methods", ()))
+        except Pyro5.errors.PyroError as exc:
+            proxy._pyroRelease()
+            raise NotSent(exc) from exc
+        return proxy
+
+    def _checkout(self) -> Pyro5.client.Proxy:
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise NotSent(Pyro5.errors.CommunicationError("endpoint closed"))
+                proxy = self._idle.pop() if self._idle else None
+            if proxy is None:
+                return self._connect()
+            conn = proxy._pyroConnection
+            # An idle connection never has data waiting: readable means the worker closed it (died or
+            # stopped). Dropping it here is what keeps a call to a dead worker from being "sent" at all.
+            if conn is not None and not select.select([conn.sock], [], [], 0)[0]:
+                proxy._pyroClaimOwnership()
+                return proxy
+            proxy._pyroClaimOwnership()
+            proxy._pyroRelease()
+
+    def _checkin(self, proxy: Pyro5.client.Proxy) -> None:
+        with self._lock:
+            if not self._closed and proxy._pyroConnection is not None:
+                self._idle.append(proxy)
+                return
+        proxy._pyroRelease()
+
+    def invoke(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float,
+               oneway: bool = False) -> Any:
+        """One call on one connection; the caller holds a slot (see ``acquire``)."""
+        proxy = self._checkout()
+        if proxy._pyroTimeout != timeout:
+            proxy._pyroTimeout = timeout
+        flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
+        try:
+            result = proxy._pyroInvoke(method, args, kwargs, flags=flags)
+        except WorkerDrainingError as exc:
+            self._checkin(proxy)
+            raise NotSent(exc) from exc
+        except Pyro5.errors.TimeoutError as exc:
+            proxy._pyroRelease()
+            if _remote(exc):
+                raise
+            raise CallTimeoutError(f"{self.name}.{method}: no reply within {timeout:g}s") from exc
+        except Pyro5.errors.CommunicationError as exc:
+            if _remote(exc):
+                self._checkin(proxy)
+                raise
+            proxy._pyroRelease()
+            raise WorkerLostError(f"{self.name}.{method}: connection lost after the call was sent ({exc})") \
+                from exc
+        except BaseException:
+            self._checkin(proxy)
+            raise
+        self._checkin(proxy)
+        return result
+
+    def acquire(self, timeout: float | None) -> bool:
+        return self.slots.acquire(timeout=timeout) if timeout is None or timeout > 0 else self.slots.acquire(False)
+
+    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float,
+             oneway: bool = False, wait: float | None = None) -> Any:
+        """Take a slot (waiting up to ``wait``, default ``timeout``), invoke, count, release."""
+        if not self.acquire(timeout if wait is None else wait):
+            raise CallTimeoutError(f"{self.name}.{method}: all {self.capacity} call slots busy for {timeout:g}s")
+        with self._lock:
+            self.in_flight += 1
+        failed = True
+        try:
+            result = self.invoke(method, args, kwargs, timeout, oneway)
+            failed = False
+            return result
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                self.calls += 1
+                self.errors += failed
+            self.slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for proxy in idle:
+            proxy._pyroClaimOwnership()
+            proxy._pyroRelease()
+
+
+class RemoteMethod:
+    """A remote method: call it, or use ``.oneway(...)``, ``.future(...)``, ``await .aio(...)``."""
+
+    __slots__ = ("_client", "_name", "_timeout")
+
+    def __init__(self, client: "Dispatcher", name: str, timeout: float | None = None) -> None:
+        self._client = client
+        self._name = name
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<RemoteMethod {self._name} of {self._client!r}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._client._call(self._name, args, kwargs, self._timeout, False)
+
+    def oneway(self, *args: Any, **kwargs: Any) -> None:
+        """Send and return None once written to the socket: at-most-once, no result, no remote error."""
+        self._client._call(self._name, args, kwargs, self._timeout, True)
+
+    def future(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future:  # type: ignore[type-arg]
+        """Run the call in the background; blocks only while the client's in-flight window is full."""
+        return self._client._submit(self._name, args, kwargs, self._timeout)
+
+    async def aio(self, *args: Any, **kwargs: Any) -> Any:
+        """Awaitable form of the call."""
+        loop = asyncio.get_running_loop()
+        fut = await loop.run_in_executor(None, lambda: self.future(*args, **kwargs))
+        return await asyncio.wrap_future(fut)
+
+    def with_timeout(self, seconds: float) -> "RemoteMethod":
+        """The same method with its own call timeout."""
+        if not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ValueError(f"`seconds` must be positive, got {seconds!r}")
+        return type(self)(self._client, self._name, float(seconds))
+
+
+class Dispatcher:
+    """What Proxy and Pool share: method objects, futures, close, context manager.
+
+    Subclasses implement ``_call(method, args, kwargs, timeout, oneway)``: the single call path.
+    """
+
+    _method_class: type[RemoteMethod] = RemoteMethod
+
+    def __init__(self, settings: Settings, window: int) -> None:
+        self._settings = settings
+        self._methods: dict[str, RemoteMethod] = {}
+        self._window = threading.BoundedSemaphore(window)
+        self._executor_size = window
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._closed = False
+
+    def __getattr__(self, name: str) -> RemoteMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.method(name)
+
+    def method(self, name: str) -> RemoteMethod:
+        """The remote method ``name``; use it when the name collides with one of this object's methods."""
+        try:
+            return self._methods[name]
+        except KeyError:
+            if not isinstance(name, str) or not name or name.startswith("_"):
+                raise AttributeError(f"not a callable remote method name: {name!r}") from None
+            m = self._methods[name] = self._method_class(self, name)
+            return m
+
+    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
+              oneway: bool) -> Any:
+        raise NotImplementedError
+
+    def _submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                timeout: float | None) -> concurrent.futures.Future:  # type: ignore[type-arg]
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        wait = timeout or self._settings.timeout
+        if not self._window.acquire(timeout=wait):
+            raise CallTimeoutError(f"{method}: in-flight window full for {wait:g}s")
+        executor = self._executor
+        if executor is None:
+            with self._executor_lock:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        self._executor_size, thread_name_prefix="pyrorpc-call")
+                executor = self._executor
+        try:
+            fut = executor.submit(self._call, method, args, kwargs, timeout, False)
+        except BaseException:
+            self._window.release()
+            raise
+        fut.add_done_callback(lambda _f: self._window.release())
+        return fut
+
+    def close(self) -> None:
+        """Release connections and background threads; waits for submitted futures."""
+        self._closed = True
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+
+class Proxy(Dispatcher):
+    """A thread-safe proxy to one worker; remote methods are its attributes (``p.add(1, 2)``).
+
+    Bound by service name it moves to another worker of the service when its worker is gone before a
+    call was sent; bound by worker name or ``PYRO:`` URI it stays. Remote methods whose names collide
+    with ``close`` or ``method`` are reached through ``p.method("close")(...)``.
+    """
+
+    def __init__(self, target: str, *, settings: Settings, _info: WorkerInfo | None = None) -> None:
+        super().__init__(settings, settings.max_in_flight)
+        self._target = target
+        self._naming: NameServerClient | None = None
+        self._service: str | None = None
+        self._lock = threading.Lock()
+        if target.startswith("PYRO:"):
+            try:
+                Pyro5.core.URI(target)
+            except Pyro5.errors.PyroError as exc:
+                raise ConfigurationError(f"bad PYRO: URI {target!r}: {exc}") from None
+            self._endpoint = Endpoint(target, settings)
+        else:
+            self._naming = NameServerClient(settings)
+            self._endpoint = self._resolve(exclude=None)
+
+    def __repr__(self) -> str:
+        return f"<pyrorpc.Proxy {self._target!r} -> {self._endpoint.name}>"
+
+    def _resolve(self, exclude: str | None) -> Endpoint:
+        assert self._naming is not None
+        target = self._target
+        if self._service is None:
+            try:
+                uri, _meta = self._naming.lookup(target)
+                return Endpoint(uri, self._settings, name=target)
+            except Pyro5.errors.NamingError:
+                self._service = target  # not a registered name: a service name
+        workers = [w for w in self._naming.service_workers(self._service) if w.name != exclude]
+        if not workers:
+            raise NoWorkersError(f"no live worker for service {self._service!r} at name server "
+                                 f"{self._settings.ns} (unknown service or worker name?)")
+        best = min(workers, key=lambda w: (w.in_flight, w.last_heartbeat or 0.0))
+        return Endpoint(best.uri, self._settings, name=best.name,
+                        capacity=min(self._settings.max_in_flight, best.threads or self._settings.max_in_flight))
+
+    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
+              oneway: bool) -> Any:
+        timeout = timeout or self._settings.timeout
+        endpoint = self._endpoint
+        try:
+            return endpoint.call(method, args, kwargs, timeout, oneway)
+        except NotSent as exc:
+            if self._service is None:
+                raise WorkerLostError(f"cannot reach {endpoint.name}: {exc.cause}") from exc.cause
+        with self._lock:  # the call never left: move to another worker of the service, once
+            if self._endpoint is endpoint:
+                self._endpoint = self._resolve(exclude=endpoint.name)
+                endpoint.close()
+        try:
+            return self._endpoint.call(method, args, kwargs, timeout, oneway)
+        except NotSent as exc:
+            raise WorkerLostError(f"cannot reach {self._endpoint.name}: {exc.cause}") from exc.cause
+
+    def close(self) -> None:
+        super().close()
+        self._endpoint.close()
+
+
+def connect(target: str, *, ns: Any = None, timeout: float | None = None, settings: Settings | None = None,
+            **options: Any) -> Proxy:
+    """A Proxy to one worker: ``target`` is a service name, a worker name or a ``PYRO:`` URI.
+
+    Args:
+        target: what to call.
+        ns: name server ``HOST:PORT`` (env ``PYRORPC_NS``); unused for ``PYRO:`` URIs.
+        timeout: default call timeout in seconds.
+        settings: a ``pyrorpc.Settings``; ``ns``, ``timeout`` and other keyword options override it.
+
+    Raises:
+        NoWorkersError: unknown service or worker name, or no live worker.
+        NameServerUnavailableError: the name server cannot be reached.
+        ConfigurationError: bad target.
+    """
+    if not isinstance(target, str) or not target:
+        raise ConfigurationError(f"target must be a service name, worker name or PYRO: URI, got {target!r}")
+    return Proxy(target, settings=resolve(settings, ns=ns, timeout=timeout, **options))
+
+
+def deadline_left(deadline: float) -> float:
+    """Seconds until ``deadline`` (a ``time.monotonic()`` value), never negative."""
+    return max(0.0, deadline - time.monotonic())
+
+
+_Callable = Callable[..., Any]
