@@ -5,6 +5,7 @@ from .config import Address, Settings
 from .errors import (AuthenticationError, CallTimeoutError, ConfigurationError, NameServerUnavailableError,
                      NoWorkersError, RpcError, WorkerDrainingError, WorkerLostError)
 from .naming import NameServerClient, WorkerInfo
+from .pool import Pool
 from .proxy import Proxy, RemoteMethod, connect
 from .service import idempotent, oneway, service
 from .worker import WorkerHost
@@ -19,6 +20,7 @@ __all__ = [
     "NameServerClient",
     "NameServerUnavailableError",
     "NoWorkersError",
+    "Pool",
     "Proxy",
     "RemoteMethod",
     "RpcError",

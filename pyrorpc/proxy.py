@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import select
 import threading
-import time
 from typing import Any, Callable
 
 import Pyro5.client
@@ -19,7 +18,7 @@ from .errors import (CallTimeoutError, ConfigurationError, NoWorkersError, Worke
                      WorkerLostError)
 from .naming import NameServerClient, WorkerInfo
 
-__all__ = ["Endpoint", "NotSent", "Proxy", "RemoteMethod", "connect"]
+__all__ = ["Endpoint", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy", "connect"]
 
 
 class NotSent(Exception):
@@ -28,6 +27,10 @@ class NotSent(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+class SlotsBusy(CallTimeoutError):
+    """Every call slot of the worker stayed busy until the timeout (the worker is not at fault)."""
 
 
 def _remote(exc: BaseException) -> bool:
@@ -140,7 +143,7 @@ class Endpoint:
              oneway: bool = False, wait: float | None = None) -> Any:
         """Take a slot (waiting up to ``wait``, default ``timeout``), invoke, count, release."""
         if not self.acquire(timeout if wait is None else wait):
-            raise CallTimeoutError(f"{self.name}.{method}: all {self.capacity} call slots busy for {timeout:g}s")
+            raise SlotsBusy(f"{self.name}.{method}: all {self.capacity} call slots busy for {timeout:g}s")
         with self._lock:
             self.in_flight += 1
         failed = True
@@ -201,6 +204,32 @@ class RemoteMethod:
         return type(self)(self._client, self._name, float(seconds))
 
 
+class Window:
+    """Counts calls submitted but not finished, and makes submitters wait while ``limit()`` are out."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self.limit = limit
+        self.outstanding = 0
+        self._cond = threading.Condition(threading.Lock())
+
+    def acquire(self, timeout: float) -> bool:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self.outstanding < max(1, self.limit()), timeout)
+            if ok:
+                self.outstanding += 1
+            return ok
+
+    def release(self) -> None:
+        with self._cond:
+            self.outstanding -= 1
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Re-check waiters (after the limit grew)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
 class Dispatcher:
     """What Proxy and Pool share: method objects, futures, close, context manager.
 
@@ -209,11 +238,12 @@ class Dispatcher:
 
     _method_class: type[RemoteMethod] = RemoteMethod
 
-    def __init__(self, settings: Settings, window: int) -> None:
+    _max_threads = 512  # futures in flight are bounded by the window, not by this
+
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._methods: dict[str, RemoteMethod] = {}
-        self._window = threading.BoundedSemaphore(window)
-        self._executor_size = window
+        self._window = Window(self._capacity)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._closed = False
@@ -237,6 +267,10 @@ class Dispatcher:
               oneway: bool) -> Any:
         raise NotImplementedError
 
+    def _capacity(self) -> int:
+        """How many calls may be in flight at once (the futures window)."""
+        raise NotImplementedError
+
     def _submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None) -> concurrent.futures.Future:  # type: ignore[type-arg]
         if self._closed:
@@ -249,7 +283,7 @@ class Dispatcher:
             with self._executor_lock:
                 if self._executor is None:
                     self._executor = concurrent.futures.ThreadPoolExecutor(
-                        self._executor_size, thread_name_prefix="pyrorpc-call")
+                        self._max_threads, thread_name_prefix="pyrorpc-call")
                 executor = self._executor
         try:
             fut = executor.submit(self._call, method, args, kwargs, timeout, False)
@@ -287,7 +321,7 @@ class Proxy(Dispatcher):
     """
 
     def __init__(self, target: str, *, settings: Settings, _info: WorkerInfo | None = None) -> None:
-        super().__init__(settings, settings.max_in_flight)
+        super().__init__(settings)
         self._target = target
         self._naming: NameServerClient | None = None
         self._service: str | None = None
@@ -321,6 +355,9 @@ class Proxy(Dispatcher):
         best = min(workers, key=lambda w: (w.in_flight, w.last_heartbeat or 0.0))
         return Endpoint(best.uri, self._settings, name=best.name,
                         capacity=min(self._settings.max_in_flight, best.threads or self._settings.max_in_flight))
+
+    def _capacity(self) -> int:
+        return self._endpoint.capacity
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
               oneway: bool) -> Any:
@@ -364,10 +401,3 @@ def connect(target: str, *, ns: Any = None, timeout: float | None = None, settin
         raise ConfigurationError(f"target must be a service name, worker name or PYRO: URI, got {target!r}")
     return Proxy(target, settings=resolve(settings, ns=ns, timeout=timeout, **options))
 
-
-def deadline_left(deadline: float) -> float:
-    """Seconds until ``deadline`` (a ``time.monotonic()`` value), never negative."""
-    return max(0.0, deadline - time.monotonic())
-
-
-_Callable = Callable[..., Any]

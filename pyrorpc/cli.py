@@ -1,0 +1,355 @@
+"""The ``pyrorpc`` command: name server, workers, calls and the demo, as one click group."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import click
+
+from .config import Address, Settings
+
+NS_HELP = "name server HOST:PORT (env PYRORPC_NS, default 127.0.0.1:9090)"
+
+
+class HostPort(click.ParamType):
+    """``HOST:PORT`` as a click parameter type."""
+
+    name = "HOST:PORT"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Address:
+        if isinstance(value, Address):
+            return value
+        try:
+            return Address.parse(value, what=param.name if param is not None else "address")
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+HOST_PORT = HostPort()
+
+
+def ns_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--ns", type=HOST_PORT, envvar="PYRORPC_NS", default=None, help=NS_HELP)(func)
+
+
+def timeout_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                        help="seconds before giving up (env PYRORPC_TIMEOUT)")(func)
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can cause into one ``Error: ...`` line and exit status 1."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import Pyro5.errors
+        try:
+            return func(*args, **kwargs)
+        except (Pyro5.errors.PyroError, ValueError, TypeError, OSError, ImportError) as exc:
+            raise click.ClickException(_one_line(exc)) from None
+    return wrapper
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else ""
+    name = type(exc).__name__
+    return f"{name}: {msg}" if msg else name
+
+
+def settings_for(ns: Address | None = None, **overrides: Any) -> Settings:
+    try:
+        return Settings.from_env(ns=ns, **overrides)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pyrorpc")
+def main() -> None:
+    """pyrorpc: distributed objects on Pyro5 - named services, workers, load-balanced pools."""
+
+
+# name server -----------------------------------------------------------------------------------------
+
+@main.group()
+def ns() -> None:
+    """Run or query the name server."""
+
+
+@ns.command("start")
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind")
+@click.option("--port", type=click.IntRange(0, 65535), default=9090, show_default=True, help="port (0 = any)")
+@click.option("--storage", default="memory", show_default=True, help="memory or PATH.sqlite")
+@click.option("--lease-ttl", type=click.FloatRange(0.2, 86400), default=10.0, show_default=True,
+              help="seconds a worker's lease lives without renewal")
+@user_errors
+def ns_start(host: str, port: int, storage: str, lease_ttl: float) -> None:
+    """Run a name server in the foreground until SIGTERM/SIGINT."""
+    from nameserver import run
+    run(host, port, storage=storage, lease_ttl=lease_ttl, echo=lambda line: click.echo(line))
+
+
+@ns.command("list")
+@click.argument("service", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@ns_option
+@user_errors
+def ns_list(service: str | None, as_json: bool, ns: Address | None) -> None:
+    """List registrations (all, or the workers of SERVICE)."""
+    from .naming import NameServerClient
+    client = NameServerClient(settings_for(ns))
+    if service:
+        entries = {w.name: (w.uri, set()) for w in client.service_workers(service)}
+        if not entries:
+            raise click.ClickException(f"no workers registered for service {service!r}")
+    else:
+        entries = client.list()
+    if as_json:
+        emit_json({name: {"uri": uri, "metadata": sorted(meta)} for name, (uri, meta) in entries.items()})
+        return
+    width = max((len(n) for n in entries), default=4)
+    for name, (uri, _meta) in sorted(entries.items()):
+        click.echo(f"{name:<{width}}  {uri}")
+
+
+@ns.command("lookup")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@ns_option
+@user_errors
+def ns_lookup(name: str, as_json: bool, ns: Address | None) -> None:
+    """Show the URI and metadata registered under NAME."""
+    from .naming import NameServerClient
+    uri, meta = NameServerClient(settings_for(ns)).lookup(name)
+    if as_json:
+        emit_json({"name": name, "uri": uri, "metadata": sorted(meta)})
+    else:
+        click.echo(uri)
+        for tag in sorted(meta):
+            click.echo(f"  {tag}")
+
+
+@ns.command("remove")
+@click.argument("name")
+@ns_option
+@user_errors
+def ns_remove(name: str, ns: Address | None) -> None:
+    """Remove the registration NAME."""
+    from .naming import NameServerClient
+    if not NameServerClient(settings_for(ns)).remove(name):
+        raise click.ClickException(f"unknown name: {name}")
+    click.echo(f"removed {name}")
+
+
+@ns.command("ping")
+@ns_option
+@user_errors
+def ns_ping(ns: Address | None) -> None:
+    """Check that the name server answers."""
+    from .naming import NameServerClient
+    client = NameServerClient(settings_for(ns))
+    started = time.perf_counter()
+    client.ping()
+    kind = "pyrorpc" if client.leasing else "stock Pyro5"
+    click.echo(f"name server at {client.address} ({kind}) answered in "
+               f"{(time.perf_counter() - started) * 1000:.1f} ms")
+
+
+# workers ---------------------------------------------------------------------------------------------
+
+@main.group()
+def worker() -> None:
+    """Run worker processes."""
+
+
+def load_class(spec: str) -> type:
+    """Import ``MODULE:CLASS`` (the current directory is importable, as for ``python -m``)."""
+    import importlib
+    import inspect
+    from .errors import ConfigurationError
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ConfigurationError(f"expected MODULE:CLASS, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigurationError(f"cannot import module {module_name!r}: {_one_line(exc)}") from None
+    obj: Any = module
+    for part in class_name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigurationError(f"module {module_name!r} has no class {class_name!r}")
+    if not inspect.isclass(obj):
+        raise ConfigurationError(f"{spec!r} is not a class")
+    return obj
+
+
+@worker.command("start")
+@click.argument("spec", metavar="MODULE:CLASS")
+@click.option("--service", default=None, help="service name (default: the class's @service name)")
+@click.option("--processes", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="worker processes, supervised and restarted on crash")
+@click.option("--threads", type=click.IntRange(1, 4096), default=None, help="connection threads per worker")
+@click.option("--host", default=None, help="interface to bind (default 127.0.0.1)")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="port (0 = any; needs --processes 1)")
+@click.option("--instance-mode", type=click.Choice(["single", "session", "percall"]), default="single",
+              show_default=True, help="one shared instance, one per connection, or one per call")
+@click.option("--lease-ttl", type=click.FloatRange(0.2, 86400), default=None,
+              help="lease TTL to ask for (default: the name server's)")
+@click.option("--drain-timeout", type=click.FloatRange(0), default=None, help="seconds to finish calls on stop")
+@ns_option
+@user_errors
+def worker_start(spec: str, service: str | None, processes: int, threads: int | None, host: str | None,
+                 port: int, instance_mode: str, lease_ttl: float | None, drain_timeout: float | None,
+                 ns: Address | None) -> None:
+    """Serve MODULE:CLASS as a service until SIGTERM/SIGINT (which drains calls first)."""
+    cls = load_class(spec)
+    settings = settings_for(ns, host=host, threads=threads, lease_ttl=lease_ttl, drain_timeout=drain_timeout)
+    if processes > 1:
+        if port:
+            raise click.UsageError("--port needs --processes 1 (each process binds its own port)")
+        from .supervisor import Supervisor
+        argv = [sys.executable, "-m", "pyrorpc", "worker", "start", spec, "--ns", str(settings.ns),
+                "--instance-mode", instance_mode, "--threads", str(settings.threads),
+                "--host", settings.host, "--drain-timeout", str(settings.drain_timeout)]
+        if service:
+            argv += ["--service", service]
+        if settings.lease_ttl:
+            argv += ["--lease-ttl", str(settings.lease_ttl)]
+        sup = Supervisor(argv, processes, grace=settings.drain_timeout + 10,
+                         echo=lambda line: click.echo(line, err=True))
+        click.echo(f"supervisor {os.getpid()}: starting {processes} workers of {spec}", err=True)
+        sys.exit(sup.run())
+    from .worker import WorkerHost
+    host_obj = WorkerHost(cls, service=service, port=port, instance_mode=instance_mode, settings=settings)
+    host_obj.start()
+    click.echo(f"worker {host_obj.name} serving {host_obj.service} on {host_obj.uri} (pid {os.getpid()})")
+    sys.stdout.flush()
+    host_obj.serve()
+    drained = host_obj.stop()
+    click.echo(f"worker {host_obj.name} stopped{'' if drained else ' (drain timeout)'}")
+    sys.exit(0 if drained else 1)
+
+
+@main.command("workers")
+@click.argument("service", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--watch", is_flag=True, help="refresh every second until Ctrl-C")
+@ns_option
+@user_errors
+def workers_cmd(service: str | None, as_json: bool, watch: bool, ns: Address | None) -> None:
+    """Live table of workers (all services, or SERVICE) from their lease reports."""
+    from .naming import NameServerClient
+    client = NameServerClient(settings_for(ns))
+    while True:
+        services = [service] if service else sorted(client.services())
+        rows = [w for s in services for w in client.service_workers(s)]
+        if as_json:
+            emit_json([w.as_dict() for w in rows])
+        else:
+            if watch:
+                click.clear()
+            click.echo(format_workers(rows))
+        if not watch:
+            if service and not rows:
+                raise click.ClickException(f"no live workers for service {service!r}")
+            return
+        try:
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            return
+
+
+def format_workers(rows: list[Any]) -> str:
+    header = ("WORKER", "HOST", "PID", "IN-FLIGHT", "CALLS", "ERRORS", "UPTIME", "HEARTBEAT")
+    table = [header] + [
+        (w.name, w.host, str(w.pid), str(w.in_flight), str(w.calls), str(w.errors), _duration(w.uptime),
+         "-" if w.last_heartbeat is None else f"{w.last_heartbeat:.1f}s ago") for w in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in table]
+    return "\n".join(lines + [f"{len(rows)} worker(s)"])
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# calls -----------------------------------------------------------------------------------------------
+
+def parse_literal(text: str) -> Any:
+    """A Python literal (``2``, ``'a'``, ``[1, 2]``, ``None``); a bare word that is not one is a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+@main.command("call", context_settings={"ignore_unknown_options": True})
+@click.argument("target")
+@click.argument("method")
+@click.argument("args", nargs=-1)
+@click.option("--kw", "kwargs", multiple=True, metavar="K=V", help="keyword argument (value a Python literal)")
+@click.option("--oneway", is_flag=True, help="fire and forget: return once sent")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@ns_option
+@timeout_option
+@user_errors
+def call_cmd(target: str, method: str, args: tuple[str, ...], kwargs: tuple[str, ...], oneway: bool,
+             as_json: bool, ns: Address | None, timeout: float | None) -> None:
+    """Call METHOD on TARGET (service, worker name or PYRO: URI); ARGs are Python literals."""
+    from .proxy import connect
+    kw: dict[str, Any] = {}
+    for item in kwargs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.UsageError(f"--kw expects NAME=VALUE, got {item!r}")
+        kw[key] = parse_literal(value)
+    if method.startswith("_"):
+        raise click.UsageError(f"private methods cannot be called: {method!r}")
+    settings = settings_for(ns, timeout=timeout)
+    with connect(target, settings=settings) as proxy:
+        remote = proxy.method(method)
+        if oneway:
+            remote.oneway(*(parse_literal(a) for a in args), **kw)
+            result: Any = None
+        else:
+            result = remote(*(parse_literal(a) for a in args), **kw)
+    if as_json:
+        emit_json(result)
+    elif oneway:
+        click.echo("sent (oneway)")
+    else:
+        click.echo(result if isinstance(result, str) else repr(result))
+
+
+@main.command("demo")
+@click.option("--workers", "n_workers", type=click.IntRange(1, 16), default=3, show_default=True,
+              help="worker processes to start")
+@click.option("--calls", type=click.IntRange(1, 100000), default=300, show_default=True, help="calls to make")
+@click.option("--no-kill", is_flag=True, help="do not SIGKILL a worker mid-run")
+@user_errors
+def demo_cmd(n_workers: int, calls: int, no_kill: bool) -> None:
+    """Embedded name server + worker processes + calls of every kind, with a summary."""
+    from .demo import run_demo
+    sys.exit(run_demo(n_workers=n_workers, calls=calls, kill=not no_kill, echo=click.echo))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

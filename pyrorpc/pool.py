@@ -1,0 +1,283 @@
+"""Pool: load-balanced, failover-safe calls over every live worker of one service."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Iterable, Iterator
+
+from .balancing import Strategy, make_strategy
+from .config import Settings, resolve
+from .errors import (CallTimeoutError, ConfigurationError, NameServerUnavailableError, NoWorkersError,
+                     WorkerLostError)
+from .naming import NameServerClient, WorkerInfo
+from .proxy import Dispatcher, Endpoint, NotSent, RemoteMethod, SlotsBusy
+from .service import check_service_name
+
+__all__ = ["Pool", "PoolMethod"]
+
+log = logging.getLogger("pyrorpc.pool")
+
+
+class _Member:
+    """A live worker as this pool sees it."""
+
+    __slots__ = ("name", "info", "endpoint", "ejected_until", "strikes")
+
+    def __init__(self, info: WorkerInfo, endpoint: Endpoint) -> None:
+        self.name = info.name
+        self.info = info
+        self.endpoint = endpoint
+        self.ejected_until = 0.0
+        self.strikes = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.endpoint.in_flight
+
+    @property
+    def reported_load(self) -> int:
+        return self.info.in_flight
+
+
+class PoolMethod(RemoteMethod):
+    """A pool's remote method: also ``.map(iterable_of_arg_tuples)`` and ``.broadcast(*args)``."""
+
+    __slots__ = ()
+
+    def map(self, iterable: Iterable[Any], *, window: int | None = None) -> Iterator[Any]:
+        """Call once per item (a tuple of arguments, or a single argument); yields results in input order.
+
+        At most ``window`` calls are in flight (default: the pool's capacity). A call that failed raises
+        its exception when its result is reached.
+        """
+        pool: Pool = self._client  # type: ignore[assignment]
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"`window` must be a positive integer, got {window!r}")
+        return pool._map(self._name, iterable, window, self._timeout)
+
+    def broadcast(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Call every live worker once; returns ``{worker_name: result or exception}``."""
+        pool: Pool = self._client  # type: ignore[assignment]
+        return pool._broadcast(self._name, args, kwargs, self._timeout)
+
+
+class Pool(Dispatcher):
+    """Every live worker of a service, as one thread-safe object: ``pool.add(1, 2)``, ``.oneway``,
+    ``.future``, ``.aio``, ``.map``, ``.broadcast``.
+
+    Calls go to the worker chosen by ``strategy`` (default least-loaded). A call that could not be sent
+    goes to another worker, always; a call lost after it was sent is retried elsewhere only for
+    ``@idempotent`` methods (at most ``retries`` times), else ``WorkerLostError``. A failing worker is
+    ejected for ``cooldown`` seconds (doubling while it keeps failing) and then tried again. Membership
+    comes from the name server every ``refresh`` seconds and at once after a failure; while the name
+    server is unreachable the pool keeps the workers it knows. Remote methods whose names collide with
+    ``close``, ``method`` or ``workers`` are reached through ``pool.method("workers")(...)``.
+
+    Args:
+        service: the service name.
+        ns: name server ``HOST:PORT``.
+        strategy: ``least-loaded``, ``power-of-two``, ``round-robin``, ``random`` or a Strategy object.
+        timeout: default call timeout; also how long a call waits for a worker to exist.
+        max_in_flight: calls in flight per worker from this pool (capped by the worker's threads).
+        refresh: seconds between membership refreshes.
+        retries: extra attempts for idempotent calls lost after sending.
+        cooldown: seconds a failing worker is left out.
+
+    Raises:
+        NameServerUnavailableError: the name server cannot be reached when the pool is created.
+    """
+
+    _method_class = PoolMethod
+
+    def __init__(self, service: str, *, ns: Any = None, strategy: "str | Strategy" = "least-loaded",
+                 timeout: float | None = None, max_in_flight: int | None = None, refresh: float | None = None,
+                 retries: int = 3, cooldown: float = 2.0, settings: Settings | None = None) -> None:
+        try:
+            check_service_name(service)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"`retries` must be a non-negative integer, got {retries!r}")
+        if not isinstance(cooldown, (int, float)) or cooldown < 0:
+            raise ValueError(f"`cooldown` must be non-negative, got {cooldown!r}")
+        super().__init__(resolve(settings, ns=ns, timeout=timeout, max_in_flight=max_in_flight, refresh=refresh))
+        self._service = service
+        self._strategy = make_strategy(strategy)
+        self._retries = retries
+        self._cooldown = float(cooldown)
+        self._naming = NameServerClient(self._settings)
+        self._members: dict[str, _Member] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._refresh_now = threading.Event()
+        self._stop = threading.Event()
+        self.refreshed_at = 0.0
+        self._refresh()  # raises NameServerUnavailableError at once if the name server is down
+        self._refresher = threading.Thread(target=self._refresh_loop, name=f"pool-{service}-refresh", daemon=True)
+        self._refresher.start()
+
+    def __repr__(self) -> str:
+        return f"<pyrorpc.Pool {self._service!r} {len(self._members)} workers>"
+
+    # membership
+    def _refresh(self) -> None:
+        infos = self._naming.service_workers(self._service)
+        with self._lock:
+            seen = set()
+            for info in infos:
+                seen.add(info.name)
+                member = self._members.get(info.name)
+                if member is None or member.info.uri != info.uri:
+                    capacity = min(self._settings.max_in_flight, info.threads or self._settings.max_in_flight)
+                    if member is not None:
+                        member.endpoint.close()
+                    self._members[info.name] = _Member(info, Endpoint(info.uri, self._settings, info.name,
+                                                                      capacity))
+                else:
+                    member.info = info
+            for name in [n for n in self._members if n not in seen]:
+                self._members.pop(name).endpoint.close()
+            self.refreshed_at = time.monotonic()
+            self._changed.notify_all()
+        self._window.wake()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.is_set():
+            self._refresh_now.wait(self._settings.refresh)
+            if self._stop.is_set():
+                return
+            self._refresh_now.clear()
+            try:
+                self._refresh()
+            except NameServerUnavailableError as exc:
+                log.debug("pool %s: keeping %d known workers: %s", self._service, len(self._members), exc)
+                self._stop.wait(min(1.0, self._settings.refresh))
+            except Exception:  # pragma: no cover - never let the refresher die
+                log.exception("pool %s: membership refresh failed", self._service)
+                self._stop.wait(self._settings.refresh)
+
+    def _capacity(self) -> int:
+        return sum(m.endpoint.capacity for m in list(self._members.values()))
+
+    def _eject(self, member: _Member) -> None:
+        with self._lock:
+            member.strikes += 1
+            member.ejected_until = time.monotonic() + self._cooldown * 2 ** min(member.strikes - 1, 5)
+        self._refresh_now.set()
+
+    def _choose(self, exclude: set[str], deadline: float) -> _Member:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                members = [m for m in self._members.values() if m.name not in exclude]
+                ready = [m for m in members if m.ejected_until <= now]
+                if ready:
+                    return self._strategy.choose(ready)  # type: ignore[return-value]
+                if members:  # every candidate is cooling down: better a probe than a failure
+                    return min(members, key=lambda m: m.ejected_until)
+                left = deadline - now
+                if left <= 0:
+                    raise NoWorkersError(f"no live worker for service {self._service!r} "
+                                         f"(name server {self._settings.ns})")
+                self._refresh_now.set()
+                self._changed.wait(min(left, 0.25))
+
+    # the one call path
+    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
+              oneway: bool) -> Any:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        timeout = timeout or self._settings.timeout
+        deadline = time.monotonic() + timeout
+        tried: set[str] = set()
+        retries = self._retries
+        while True:
+            member = self._choose(tried, deadline)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CallTimeoutError(f"{self._service}.{method}: no reply within {timeout:g}s")
+            try:
+                result = member.endpoint.call(method, args, kwargs, left, oneway)
+            except NotSent as exc:
+                log.info("pool %s: %s unreachable (%s); trying another worker", self._service, member.name,
+                         exc.cause)
+                self._eject(member)
+                tried.add(member.name)
+                continue
+            except WorkerLostError:
+                self._eject(member)
+                if method in member.endpoint.idempotent and retries > 0:
+                    retries -= 1
+                    tried.add(member.name)
+                    continue
+                raise
+            except SlotsBusy:
+                raise
+            except CallTimeoutError:
+                self._eject(member)  # hung or overloaded: leave it out for a while
+                raise
+            if member.strikes:
+                with self._lock:
+                    member.strikes = 0
+                    member.ejected_until = 0.0
+            return result
+
+    def _map(self, method: str, iterable: Iterable[Any], window: int | None, timeout: float | None) -> Iterator[Any]:
+        pending: deque[concurrent.futures.Future[Any]] = deque()
+        limit = window or max(1, self._capacity())
+        items = iter(iterable)
+        try:
+            for item in items:
+                args = item if isinstance(item, tuple) else (item,)
+                if len(pending) >= limit:
+                    yield pending.popleft().result()
+                pending.append(self._submit(method, args, {}, timeout))
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    def _broadcast(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   timeout: float | None) -> dict[str, Any]:
+        timeout = timeout or self._settings.timeout
+        members = list(self._members.values())
+        if not members:
+            raise NoWorkersError(f"no live worker for service {self._service!r}")
+
+        def one(member: _Member) -> Any:
+            try:
+                return member.endpoint.call(method, args, kwargs, timeout)
+            except NotSent as exc:
+                return WorkerLostError(f"cannot reach {member.name}: {exc.cause}")
+            except Exception as exc:
+                return exc
+
+        with concurrent.futures.ThreadPoolExecutor(min(32, len(members))) as ex:
+            results = list(ex.map(one, members))
+        return {m.name: r for m, r in zip(members, results)}
+
+    def workers(self) -> list[WorkerInfo]:
+        """The live workers this pool knows, with this pool's calls in flight and ejection state."""
+        now = time.monotonic()
+        out = []
+        for m in list(self._members.values()):
+            info = WorkerInfo(**{**m.info.__dict__})
+            info.client_in_flight = m.endpoint.in_flight
+            info.ejected = m.ejected_until > now
+            out.append(info)
+        return sorted(out, key=lambda w: w.name)
+
+    def close(self) -> None:
+        """Stop refreshing, wait for submitted futures, close every connection."""
+        self._stop.set()
+        self._refresh_now.set()
+        super().close()
+        with self._lock:
+            members, self._members = list(self._members.values()), {}
+        for m in members:
+            m.endpoint.close()

@@ -1,0 +1,212 @@
+"""Test helpers users get too: real name server and worker processes, and pytest fixtures for them.
+
+Use the fixtures with ``pytest_plugins = ["pyrorpc.testing"]`` in a ``conftest.py``:
+``nameserver`` (factory -> NameServerProcess), ``worker_factory`` (-> WorkerProcess) and
+``pool_factory`` (-> Pool); everything they start is stopped at the end of the test.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+from .config import Address
+
+__all__ = ["NameServerProcess", "WorkerProcess", "start_nameserver", "start_worker", "wait_for"]
+
+_NS_READY = re.compile(r"^NS running on (\S+)")
+_WORKER_READY = re.compile(r"^worker (\S+) serving (\S+) on (\S+) \(pid (\d+)\)")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value (returned) or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{message} not met within {timeout}s")
+        time.sleep(interval)
+
+
+class _Process:
+    """A child process whose output is read line by line in a thread (so its pipe never fills)."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None, cwd: str | None) -> None:
+        full_env = dict(os.environ if env is None else env)
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.argv = list(argv)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+                                     cwd=cwd, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Wait for an output line matching ``pattern``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self._queue.get(timeout=max(0.01, left))
+            except queue.Empty:
+                line = ""
+            if line is None:
+                raise RuntimeError(f"{self.argv[2:]} exited ({self.proc.wait()}) before it was ready:\n"
+                                   + "\n".join(self.lines[-30:]))
+            match = pattern.search(line) if line else None
+            if match:
+                return match
+            if left <= 0:
+                raise TimeoutError(f"{self.argv[2:]} not ready within {timeout}s:\n" + "\n".join(self.lines[-30:]))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, signo: int) -> None:
+        if self.alive():
+            self.proc.send_signal(signo)
+
+    def kill(self) -> int:
+        """SIGKILL and reap; returns the exit status."""
+        self.signal(signal.SIGKILL)
+        return self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit status."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return self.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.alive():
+            self.terminate(10)
+
+
+class NameServerProcess(_Process):
+    """``python -m nameserver`` in a child process; ``address`` is where it listens."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, storage: str = "memory",
+                 lease_ttl: float = 10.0, env: dict[str, str] | None = None, timeout: float = 15.0) -> None:
+        super().__init__([sys.executable, "-m", "nameserver", "--host", host, "--port", str(port),
+                          "--storage", storage, "--lease-ttl", str(lease_ttl)], env, None)
+        self.storage = storage
+        self.lease_ttl = lease_ttl
+        match = self.expect(_NS_READY, timeout)
+        self.address = Address.parse(match.group(1))
+
+    @property
+    def ns(self) -> str:
+        return str(self.address)
+
+    def restart(self, timeout: float = 15.0) -> "NameServerProcess":
+        """Stop this one (SIGTERM) and start a new one on the same address and storage."""
+        self.terminate()
+        return NameServerProcess(self.address.host, self.address.port, storage=self.storage,
+                                 lease_ttl=self.lease_ttl, timeout=timeout)
+
+
+class WorkerProcess(_Process):
+    """``pyrorpc worker start SPEC`` in a child process (one worker, no supervisor)."""
+
+    def __init__(self, spec: str, ns: str | Address, *, args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 cwd: str | None = None, timeout: float = 15.0) -> None:
+        super().__init__([sys.executable, "-m", "pyrorpc", "worker", "start", spec, "--ns", str(ns), *args], env, cwd)
+        match = self.expect(_WORKER_READY, timeout)
+        self.name, self.service, self.uri = match.group(1), match.group(2), match.group(3)
+        self.worker_pid = int(match.group(4))
+
+
+def start_nameserver(**kwargs: Any) -> NameServerProcess:
+    """Start a name server process on 127.0.0.1 (ephemeral port unless ``port=``); see NameServerProcess."""
+    return NameServerProcess(**kwargs)
+
+
+def start_worker(spec: str, ns: str | Address, **kwargs: Any) -> WorkerProcess:
+    """Start one worker process of ``MODULE:CLASS``; returns once it is registered."""
+    return WorkerProcess(spec, ns, **kwargs)
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is only needed for the fixtures
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+
+    @pytest.fixture
+    def nameserver() -> Iterator[Callable[..., NameServerProcess]]:
+        """Factory: ``nameserver(lease_ttl=3, storage="memory")`` -> a running NameServerProcess."""
+        made: list[NameServerProcess] = []
+
+        def factory(**kwargs: Any) -> NameServerProcess:
+            proc = NameServerProcess(**kwargs)
+            made.append(proc)
+            return proc
+
+        yield factory
+        for proc in made:
+            proc.kill()
+
+    @pytest.fixture
+    def worker_factory() -> Iterator[Callable[..., WorkerProcess]]:
+        """Factory: ``worker_factory("mod:Cls", ns)`` -> a registered WorkerProcess."""
+        made: list[WorkerProcess] = []
+
+        def factory(spec: str, ns: Any, **kwargs: Any) -> WorkerProcess:
+            proc = WorkerProcess(spec, ns, **kwargs)
+            made.append(proc)
+            return proc
+
+        yield factory
+        for proc in made:
+            proc.kill()
+
+    @pytest.fixture
+    def pool_factory() -> Iterator[Callable[..., Any]]:
+        """Factory: ``pool_factory("service", ns=...)`` -> a Pool, closed after the test."""
+        from .pool import Pool
+        made: list[Any] = []
+
+        def factory(service: str, **kwargs: Any) -> Any:
+            pool = Pool(service, **kwargs)
+            made.append(pool)
+            return pool
+
+        yield factory
+        for pool in made:
+            pool.close()
