@@ -1,0 +1,44 @@
+"""Shared fixtures: pyrorpc.testing's factories, a clean environment, an in-thread name server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterator
+
+import Pyro5
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+pytest_plugins = ["pyrorpc.testing"]
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No PYRORPC_* / PYRO_* leaks between tests; Pyro5's config back to defaults; tests/ importable
+    by worker subprocesses."""
+    for key in list(os.environ):
+        if key.startswith(("PYRORPC_", "PYRO_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PYTHONPATH", HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    Pyro5.config.reset(use_environment=False)
+    yield
+    Pyro5.config.reset(use_environment=False)
+
+
+@pytest.fixture
+def ns_daemon() -> Iterator["object"]:
+    """A pyrorpc name server served from a thread of this process (lease TTL 3 s); yields the daemon."""
+    from nameserver import NameServerDaemon
+    with NameServerDaemon("127.0.0.1", 0, lease_ttl=3.0) as daemon:
+        daemon.start()
+        yield daemon
+
+
+@pytest.fixture
+def ns_addr(ns_daemon: "object") -> str:
+    host, port = ns_daemon.address  # type: ignore[attr-defined]
+    return f"{host}:{port}"

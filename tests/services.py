@@ -1,0 +1,87 @@
+"""Services the tests serve, in worker threads and in worker processes (``services:Calculator``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pyrorpc
+
+
+class CustomError(Exception):
+    pass
+
+
+@pyrorpc.service("calc")
+class Calculator:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.logged: list[str] = []
+        self.secret_value = 42
+
+    def add(self, a, b):
+        return a + b
+
+    def pid(self):
+        return os.getpid()
+
+    @pyrorpc.oneway
+    def log(self, msg):
+        with self.lock:
+            self.logged.append(msg)
+
+    def logs(self):
+        with self.lock:
+            return list(self.logged)
+
+    @pyrorpc.idempotent
+    def get(self, key):
+        return f"value-{key}"
+
+    def slow(self, seconds):
+        time.sleep(seconds)
+        return os.getpid()
+
+    @pyrorpc.idempotent
+    def slow_idem(self, x, seconds=0.01):
+        time.sleep(seconds)
+        return x * x
+
+    def fail(self, message):
+        raise ValueError(message)
+
+    def fail_custom(self):
+        raise CustomError("custom")
+
+    def close(self):
+        return "remote close"
+
+    def _private(self):
+        return "private"
+
+
+@pyrorpc.service("journal")
+class Journal:
+    """Non-idempotent: appends each execution to a file, to prove nothing runs twice."""
+
+    def record(self, token, seconds=0.01):
+        path = os.environ["JOURNAL_FILE"]
+        time.sleep(seconds)
+        with open(path, "a") as fh:
+            fh.write(f"{token}\n")
+        return token
+
+
+@pyrorpc.service("sleeper")
+class Sleeper:
+    def sleep(self, ms=10):
+        time.sleep(ms / 1000)
+        return os.getpid()
+
+
+class Plain:
+    """No @service: needs --service."""
+
+    def hello(self):
+        return "hello"

@@ -1,0 +1,313 @@
+"""WorkerHost + connect(): call modes, errors, timeouts, thread safety, lifecycle, leases, interop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import Pyro5.api
+import Pyro5.errors
+import pytest
+
+import pyrorpc
+from pyrorpc.testing import NameServerProcess, wait_for
+from services import Calculator, CustomError, Plain
+
+
+@pytest.fixture
+def calc_host(ns_addr):
+    with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as host:
+        yield host
+
+
+def registered(ns, service="calc"):
+    return pyrorpc.NameServerClient(pyrorpc.Settings(ns=ns)).service_workers(service)
+
+
+# call modes -----------------------------------------------------------------------------------------
+
+def test_sync_oneway_future_aio(calc_host, ns_addr):
+    with pyrorpc.connect("calc", ns=ns_addr) as calc:
+        assert calc.add(1, 2) == 3
+        assert calc.log.oneway("hi") is None
+        assert calc.log("sync-on-oneway-method") is None  # @oneway: callers never wait
+        fut = calc.add.future(3, 4)
+        assert isinstance(fut, concurrent.futures.Future)
+        assert fut.result(5) == 7
+        assert asyncio.run(calc.add.aio(5, 6)) == 11
+        wait_for(lambda: sorted(calc.logs()) == ["hi", "sync-on-oneway-method"], 5, message="oneway delivery")
+
+
+def test_connect_by_worker_name_and_uri(calc_host, ns_addr):
+    with pyrorpc.connect(calc_host.name, ns=ns_addr) as by_name:
+        assert by_name.add(1, 1) == 2
+    with pyrorpc.connect(calc_host.uri) as by_uri:  # no name server needed
+        assert by_uri.add(2, 2) == 4
+
+
+def test_remote_exception_keeps_type_and_traceback(calc_host, ns_addr):
+    with pyrorpc.connect("calc", ns=ns_addr) as calc:
+        with pytest.raises(ValueError, match="bad input") as info:
+            calc.fail("bad input")
+        remote_tb = "".join(info.value._pyroTraceback)
+        assert "services.py" in remote_tb and "raise ValueError" in remote_tb
+        with pytest.raises(Exception) as info2:
+            calc.fail_custom()
+        # a user-defined exception class the client cannot rebuild still arrives, as a Pyro error
+        assert isinstance(info2.value, (CustomError, Pyro5.errors.PyroError))
+
+
+def test_unknown_service_and_method(calc_host, ns_addr):
+    with pytest.raises(pyrorpc.NoWorkersError, match="nosuch"):
+        pyrorpc.connect("nosuch", ns=ns_addr)
+    with pyrorpc.connect("calc", ns=ns_addr) as calc:
+        with pytest.raises(AttributeError):
+            calc.no_such_method()
+        assert calc.add(1, 1) == 2  # the proxy is still fine
+
+
+def test_private_methods_are_not_callable(calc_host, ns_addr):
+    with pyrorpc.connect("calc", ns=ns_addr) as calc:
+        with pytest.raises(AttributeError):
+            calc._private()
+        with pytest.raises(AttributeError):
+            calc.method("_private")
+    with Pyro5.api.Proxy(calc_host.uri) as raw:  # a raw client gets refused by the worker itself
+        with pytest.raises(AttributeError):
+            raw._pyroInvoke("_private", (), {})
+        with pytest.raises(AttributeError):
+            raw._pyroInvoke("__getattr__", ("secret_value",), {})
+
+
+def test_colliding_method_name_reachable(calc_host, ns_addr):
+    calc = pyrorpc.connect("calc", ns=ns_addr)
+    assert calc.method("close")() == "remote close"
+    calc.close()
+
+
+def test_timeout_per_proxy_and_per_call(calc_host, ns_addr):
+    with pyrorpc.connect("calc", ns=ns_addr, timeout=0.3) as calc:
+        with pytest.raises(pyrorpc.CallTimeoutError):
+            calc.slow(2)
+        assert isinstance(calc.slow.with_timeout(5)(0.5), int)
+    with pyrorpc.connect("calc", ns=ns_addr) as calc:
+        with pytest.raises(Pyro5.errors.TimeoutError):  # also catchable as Pyro5's own error
+            calc.slow.with_timeout(0.2)(2)
+        assert calc.add(1, 2) == 3
+
+
+def test_proxy_shared_between_threads(calc_host, ns_addr):
+    errors = []
+    with pyrorpc.connect("calc", ns=ns_addr) as calc:
+        def worker(n):
+            try:
+                for i in range(50):
+                    assert calc.add(n, i) == n + i
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert errors == []
+
+
+def test_futures_respect_in_flight_window(calc_host, ns_addr):
+    with pyrorpc.connect("calc", ns=ns_addr, max_in_flight=2) as calc:
+        futures = [calc.slow_idem.future(i, 0.05) for i in range(6)]
+        assert calc._window.outstanding <= 2
+        assert [f.result(10) for f in futures] == [i * i for i in range(6)]
+
+
+def test_instance_modes(ns_addr):
+    with pyrorpc.WorkerHost(Calculator, ns=ns_addr, instance_mode="single") as host:
+        with pyrorpc.connect(host.uri) as a, pyrorpc.connect(host.uri) as b:
+            a.log("x")
+            wait_for(lambda: b.logs() == ["x"], 5, message="shared instance")
+    with pyrorpc.WorkerHost(Calculator, ns=ns_addr, instance_mode="percall", service="calc2") as host:
+        with pyrorpc.connect(host.uri) as a:
+            a.log.oneway("x")
+            assert a.logs() == []
+    with pytest.raises(pyrorpc.ConfigurationError, match="instance_mode"):
+        pyrorpc.WorkerHost(Calculator, ns=ns_addr, instance_mode="bogus")
+
+
+def test_service_name_required(ns_addr):
+    with pytest.raises(pyrorpc.ConfigurationError, match="service="):
+        pyrorpc.WorkerHost(Plain, ns=ns_addr)
+    with pyrorpc.WorkerHost(Plain, ns=ns_addr, service="plain") as host:
+        assert host.name.startswith("plain.")
+        with pyrorpc.connect("plain", ns=ns_addr) as p:
+            assert p.hello() == "hello"
+
+
+# lifecycle -----------------------------------------------------------------------------------------
+
+def test_registration_metadata_and_deregistration(ns_addr):
+    host = pyrorpc.WorkerHost(Calculator, ns=ns_addr).start()
+    try:
+        with Pyro5.api.Proxy(f"PYRO:Pyro.NameServer@{ns_addr}") as ns:
+            found = ns.yplookup(meta_all={"pyrorpc.service:calc"})
+            assert list(found) == [host.name]
+            uri, meta = found[host.name]
+            assert uri == host.uri and "pyrorpc.service:calc" in meta
+            assert host.name.startswith("calc.")
+    finally:
+        host.stop()
+    assert registered(ns_addr) == []
+
+
+def test_stop_drains_in_flight_calls(ns_addr):
+    host = pyrorpc.WorkerHost(Calculator, ns=ns_addr).start()
+    calc = pyrorpc.connect(host.uri)
+    slow = calc.slow.future(0.5)
+    wait_for(lambda: host.stats.in_flight == 1, 5, message="call in flight")
+    t0 = time.monotonic()
+    assert host.stop() is True
+    assert time.monotonic() - t0 >= 0.3  # it waited for the call
+    assert isinstance(slow.result(5), int)
+    assert registered(ns_addr) == []
+    with pytest.raises(pyrorpc.WorkerLostError):
+        calc.add(1, 2)  # gone: bound by URI, nowhere else to go
+    calc.close()
+
+
+def test_drain_refuses_new_calls_without_running_them(ns_addr):
+    host = pyrorpc.WorkerHost(Calculator, ns=ns_addr, drain_timeout=5).start()
+    with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as other:
+        calc = pyrorpc.connect("calc", ns=ns_addr)
+        # pin the proxy to `host` first
+        calc._endpoint = pyrorpc.proxy.Endpoint(host.uri, calc._settings, host.name)
+        busy = calc.slow.future(0.6)
+        wait_for(lambda: host.stats.in_flight == 1, 5)
+        stopper = threading.Thread(target=host.stop)
+        stopper.start()
+        wait_for(lambda: host.stats.draining, 5)
+        # refused by the draining worker before running: moves to the other worker of the service
+        assert calc.pid() == calc.pid()
+        assert calc._endpoint.name == other.name
+        assert isinstance(busy.result(5), int)
+        stopper.join(10)
+        calc.close()
+
+
+def test_worker_reregisters_after_entry_removed(ns_addr, ns_daemon):
+    with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as host:
+        ns_daemon.nameserver.remove(host.name)
+        assert registered(ns_addr) == []
+        # lease TTL 3 s -> renew every 1 s
+        wait_for(lambda: [w.name for w in registered(ns_addr)] == [host.name], 3, message="re-registration")
+
+
+def test_heartbeat_reports_load(ns_addr):
+    with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as host:
+        with pyrorpc.connect("calc", ns=ns_addr) as calc:
+            for i in range(5):
+                calc.add(i, i)
+            with pytest.raises(ValueError):
+                calc.fail("x")
+        info = wait_for(lambda: [w for w in registered(ns_addr) if w.calls >= 6], 4, message="load report")[0]
+        assert info.errors == 1 and info.pid > 0 and info.host == host.hostname and info.threads == 64
+        assert info.last_heartbeat is not None and info.last_heartbeat < 3
+
+
+def test_name_server_unreachable_at_start():
+    host = pyrorpc.WorkerHost(Calculator, settings=pyrorpc.Settings(ns="127.0.0.1:1", connect_timeout=1))
+    with pytest.raises(pyrorpc.NameServerUnavailableError):
+        host.start()
+    with pytest.raises(pyrorpc.NameServerUnavailableError):
+        pyrorpc.connect("calc", settings=pyrorpc.Settings(ns="127.0.0.1:1", connect_timeout=1))
+
+
+# processes: SIGTERM, SIGKILL, name server restart, stock Pyro5 name server --------------------------
+
+def test_sigterm_deregisters_fast_and_exits_zero_after_drain(nameserver, worker_factory):
+    ns = nameserver(lease_ttl=3)
+    w = worker_factory("services:Calculator", ns.ns)
+    calc = pyrorpc.connect(w.uri)
+    slow = calc.slow.future(1.0)
+    time.sleep(0.2)  # let the call reach the worker (there is no event to wait on across processes)
+    t0 = time.monotonic()
+    w.signal(signal.SIGTERM)
+    wait_for(lambda: registered(ns.ns) == [], 1.0, interval=0.01, message="deregistration")
+    gone = time.monotonic() - t0
+    assert gone < 1.0
+    assert slow.result(10) == w.worker_pid  # drained, not cut off
+    assert w.wait(10) == 0
+    calc.close()
+
+
+def test_sigkill_lease_expires_within_ttl_plus_one(nameserver, worker_factory):
+    ns = nameserver(lease_ttl=3)
+    w = worker_factory("services:Calculator", ns.ns)
+    survivor = worker_factory("services:Calculator", ns.ns)
+    assert len(registered(ns.ns)) == 2
+    t0 = time.monotonic()
+    w.kill()
+    wait_for(lambda: [x.name for x in registered(ns.ns)] == [survivor.name], 4.0, interval=0.05,
+             message="lease expiry")
+    assert time.monotonic() - t0 <= 4.0
+
+
+def test_name_server_restart_memory_storage(nameserver, worker_factory):
+    ns = nameserver(lease_ttl=3)
+    workers = [worker_factory("services:Calculator", ns.ns) for _ in range(2)]
+    ns2 = ns.restart()
+    try:
+        t0 = time.monotonic()
+        # renew period = TTL/3 = 1 s; every worker must be back within two periods
+        wait_for(lambda: sorted(x.name for x in registered(ns2.ns)) == sorted(w.name for w in workers), 2.0,
+                 interval=0.05, message="re-registration after restart")
+        assert time.monotonic() - t0 <= 2.0
+    finally:
+        ns2.kill()
+
+
+def test_against_stock_pyro5_name_server(worker_factory, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "Pyro5.nameserver", "-n", "127.0.0.1", "-p", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("NS running on"):
+                port = int(line.split()[3].rsplit(":", 1)[1])
+                break
+        assert port
+        ns = f"127.0.0.1:{port}"
+        w = worker_factory("services:Calculator", ns)
+        client = pyrorpc.NameServerClient(pyrorpc.Settings(ns=ns))
+        assert client.leasing is False
+        assert [x.name for x in client.service_workers("calc")] == [w.name]
+        with pyrorpc.connect("calc", ns=ns) as calc:
+            assert calc.add(2, 3) == 5
+        client.remove(w.name)  # no leases there: the worker notices and registers again
+        wait_for(lambda: [x.name for x in client.service_workers("calc")] == [w.name], 15, interval=0.1,
+                 message="re-registration on stock name server")
+        assert w.terminate() == 0
+        assert client.service_workers("calc") == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_plain_pyro5_proxy_calls_a_worker(calc_host, ns_addr):
+    with Pyro5.api.Proxy(f"PYRO:Pyro.NameServer@{ns_addr}") as ns:
+        [(name, (uri, _meta))] = ns.yplookup(meta_all={"pyrorpc.service:calc"}).items()
+    with Pyro5.api.Proxy(uri) as plain:
+        assert plain.add(40, 2) == 42
+        assert plain.get("k") == "value-k"
+    with Pyro5.api.Proxy(f"PYRONAME:{name}@{ns_addr}") as by_name:
+        assert by_name.add(1, 2) == 3
+
+
+def test_nameserver_process_lease_ttl_cli_flag():
+    with NameServerProcess(lease_ttl=3) as ns:
+        with pyrorpc.WorkerHost(Calculator, ns=ns.ns) as host:
+            assert host.lease_ttl == 3.0
