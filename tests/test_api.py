@@ -1,0 +1,67 @@
+"""The public face: __all__ matches the public names; every module imports alone (no cycles)."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import nameserver
+import pyrorpc
+
+
+def test_all_matches_public_names():
+    public = {name for name in vars(pyrorpc) if not name.startswith("_")}
+    submodules = {m.name for m in pkgutil.iter_modules(pyrorpc.__path__)}
+    assert sorted(pyrorpc.__all__) == pyrorpc.__all__
+    # `errors` is exported as a module; `service` is the decorator (its module is pyrorpc.service)
+    assert set(pyrorpc.__all__) == public - (submodules - {"errors", "service"})
+
+
+def test_service_attribute_is_the_decorator_even_after_importing_every_module():
+    code = ("import importlib, pkgutil, pyrorpc\n"
+            "[importlib.import_module('pyrorpc.' + m.name) for m in pkgutil.iter_modules(pyrorpc.__path__)"
+            " if m.name != '__main__']\n"
+            "import pyrorpc.service\n"
+            "assert callable(pyrorpc.service) and pyrorpc.service.__name__ == 'service', pyrorpc.service\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_design_api_names_exist():
+    for name in ("service", "oneway", "idempotent", "WorkerHost", "connect", "Pool", "errors", "Settings"):
+        assert hasattr(pyrorpc, name), name
+    for name in ("NoWorkersError", "WorkerLostError", "CallTimeoutError", "AuthenticationError"):
+        cls = getattr(pyrorpc.errors, name)
+        assert issubclass(cls, pyrorpc.errors.RpcError)
+    import Pyro5.errors
+    assert issubclass(pyrorpc.errors.RpcError, Pyro5.errors.PyroError)
+    assert issubclass(pyrorpc.CallTimeoutError, Pyro5.errors.TimeoutError)
+    assert issubclass(pyrorpc.WorkerLostError, Pyro5.errors.CommunicationError)
+    assert nameserver.NameServer.__mro__[1].__module__ == "Pyro5.nameserver"
+
+
+@pytest.mark.parametrize("module", sorted(
+    [f"pyrorpc.{m.name}" for m in pkgutil.iter_modules(pyrorpc.__path__)]
+    + [f"nameserver.{m.name}" for m in pkgutil.iter_modules(nameserver.__path__)]
+    + ["pyrorpc", "nameserver"]))
+def test_module_imports_in_fresh_interpreter(module):
+    if module.endswith("__main__"):
+        pytest.skip("entry point")
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=60)
+
+
+def test_nameserver_depends_only_on_config_and_errors():
+    code = ("import sys, nameserver; bad = sorted(m for m in sys.modules if m.startswith('pyrorpc.') "
+            "and m not in ('pyrorpc.config', 'pyrorpc.errors')); print(bad); sys.exit(1 if bad else 0)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_errors_survive_the_serializer():
+    from Pyro5.serializers import SerpentSerializer
+    ser = SerpentSerializer()
+    for cls in (pyrorpc.NoWorkersError, pyrorpc.WorkerLostError, pyrorpc.CallTimeoutError,
+                pyrorpc.AuthenticationError, pyrorpc.WorkerDrainingError):
+        back = ser.loads(ser.dumps(cls("msg")))
+        assert type(back) is cls and str(back) == "msg"
