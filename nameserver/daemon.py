@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import Pyro5.core
 import Pyro5.nameserver

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import MutableMapping
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
 
 import Pyro5.core
 import Pyro5.errors
@@ -170,7 +170,7 @@ class NameServer(Pyro5.nameserver.NameServer):
         self._leasing = threading.local()
         super().__init__(IndexedStorage(inner, self._forget))
         # leases restart their clock on load: a persisted worker that does not come back expires
-        for name, members in list(self.storage.by_service.items()):
+        for members in list(self.storage.by_service.values()):
             for wname, (uri, meta) in members.items():
                 ttl = lease_ttl_of(meta)
                 if ttl is not None:

@@ -2,8 +2,16 @@
 
 from . import errors
 from .config import Address, Settings
-from .errors import (AuthenticationError, CallTimeoutError, ConfigurationError, NameServerUnavailableError,
-                     NoWorkersError, RpcError, WorkerDrainingError, WorkerLostError)
+from .errors import (
+                     AuthenticationError,
+                     CallTimeoutError,
+                     ConfigurationError,
+                     NameServerUnavailableError,
+                     NoWorkersError,
+                     RpcError,
+                     WorkerDrainingError,
+                     WorkerLostError,
+)
 from .naming import NameServerClient, WorkerInfo
 from .pool import Pool
 from .proxy import Proxy, RemoteMethod, connect

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import random
 import threading
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 __all__ = ["LeastLoaded", "PowerOfTwo", "Random", "RoundRobin", "Strategy", "make_strategy", "STRATEGIES"]
 

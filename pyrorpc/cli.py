@@ -8,7 +8,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -108,6 +109,7 @@ def ns_list(service: str | None, as_json: bool, ns: Address | None) -> None:
     """List registrations (all, or the workers of SERVICE)."""
     from .naming import NameServerClient
     client = NameServerClient(settings_for(ns))
+    entries: dict[str, tuple[str, set[str]]]
     if service:
         entries = {w.name: (w.uri, set()) for w in client.service_workers(service)}
         if not entries:
@@ -176,6 +178,7 @@ def load_class(spec: str) -> type:
     """Import ``MODULE:CLASS`` (the current directory is importable, as for ``python -m``)."""
     import importlib
     import inspect
+
     from .errors import ConfigurationError
     module_name, sep, class_name = spec.partition(":")
     if not sep or not module_name or not class_name:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 DEFAULT_NS = "127.0.0.1:9090"
 ENV_PREFIX = "PYRORPC_"

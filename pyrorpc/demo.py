@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from .service import idempotent, oneway, service
 
@@ -62,7 +62,7 @@ def run_demo(n_workers: int = 3, calls: int = 300, kill: bool = True, work_ms: f
     started = time.perf_counter()
     with NameServerDaemon("127.0.0.1", 0, lease_ttl=3.0) as daemon:
         daemon.start()
-        ns = "%s:%d" % daemon.address
+        ns = "{}:{}".format(*daemon.address)
         echo(f"name server   embedded on {ns} (lease TTL 3s)")
         with concurrent.futures.ThreadPoolExecutor(n_workers) as ex:
             workers = list(ex.map(lambda _i: WorkerProcess(spec, ns), range(n_workers)))
@@ -88,7 +88,7 @@ def run_demo(n_workers: int = 3, calls: int = 300, kill: bool = True, work_ms: f
                 wrong = 0
                 t0 = time.perf_counter()
                 tty = sys.stdout.isatty()
-                for i, (value, pid) in enumerate(pool.square.map(((i, work_ms) for i in range(calls)))):
+                for i, (value, pid) in enumerate(pool.square.map((i, work_ms) for i in range(calls))):
                     wrong += value != i * i
                     per_pid[pid] += 1
                     if victim is not None and i == calls * 2 // 5:

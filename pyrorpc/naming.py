@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import time
 from typing import Any
@@ -168,7 +169,7 @@ class NameServerClient:
             self.register(name, uri, metadata)
         return None
 
-    def service_workers(self, service: str) -> list[WorkerInfo]:
+    def service_workers(self, service: str) -> builtins.list[WorkerInfo]:
         """Live workers of ``service`` (O(its workers) on pyrorpc's name server)."""
         if self.leasing:
             records = self._call("service_workers", service)

@@ -7,12 +7,18 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from .balancing import Strategy, make_strategy
 from .config import Settings, resolve
-from .errors import (CallTimeoutError, ConfigurationError, NameServerUnavailableError, NoWorkersError,
-                     WorkerLostError)
+from .errors import (
+    CallTimeoutError,
+    ConfigurationError,
+    NameServerUnavailableError,
+    NoWorkersError,
+    WorkerLostError,
+)
 from .naming import NameServerClient, WorkerInfo
 from .proxy import Dispatcher, Endpoint, NotSent, RemoteMethod, SlotsBusy
 from .service import check_service_name
@@ -259,7 +265,7 @@ class Pool(Dispatcher):
 
         with concurrent.futures.ThreadPoolExecutor(min(32, len(members))) as ex:
             results = list(ex.map(one, members))
-        return {m.name: r for m, r in zip(members, results)}
+        return {m.name: r for m, r in zip(members, results, strict=True)}
 
     def workers(self) -> list[WorkerInfo]:
         """The live workers this pool knows, with this pool's calls in flight and ejection state."""

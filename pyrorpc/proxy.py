@@ -6,7 +6,8 @@ import asyncio
 import concurrent.futures
 import select
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import Pyro5.client
 import Pyro5.core
@@ -14,8 +15,7 @@ import Pyro5.errors
 from Pyro5 import protocol
 
 from .config import Settings, resolve
-from .errors import (CallTimeoutError, ConfigurationError, NoWorkersError, WorkerDrainingError,
-                     WorkerLostError)
+from .errors import CallTimeoutError, ConfigurationError, NoWorkersError, WorkerDrainingError, WorkerLostError
 from .naming import NameServerClient, WorkerInfo
 
 __all__ = ["Endpoint", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy", "connect"]

@@ -7,7 +7,8 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["Supervisor"]
 

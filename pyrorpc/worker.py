@@ -11,7 +11,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import Pyro5.server
 import Pyro5.svr_threads
