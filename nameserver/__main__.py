@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pyrorpc.config import Settings
+
 from .daemon import DEFAULT_LEASE_TTL, run
 
 
@@ -14,9 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9090, help="port to bind, 0 for any (default 9090)")
     parser.add_argument("--storage", default="memory", help="memory (default) or PATH.sqlite")
     parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL, help="lease TTL in seconds")
+    parser.add_argument("--secret", default=None, help="shared secret (env PYRORPC_SECRET)")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS (env PYRORPC_TLS_CERT)")
+    parser.add_argument("--tls-key", default=None, help="PEM key for --tls-cert (env PYRORPC_TLS_KEY)")
+    parser.add_argument("--tls-ca", default=None, help="CA bundle: require client certificates (env PYRORPC_TLS_CA)")
     args = parser.parse_args(argv)
     try:
-        run(args.host, args.port, storage=args.storage, lease_ttl=args.lease_ttl,
+        settings = Settings.from_env(secret=args.secret, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                     tls_ca=args.tls_ca)
+        run(args.host, args.port, storage=args.storage, lease_ttl=args.lease_ttl, settings=settings,
             echo=lambda line: print(line, flush=True))
     except (ValueError, OSError) as exc:
         print(f"Error: {exc}", file=sys.stderr)

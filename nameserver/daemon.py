@@ -10,7 +10,9 @@ from typing import Any
 
 import Pyro5.core
 import Pyro5.nameserver
-import Pyro5.server
+
+from pyrorpc.config import Settings
+from pyrorpc.security import GuardedDaemon
 
 from .registry import NameServer
 
@@ -36,21 +38,22 @@ def open_storage(storage: str | None) -> Any:
     raise ValueError(f"storage must be 'memory' or PATH.sqlite, got {storage!r}")
 
 
-class NameServerDaemon(Pyro5.server.Daemon):
+class NameServerDaemon(GuardedDaemon):
     """A Pyro5 daemon holding one ``nameserver.NameServer`` under Pyro5's well-known object name.
 
     Use it as a context manager, or call ``start()`` (serves in a thread, returns once bound) or
-    ``serve_forever()``. Expired leases are swept several times per TTL.
+    ``serve_forever()``. Expired leases are swept several times per TTL. ``settings`` (a
+    ``pyrorpc.Settings``) brings the shared secret, TLS files and connection thread count.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9090, *, storage: str | None = "memory",
-                 lease_ttl: float = DEFAULT_LEASE_TTL) -> None:
+                 lease_ttl: float = DEFAULT_LEASE_TTL, settings: Settings | None = None) -> None:
         if not isinstance(lease_ttl, (int, float)) or not 0.2 <= lease_ttl <= 86400:
             raise ValueError(f"`lease_ttl` must be 0.2-86400 seconds, got {lease_ttl!r}")
         self.nameserver: NameServer | None = NameServer(open_storage(storage))
         self.nameserver.default_lease_ttl = float(lease_ttl)
         try:
-            super().__init__(host=host, port=port)
+            super().__init__(host, port, settings if settings is not None else Settings())
         except Exception:
             self.nameserver.storage.close()
             raise
@@ -121,15 +124,17 @@ class NameServerDaemon(Pyro5.server.Daemon):
 
 
 def run(host: str = "127.0.0.1", port: int = 9090, *, storage: str | None = "memory",
-        lease_ttl: float = DEFAULT_LEASE_TTL, echo: Callable[[str], None] = print) -> None:
+        lease_ttl: float = DEFAULT_LEASE_TTL, settings: Settings | None = None,
+        echo: Callable[[str], None] = print) -> None:
     """Serve a name server in this process until SIGTERM/SIGINT; prints where it listens once bound."""
-    daemon = NameServerDaemon(host, port, storage=storage, lease_ttl=lease_ttl)
+    daemon = NameServerDaemon(host, port, storage=storage, lease_ttl=lease_ttl, settings=settings)
     assert daemon.nameserver is not None
 
     def ready(d: NameServerDaemon) -> None:
         count = len(d.nameserver.storage) - 1 if d.nameserver else 0
+        extras = [name for name, on in (("secret", d.verifier), ("TLS", d.tls)) if on]
         echo(f"NS running on {d.locationStr} (storage {storage or 'memory'}, lease TTL {lease_ttl:g}s, "
-             f"{count} existing registrations)")
+             f"{count} existing registrations{', ' + ' + '.join(extras) if extras else ''})")
         echo(f"URI = {d.uri}")
 
     daemon.serve_forever(ready=ready)

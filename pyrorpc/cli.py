@@ -35,8 +35,31 @@ class HostPort(click.ParamType):
 HOST_PORT = HostPort()
 
 
+_SECURITY = ("secret", "tls_cert", "tls_key", "tls_ca")
+
+
+def security_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--secret / --tls-cert / --tls-key / --tls-ca (env PYRORPC_*), handed to settings_for()."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        click.get_current_context().meta["pyrorpc.security"] = {k: kwargs.pop(k) for k in _SECURITY}
+        return func(*args, **kwargs)
+
+    file = click.Path(exists=True, dir_okay=False)
+    for option in reversed([
+        click.option("--secret", default=None, help="shared secret (env PYRORPC_SECRET; prefer the env var)"),
+        click.option("--tls-cert", type=file, default=None, help="PEM certificate (env PYRORPC_TLS_CERT)"),
+        click.option("--tls-key", type=file, default=None, help="PEM key for --tls-cert (env PYRORPC_TLS_KEY)"),
+        click.option("--tls-ca", type=file, default=None, help="CA bundle (env PYRORPC_TLS_CA)"),
+    ]):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 def ns_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--ns", type=HOST_PORT, envvar="PYRORPC_NS", default=None, help=NS_HELP)(func)
+    """--ns plus the security options: what every networked command takes."""
+    return click.option("--ns", type=HOST_PORT, envvar="PYRORPC_NS", default=None, help=NS_HELP)(
+        security_options(func))
 
 
 def timeout_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,8 +87,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def settings_for(ns: Address | None = None, **overrides: Any) -> Settings:
+    ctx = click.get_current_context(silent=True)
+    security = ctx.meta.get("pyrorpc.security", {}) if ctx is not None else {}
     try:
-        return Settings.from_env(ns=ns, **overrides)
+        return Settings.from_env(ns=ns, **security, **overrides)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -93,11 +118,13 @@ def ns() -> None:
 @click.option("--storage", default="memory", show_default=True, help="memory or PATH.sqlite")
 @click.option("--lease-ttl", type=click.FloatRange(0.2, 86400), default=10.0, show_default=True,
               help="seconds a worker's lease lives without renewal")
+@security_options
 @user_errors
 def ns_start(host: str, port: int, storage: str, lease_ttl: float) -> None:
     """Run a name server in the foreground until SIGTERM/SIGINT."""
     from nameserver import run
-    run(host, port, storage=storage, lease_ttl=lease_ttl, echo=lambda line: click.echo(line))
+    run(host, port, storage=storage, lease_ttl=lease_ttl, settings=settings_for(),
+        echo=lambda line: click.echo(line))
 
 
 @ns.command("list")
@@ -231,7 +258,14 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
             argv += ["--service", service]
         if settings.lease_ttl:
             argv += ["--lease-ttl", str(settings.lease_ttl)]
-        sup = Supervisor(argv, processes, grace=settings.drain_timeout + 10,
+        for flag, value in (("--tls-cert", settings.tls_cert), ("--tls-key", settings.tls_key),
+                            ("--tls-ca", settings.tls_ca)):
+            if value:
+                argv += [flag, value]
+        env = dict(os.environ)
+        if settings.secret:
+            env["PYRORPC_SECRET"] = settings.secret  # not on the command line, where `ps` shows it
+        sup = Supervisor(argv, processes, grace=settings.drain_timeout + 10, env=env,
                          echo=lambda line: click.echo(line, err=True))
         click.echo(f"supervisor {os.getpid()}: starting {processes} workers of {spec}", err=True)
         sys.exit(sup.run())

@@ -77,6 +77,9 @@ class Settings:
     max_in_flight     PYRORPC_MAX_IN_FLIGHT  16                  calls in flight per worker from one Proxy/Pool
     refresh           PYRORPC_REFRESH        2.0                 seconds between pool membership refreshes
     secret            PYRORPC_SECRET         None                shared secret for the handshake token
+    tls_cert          PYRORPC_TLS_CERT       None                PEM certificate (server: enables TLS; client: mTLS)
+    tls_key           PYRORPC_TLS_KEY        None                PEM private key for tls_cert (if not inside it)
+    tls_ca            PYRORPC_TLS_CA         None                CA bundle (client: enables TLS; server: require certs)
     ================  =====================  ==================  ==================================================
     """
 
@@ -90,6 +93,9 @@ class Settings:
     max_in_flight: int = 16
     refresh: float = 2.0
     secret: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ns", Address.parse(self.ns, what="ns"))
@@ -110,6 +116,12 @@ class Settings:
             raise ValueError(f"`host` must be a host name or address, got {self.host!r}")
         if self.secret is not None and (not isinstance(self.secret, str) or not self.secret):
             raise ValueError("`secret` must be a non-empty string or None")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not os.path.isfile(value)):
+                raise ValueError(f"`{name}` must be the path of a readable PEM file, got {value!r}")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("`tls_key` needs `tls_cert`")
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with the given fields changed; ``None`` values are ignored."""
@@ -151,7 +163,7 @@ def _convert(name: str, raw: str) -> Any:
             return int(raw)
         except ValueError:
             raise ValueError(f"expected an integer, got {raw!r}") from None
-    if name in ("host", "secret"):
+    if name in ("host", "secret", "tls_cert", "tls_key", "tls_ca"):
         return raw
     try:
         return float(raw)

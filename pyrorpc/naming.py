@@ -7,12 +7,12 @@ import dataclasses
 import time
 from typing import Any
 
-import Pyro5.client
 import Pyro5.core
 import Pyro5.errors
 
 from .config import Address, Settings
-from .errors import NameServerUnavailableError
+from .errors import AuthenticationError, NameServerUnavailableError
+from .security import open_proxy
 
 SERVICE_TAG = "pyrorpc.service:"
 LEASE_TAG = "pyrorpc.lease:"
@@ -102,18 +102,15 @@ class NameServerClient:
     def __repr__(self) -> str:
         return f"<NameServerClient {self.address}>"
 
-    def _proxy(self) -> Pyro5.client.Proxy:
-        proxy = Pyro5.client.Proxy(self.uri)
-        proxy._pyroTimeout = self.settings.connect_timeout
-        return proxy
-
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        proxy = self._proxy()
         try:
-            try:
-                proxy._pyroBind()
-            except Pyro5.errors.CommunicationError as exc:
-                raise NameServerUnavailableError(f"cannot reach the name server at {self.address}: {exc}") from None
+            proxy, _meta = open_proxy(self.uri, self.settings)
+        except AuthenticationError as exc:
+            raise AuthenticationError(f"name server at {self.address}: {exc}") from None
+        except Pyro5.errors.CommunicationError as exc:
+            raise NameServerUnavailableError(f"cannot reach the name server at {self.address}: {exc}") from None
+        proxy._pyroTimeout = self.settings.connect_timeout
+        try:
             if self._leasing is None:
                 self._leasing = "lease" in proxy._pyroMethods
             try:

@@ -15,8 +15,16 @@ import Pyro5.errors
 from Pyro5 import protocol
 
 from .config import Settings, resolve
-from .errors import CallTimeoutError, ConfigurationError, NoWorkersError, WorkerDrainingError, WorkerLostError
+from .errors import (
+    AuthenticationError,
+    CallTimeoutError,
+    ConfigurationError,
+    NoWorkersError,
+    WorkerDrainingError,
+    WorkerLostError,
+)
 from .naming import NameServerClient, WorkerInfo
+from .security import open_proxy
 
 __all__ = ["Endpoint", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy", "connect"]
 
@@ -67,19 +75,17 @@ class Endpoint:
 
     # connections
     def _connect(self) -> Pyro5.client.Proxy:
-        proxy = Pyro5.client.Proxy(self.uri)
-        proxy._pyroTimeout = self.settings.connect_timeout
         try:
-            proxy._pyroBind()
-            if self.methods is None:
-                meta = proxy._pyroInvoke("get_metadata", [self.uri.object], {}, objectId=Pyro5.core.DAEMON_NAME)
-                info = meta.get("pyrorpc") or {}
-                self.idempotent = frozenset(info.get("idempotent", ()))
-                self.oneway = frozenset(meta.get("oneway", ()))
-                self.methods = frozenset(meta.get("methods", ()))
+            proxy, meta = open_proxy(self.uri, self.settings)
+        except AuthenticationError:
+            raise
         except Pyro5.errors.PyroError as exc:
-            proxy._pyroRelease()
             raise NotSent(exc) from exc
+        if self.methods is None:
+            info = meta.get("pyrorpc") or {}
+            self.idempotent = frozenset(info.get("idempotent", ()))
+            self.oneway = frozenset(meta.get("oneway", ()))
+            self.methods = frozenset(meta.get("methods", ()))
         return proxy
 
     def _checkout(self) -> Pyro5.client.Proxy:

@@ -34,11 +34,12 @@ class Supervisor:
     """
 
     def __init__(self, argv: Sequence[str], processes: int, *, grace: float = 30.0, backoff: float = 0.5,
-                 max_backoff: float = 30.0, healthy_after: float = 30.0,
+                 max_backoff: float = 30.0, healthy_after: float = 30.0, env: dict[str, str] | None = None,
                  echo: Callable[[str], None] = print) -> None:
         if processes < 1:
             raise ValueError(f"`processes` must be >= 1, got {processes}")
         self.argv = list(argv)
+        self.env = env
         self.children = [_Child(i) for i in range(processes)]
         self.grace = grace
         self.backoff = backoff
@@ -49,7 +50,7 @@ class Supervisor:
         self._stop = threading.Event()
 
     def _spawn(self, child: _Child) -> None:
-        child.proc = subprocess.Popen(self.argv)
+        child.proc = subprocess.Popen(self.argv, env=self.env)
         child.started = time.monotonic()
 
     def pids(self) -> list[int]:

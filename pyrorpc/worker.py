@@ -15,11 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import Pyro5.server
-import Pyro5.svr_threads
 
 from .config import Settings, resolve
 from .errors import ConfigurationError, NameServerUnavailableError, WorkerDrainingError
 from .naming import SERVICE_TAG, NameServerClient
+from .security import GuardedDaemon
 from .service import check_service_name, public_methods, service_name_of
 
 __all__ = ["WorkerHost", "WorkerStats"]
@@ -91,28 +91,6 @@ def _tracked(func: Callable[..., Any], stats: WorkerStats) -> Callable[..., Any]
     return method
 
 
-class _BoundedThreadPool(Pyro5.svr_threads.Pool):
-    """Pyro5's connection thread pool, sized per daemon instead of by the global config."""
-
-    def __init__(self, max_size: int) -> None:
-        super().__init__()
-        self.max_size = max_size
-
-    def process(self, job: Any) -> None:
-        if self.closed:
-            raise Pyro5.svr_threads.PoolError("job queue is closed")
-        if self.idle:
-            worker = self.idle.pop()
-        elif self.num_workers() < self.max_size:
-            worker = Pyro5.svr_threads.Worker(self)
-            worker.start()
-        else:
-            raise Pyro5.svr_threads.NoFreeWorkersError(
-                f"no free workers: all {self.max_size} connection threads busy (raise --threads)")
-        self.busy.add(worker)
-        worker.process(job)
-
-
 @Pyro5.server.expose
 class WorkerDaemonObject(Pyro5.server.DaemonObject):
     """The daemon's own object; its metadata also says which methods are idempotent."""
@@ -125,22 +103,20 @@ class WorkerDaemonObject(Pyro5.server.DaemonObject):
         return meta
 
 
-class _WorkerDaemon(Pyro5.server.Daemon):
-    """A Pyro5 daemon that knows its client connections, so stop() can close them after draining."""
+class _WorkerDaemon(GuardedDaemon):
+    """A guarded daemon that knows its client connections, so stop() can close them after draining."""
 
-    def __init__(self, host: str, port: int, threads: int) -> None:
-        super().__init__(host=host, port=port, interface=WorkerDaemonObject)
+    def __init__(self, settings: Settings, port: int) -> None:
+        super().__init__(settings.host, port, settings, interface=WorkerDaemonObject)
         self.pyrorpc_info: dict[str, Any] | None = None
         self.connections: set[Any] = set()
         self._conn_lock = threading.Lock()
-        old_pool = self.transportServer.pool
-        self.transportServer.pool = _BoundedThreadPool(threads)
-        old_pool.close()
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5 hook
+        response = super().validateHandshake(conn, data)
         with self._conn_lock:
             self.connections.add(conn)
-        return super().validateHandshake(conn, data)
+        return response
 
     def clientDisconnect(self, conn: Any) -> None:  # noqa: N802 - Pyro5 hook
         with self._conn_lock:
@@ -255,7 +231,7 @@ class WorkerHost:
         """Bind, serve in a background thread and register; returns once all three are done."""
         if self.daemon is not None:
             raise RuntimeError("WorkerHost already started")
-        daemon = _WorkerDaemon(self.settings.host, self.port, self.settings.threads)
+        daemon = _WorkerDaemon(self.settings, self.port)
         try:
             if self.instance_mode == "single":
                 target: Any = _tracked_class(self.cls, self.stats)()

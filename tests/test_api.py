@@ -52,10 +52,35 @@ def test_module_imports_in_fresh_interpreter(module):
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=60)
 
 
-def test_nameserver_depends_only_on_config_and_errors():
-    code = ("import sys, nameserver; bad = sorted(m for m in sys.modules if m.startswith('pyrorpc.') "
-            "and m not in ('pyrorpc.config', 'pyrorpc.errors')); print(bad); sys.exit(1 if bad else 0)")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+def _pyrorpc_imports(path):
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:  # relative import inside pyrorpc
+                mod = "pyrorpc." + mod if "pyrorpc" in path.split("/")[-2] else mod
+            if mod.startswith("pyrorpc"):
+                found.add(mod)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("pyrorpc"))
+    return found
+
+
+def test_imports_flow_one_way():
+    """nameserver uses only pyrorpc.config/errors/security; security only config/errors (STYLE 2)."""
+    import glob
+    import os
+    ns_dir = os.path.dirname(nameserver.__file__)
+    for path in glob.glob(os.path.join(ns_dir, "*.py")):
+        assert _pyrorpc_imports(path) <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.security"}, path
+    pkg = os.path.dirname(pyrorpc.__file__)
+    assert _pyrorpc_imports(os.path.join(pkg, "security.py")) <= {"pyrorpc.config", "pyrorpc.errors"}
+    assert _pyrorpc_imports(os.path.join(pkg, "errors.py")) == set()
+    assert _pyrorpc_imports(os.path.join(pkg, "config.py")) == set()
+    for low in ("naming.py", "worker.py", "proxy.py", "pool.py"):
+        assert "pyrorpc.cli" not in _pyrorpc_imports(os.path.join(pkg, low))
+        assert "pyrorpc.testing" not in _pyrorpc_imports(os.path.join(pkg, low))
 
 
 def test_errors_survive_the_serializer():
