@@ -19,11 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secret", default=None, help="shared secret (env PYRORPC_SECRET)")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS (env PYRORPC_TLS_CERT)")
     parser.add_argument("--tls-key", default=None, help="PEM key for --tls-cert (env PYRORPC_TLS_KEY)")
-    parser.add_argument("--tls-ca", default=None, help="CA bundle: require client certificates (env PYRORPC_TLS_CA)")
+    parser.add_argument("--tls-ca", default=None, help="CA bundle to verify peers (env PYRORPC_TLS_CA)")
+    parser.add_argument("--tls-mutual", action="store_true", default=None,
+                        help="require client certificates signed by --tls-ca (env PYRORPC_TLS_MUTUAL)")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(secret=args.secret, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                     tls_ca=args.tls_ca)
+                                     tls_ca=args.tls_ca, tls_mutual=args.tls_mutual)
         run(args.host, args.port, storage=args.storage, lease_ttl=args.lease_ttl, settings=settings,
             echo=lambda line: print(line, flush=True))
     except (ValueError, OSError) as exc:

@@ -35,14 +35,16 @@ class HostPort(click.ParamType):
 HOST_PORT = HostPort()
 
 
-_SECURITY = ("secret", "tls_cert", "tls_key", "tls_ca")
+_SECURITY = ("secret", "tls_cert", "tls_key", "tls_ca", "tls_mutual")
 
 
 def security_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--secret / --tls-cert / --tls-key / --tls-ca (env PYRORPC_*), handed to settings_for()."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        click.get_current_context().meta["pyrorpc.security"] = {k: kwargs.pop(k) for k in _SECURITY}
+        security = {k: kwargs.pop(k) for k in _SECURITY}
+        security["tls_mutual"] = security["tls_mutual"] or None  # unset: leave it to PYRORPC_TLS_MUTUAL
+        click.get_current_context().meta["pyrorpc.security"] = security
         return func(*args, **kwargs)
 
     file = click.Path(exists=True, dir_okay=False)
@@ -50,7 +52,9 @@ def security_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--secret", default=None, help="shared secret (env PYRORPC_SECRET; prefer the env var)"),
         click.option("--tls-cert", type=file, default=None, help="PEM certificate (env PYRORPC_TLS_CERT)"),
         click.option("--tls-key", type=file, default=None, help="PEM key for --tls-cert (env PYRORPC_TLS_KEY)"),
-        click.option("--tls-ca", type=file, default=None, help="CA bundle (env PYRORPC_TLS_CA)"),
+        click.option("--tls-ca", type=file, default=None, help="CA bundle to verify peers (env PYRORPC_TLS_CA)"),
+        click.option("--tls-mutual", is_flag=True, default=False,
+                     help="servers require client certificates signed by --tls-ca (env PYRORPC_TLS_MUTUAL)"),
     ]):
         wrapper = option(wrapper)
     return wrapper
@@ -262,6 +266,8 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
                             ("--tls-ca", settings.tls_ca)):
             if value:
                 argv += [flag, value]
+        if settings.tls_mutual:
+            argv.append("--tls-mutual")
         env = dict(os.environ)
         if settings.secret:
             env["PYRORPC_SECRET"] = settings.secret  # not on the command line, where `ps` shows it

@@ -79,7 +79,8 @@ class Settings:
     secret            PYRORPC_SECRET         None                shared secret for the handshake token
     tls_cert          PYRORPC_TLS_CERT       None                PEM certificate (server: enables TLS; client: mTLS)
     tls_key           PYRORPC_TLS_KEY        None                PEM private key for tls_cert (if not inside it)
-    tls_ca            PYRORPC_TLS_CA         None                CA bundle (client: enables TLS; server: require certs)
+    tls_ca            PYRORPC_TLS_CA         None                CA bundle to verify peers (client: enables TLS)
+    tls_mutual        PYRORPC_TLS_MUTUAL     False               servers require client certificates from tls_ca
     ================  =====================  ==================  ==================================================
     """
 
@@ -96,6 +97,7 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    tls_mutual: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ns", Address.parse(self.ns, what="ns"))
@@ -122,6 +124,10 @@ class Settings:
                 raise ValueError(f"`{name}` must be the path of a readable PEM file, got {value!r}")
         if self.tls_key and not self.tls_cert:
             raise ValueError("`tls_key` needs `tls_cert`")
+        if not isinstance(self.tls_mutual, bool):
+            raise ValueError(f"`tls_mutual` must be True or False, got {self.tls_mutual!r}")
+        if self.tls_mutual and not (self.tls_ca and self.tls_cert):
+            raise ValueError("`tls_mutual` needs `tls_ca` (to check clients) and `tls_cert` (to serve TLS)")
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with the given fields changed; ``None`` values are ignored."""
@@ -165,6 +171,12 @@ def _convert(name: str, raw: str) -> Any:
             raise ValueError(f"expected an integer, got {raw!r}") from None
     if name in ("host", "secret", "tls_cert", "tls_key", "tls_ca"):
         return raw
+    if name == "tls_mutual":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {raw!r}")
     try:
         return float(raw)
     except ValueError:

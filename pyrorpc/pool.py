@@ -92,6 +92,7 @@ class Pool(Dispatcher):
         refresh: seconds between membership refreshes.
         retries: extra attempts for idempotent calls lost after sending.
         cooldown: seconds a failing worker is left out.
+        settings: a ``pyrorpc.Settings``; keyword arguments (also ``secret=``, ``tls_ca=``...) override it.
 
     Raises:
         NameServerUnavailableError: the name server cannot be reached when the pool is created.
@@ -101,7 +102,8 @@ class Pool(Dispatcher):
 
     def __init__(self, service: str, *, ns: Any = None, strategy: "str | Strategy" = "least-loaded",
                  timeout: float | None = None, max_in_flight: int | None = None, refresh: float | None = None,
-                 retries: int = 3, cooldown: float = 2.0, settings: Settings | None = None) -> None:
+                 retries: int = 3, cooldown: float = 2.0, settings: Settings | None = None,
+                 **options: Any) -> None:
         try:
             check_service_name(service)
         except ValueError as exc:
@@ -110,7 +112,8 @@ class Pool(Dispatcher):
             raise ValueError(f"`retries` must be a non-negative integer, got {retries!r}")
         if not isinstance(cooldown, (int, float)) or cooldown < 0:
             raise ValueError(f"`cooldown` must be non-negative, got {cooldown!r}")
-        super().__init__(resolve(settings, ns=ns, timeout=timeout, max_in_flight=max_in_flight, refresh=refresh))
+        super().__init__(resolve(settings, ns=ns, timeout=timeout, max_in_flight=max_in_flight, refresh=refresh,
+                                 **options))
         self._service = service
         self._strategy = make_strategy(strategy)
         self._retries = retries

@@ -135,17 +135,17 @@ def client_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """The server TLS context, or None without a certificate; with ``tls_ca`` clients must present one
-    signed by it (mutual TLS)."""
+    """The server TLS context, or None without a certificate; with ``tls_mutual`` clients must present a
+    certificate signed by ``tls_ca``."""
     if not settings.tls_cert:
         return None
-    key = ("server", settings.tls_cert, settings.tls_key, settings.tls_ca)
+    key = ("server", settings.tls_cert, settings.tls_key, settings.tls_ca, settings.tls_mutual)
     with _contexts_lock:
         ctx = _contexts.get(key)
         if ctx is None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=settings.tls_ca)
             ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-            ctx.verify_mode = ssl.CERT_REQUIRED if settings.tls_ca else ssl.CERT_NONE
+            ctx.verify_mode = ssl.CERT_REQUIRED if settings.tls_mutual else ssl.CERT_NONE
             _contexts[key] = ctx
         return ctx
 

@@ -166,7 +166,7 @@ class WorkerHost:
         lease_ttl: lease TTL to ask for; None takes the name server's.
         drain_timeout: seconds ``stop()`` waits for in-flight calls.
         register: False serves without a name server (reach it by its ``uri``).
-        settings: a ``pyrorpc.Settings``; keyword arguments override it.
+        settings: a ``pyrorpc.Settings``; keyword arguments (also ``secret=``, ``tls_cert=``...) override it.
 
     Raises:
         ConfigurationError: bad service name or instance mode.
@@ -176,11 +176,11 @@ class WorkerHost:
     def __init__(self, cls: type, *, ns: Any = None, service: str | None = None, host: str | None = None,
                  port: int = 0, instance_mode: str = "single", threads: int | None = None,
                  lease_ttl: float | None = None, drain_timeout: float | None = None, register: bool = True,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, **options: Any) -> None:
         if not inspect.isclass(cls):
             raise ConfigurationError(f"WorkerHost needs a class, got {cls!r}")
         self.settings = resolve(settings, ns=ns, host=host, threads=threads, lease_ttl=lease_ttl,
-                                drain_timeout=drain_timeout)
+                                drain_timeout=drain_timeout, **options)
         name = service or service_name_of(cls)
         if name is None:
             raise ConfigurationError(f"{cls.__qualname__} has no @pyrorpc.service name; pass service=")
