@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +35,10 @@ def open_storage(storage: str | None) -> Any:
     if storage.startswith("sql:") or path.endswith((".sqlite", ".sqlite3", ".db")):
         if not path or path == ":memory:":
             raise ValueError(f"storage must be 'memory' or PATH.sqlite, got {storage!r}")
-        return Pyro5.nameserver.SqlStorage(path)
+        try:
+            return Pyro5.nameserver.SqlStorage(path)
+        except sqlite3.Error as exc:
+            raise ValueError(f"cannot open storage {path!r}: {exc}") from None
     raise ValueError(f"storage must be 'memory' or PATH.sqlite, got {storage!r}")
 
 
@@ -50,6 +54,8 @@ class NameServerDaemon(GuardedDaemon):
                  lease_ttl: float = DEFAULT_LEASE_TTL, settings: Settings | None = None) -> None:
         if not isinstance(lease_ttl, (int, float)) or not 0.2 <= lease_ttl <= 86400:
             raise ValueError(f"`lease_ttl` must be 0.2-86400 seconds, got {lease_ttl!r}")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise ValueError(f"`port` must be 0-65535, got {port!r}")
         self.nameserver: NameServer | None = NameServer(open_storage(storage))
         self.nameserver.default_lease_ttl = float(lease_ttl)
         try:

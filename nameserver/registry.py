@@ -21,12 +21,9 @@ _MAX_LOAD_KEYS = 32
 Entry = tuple[str, frozenset[str]]
 
 
-def service_of(metadata: Any) -> str | None:
-    """The service named by a ``pyrorpc.service:S`` tag in ``metadata``, or None."""
-    for tag in metadata or ():
-        if isinstance(tag, str) and tag.startswith(SERVICE_TAG):
-            return tag[len(SERVICE_TAG):]
-    return None
+def services_of(metadata: Any) -> tuple[str, ...]:
+    """Every service named by a ``pyrorpc.service:S`` tag in ``metadata``."""
+    return tuple(t[len(SERVICE_TAG):] for t in metadata or () if isinstance(t, str) and t.startswith(SERVICE_TAG))
 
 
 def lease_ttl_of(metadata: Any) -> float | None:
@@ -52,20 +49,21 @@ class IndexedStorage(MutableMapping):  # type: ignore[type-arg]
         self.inner = inner
         self.on_forget = on_forget
         self.by_service: dict[str, dict[str, Entry]] = {}
-        self.service_by_name: dict[str, str] = {}
+        self.service_by_name: dict[str, tuple[str, ...]] = {}
         for name, (uri, meta) in inner.everything(return_metadata=True).items():
             self._index(name, str(uri), meta)
 
     # index upkeep
     def _index(self, name: str, uri: str, metadata: Any) -> None:
-        svc = service_of(metadata)
-        if svc is not None:
-            self.by_service.setdefault(svc, {})[name] = (uri, frozenset(metadata))
-            self.service_by_name[name] = svc
+        services = services_of(metadata)
+        if services:
+            entry = (uri, frozenset(metadata))
+            for svc in services:
+                self.by_service.setdefault(svc, {})[name] = entry
+            self.service_by_name[name] = services
 
     def _unindex(self, name: str) -> None:
-        svc = self.service_by_name.pop(name, None)
-        if svc is not None:
+        for svc in self.service_by_name.pop(name, ()):
             members = self.by_service.get(svc)
             if members is not None:
                 members.pop(name, None)
@@ -98,7 +96,7 @@ class IndexedStorage(MutableMapping):  # type: ignore[type-arg]
         return key in self.inner
 
     def clear(self) -> None:
-        names = list(self.service_by_name)
+        names = list(self.inner)
         self.inner.clear()
         self.by_service.clear()
         self.service_by_name.clear()
@@ -170,11 +168,18 @@ class NameServer(Pyro5.nameserver.NameServer):
         self._leasing = threading.local()
         super().__init__(IndexedStorage(inner, self._forget))
         # leases restart their clock on load: a persisted worker that does not come back expires
-        for members in list(self.storage.by_service.values()):
-            for wname, (uri, meta) in members.items():
-                ttl = lease_ttl_of(meta)
-                if ttl is not None:
-                    self.leases[wname] = Lease(ttl, uri)
+        for wname, (uri, meta) in inner.everything(return_metadata=True).items():
+            ttl = lease_ttl_of(meta)
+            if ttl is not None:
+                self.leases[wname] = Lease(ttl, str(uri))
+
+    def set_metadata(self, name: str, metadata: Any) -> None:
+        """Pyro5's set_metadata; a leased entry keeps its lease (and so still expires if not renewed)."""
+        self._leasing.active = True
+        try:
+            super().set_metadata(name, metadata)
+        finally:
+            self._leasing.active = False
 
     def _forget(self, name: str) -> None:
         if not getattr(self._leasing, "active", False):

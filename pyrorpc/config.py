@@ -76,6 +76,7 @@ class Settings:
     threads           PYRORPC_THREADS        64                  worker thread pool = max client connections
     max_in_flight     PYRORPC_MAX_IN_FLIGHT  16                  calls in flight per worker from one Proxy/Pool
     refresh           PYRORPC_REFRESH        2.0                 seconds between pool membership refreshes
+    max_message_size  PYRORPC_MAX_MESSAGE_SIZE 64 MiB            largest request/reply, checked on both sides
     secret            PYRORPC_SECRET         None                shared secret for the handshake token
     tls_cert          PYRORPC_TLS_CERT       None                PEM certificate (server: enables TLS; client: mTLS)
     tls_key           PYRORPC_TLS_KEY        None                PEM private key for tls_cert (if not inside it)
@@ -93,6 +94,7 @@ class Settings:
     threads: int = 64
     max_in_flight: int = 16
     refresh: float = 2.0
+    max_message_size: int = 64 * 1024 * 1024
     secret: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -110,7 +112,7 @@ class Settings:
             object.__setattr__(self, name, float(value))
         if not isinstance(self.drain_timeout, (int, float)) or self.drain_timeout < 0:
             raise ValueError(f"`drain_timeout` must be non-negative, got {self.drain_timeout!r}")
-        for name in ("threads", "max_in_flight"):
+        for name in ("threads", "max_in_flight", "max_message_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
@@ -164,7 +166,7 @@ class Settings:
 def _convert(name: str, raw: str) -> Any:
     if name == "ns":
         return Address.parse(raw, what="ns")
-    if name in ("threads", "max_in_flight"):
+    if name in ("threads", "max_in_flight", "max_message_size"):
         try:
             return int(raw)
         except ValueError:

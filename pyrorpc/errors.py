@@ -10,6 +10,7 @@
           ├── CallTimeoutError          (Pyro5 TimeoutError) a call took longer than its timeout
           ├── AuthenticationError       (Pyro5 SecurityError) missing, wrong or replayed secret
           ├── NameServerUnavailableError (CommunicationError) the name server cannot be reached
+          ├── MessageTooLargeError      a request or reply over max_message_size, refused before sending
           └── ConfigurationError        bad settings, bad target, unimportable MODULE:CLASS
 
 Every class is registered with Pyro5's serializers, so a worker can raise one and the caller gets
@@ -27,6 +28,7 @@ __all__ = [
     "AuthenticationError",
     "CallTimeoutError",
     "ConfigurationError",
+    "MessageTooLargeError",
     "NameServerUnavailableError",
     "NoWorkersError",
     "RpcError",
@@ -63,6 +65,12 @@ class NameServerUnavailableError(RpcError, Pyro5.errors.CommunicationError):
     """The name server could not be reached (down, wrong address, or timed out)."""
 
 
+class MessageTooLargeError(RpcError):
+    """A request or reply is larger than ``max_message_size``; it was refused before sending, so the
+    connection stays usable. (An oversized *incoming* message is a Pyro5 ProtocolError and the
+    connection is dropped, since its payload was never read.)"""
+
+
 class ConfigurationError(RpcError):
     """A setting, target or MODULE:CLASS given by the user is not usable."""
 
@@ -77,5 +85,5 @@ def _register(cls: type[BaseException]) -> None:
 
 
 for _cls in (RpcError, NoWorkersError, WorkerLostError, WorkerDrainingError, CallTimeoutError,
-             AuthenticationError, NameServerUnavailableError, ConfigurationError):
+             AuthenticationError, NameServerUnavailableError, MessageTooLargeError, ConfigurationError):
     _register(_cls)

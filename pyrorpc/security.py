@@ -16,6 +16,7 @@ import logging
 import secrets
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -29,7 +30,7 @@ import Pyro5.svr_threads
 from Pyro5 import protocol, serializers, socketutil
 
 from .config import Settings
-from .errors import AuthenticationError
+from .errors import AuthenticationError, MessageTooLargeError
 
 __all__ = [
     "BoundedThreadPool",
@@ -157,6 +158,56 @@ def wrap_listener(transport: Any, ctx: ssl.SSLContext | None) -> None:
     transport.sock = ctx.wrap_socket(transport.sock, server_side=True, do_handshake_on_connect=False)
 
 
+# the wire -----------------------------------------------------------------------------------------
+
+_HEADER_START = 6  # recv_stub reads 'PYRO' + version first, then the rest of the 40-byte header
+_HEADER_REST = 34
+_SERPENT_ID = serializers.SerpentSerializer.serializer_id
+
+
+class LimitedConnection(socketutil.SocketConnection):
+    """A Pyro5 socket connection that enforces a message size limit in both directions and accepts only
+    the serpent serializer (marshal is not safe against malicious input), before reading any payload."""
+
+    max_size = 64 * 1024 * 1024
+    _state = 0
+
+    def send(self, data: bytes) -> None:
+        if len(data) > self.max_size:
+            raise MessageTooLargeError(f"message of {len(data):,} bytes exceeds the limit of {self.max_size:,} "
+                                       "(max_message_size); nothing was sent")
+        super().send(data)
+
+    def recv(self, size: int) -> bytes:
+        if self._state == 0 and size == _HEADER_START:
+            self._state = 1
+            return super().recv(size)
+        if self._state == 1 and size == _HEADER_REST:
+            data = super().recv(size)
+            self._state = 2
+            msg_type, serializer_id = data[0], data[1]
+            data_size, ann_size = struct.unpack_from("!II", data, 6)
+            if data_size + ann_size > self.max_size:
+                raise Pyro5.errors.MessageTooLargeError(
+                    f"incoming message of {data_size + ann_size:,} bytes exceeds the limit of {self.max_size:,} "
+                    "(max_message_size)")
+            if serializer_id != _SERPENT_ID and msg_type != protocol.MSG_PING:
+                raise Pyro5.errors.ProtocolError(f"serializer id {serializer_id} refused: only serpent is accepted")
+            return data
+        self._state = 0
+        if size > self.max_size:
+            raise Pyro5.errors.MessageTooLargeError(
+                f"incoming chunk of {size:,} bytes exceeds the limit of {self.max_size:,}")
+        return super().recv(size)
+
+
+def limit_connection(conn: socketutil.SocketConnection, max_size: int) -> LimitedConnection:
+    """Turn an existing Pyro5 connection into a LimitedConnection (in place)."""
+    conn.__class__ = LimitedConnection
+    conn.max_size = max_size  # type: ignore[attr-defined]
+    return conn  # type: ignore[return-value]
+
+
 # the server side ------------------------------------------------------------------------------------
 
 class BoundedThreadPool(Pyro5.svr_threads.Pool):
@@ -188,6 +239,8 @@ class GuardedDaemon(Pyro5.server.Daemon):
     def __init__(self, host: str, port: int, settings: Settings, **kwargs: Any) -> None:
         super().__init__(host=host, port=port, **kwargs)
         self.verifier = HandshakeVerifier(settings.secret) if settings.secret else None
+        self.max_message_size = settings.max_message_size
+        self.handshake_timeout = settings.connect_timeout
         old_pool = self.transportServer.pool
         self.transportServer.pool = BoundedThreadPool(settings.threads)
         old_pool.close()
@@ -197,6 +250,16 @@ class GuardedDaemon(Pyro5.server.Daemon):
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5 hook
         return check_handshake(self.verifier, conn, data)
+
+    def _handshake(self, conn: Any, denied_reason: Any = None) -> bool:
+        limit_connection(conn, self.max_message_size)
+        # a client gets connect_timeout to complete the handshake (TLS included), so a silent
+        # connection cannot hold a connection thread forever; afterwards idle connections may stay open
+        conn.sock.settimeout(self.handshake_timeout)
+        ok = bool(super()._handshake(conn, denied_reason))
+        if ok:
+            conn.sock.settimeout(None)
+        return ok
 
 
 # the connect path ----------------------------------------------------------------------------------
@@ -224,7 +287,7 @@ def open_proxy(uri: Pyro5.core.URI, settings: Settings) -> tuple[Pyro5.client.Pr
             except (ssl.SSLError, OSError) as exc:
                 raise Pyro5.errors.CommunicationError(f"TLS handshake with {uri.location} failed: {exc}") \
                     from None
-        conn = socketutil.SocketConnection(sock, uri.object)
+        conn = limit_connection(socketutil.SocketConnection(sock, uri.object), settings.max_message_size)
         token = make_token(settings.secret) if settings.secret else "hello"
         data = _SERIALIZER.dumps({"handshake": token, "object": uri.object})
         conn.send(protocol.SendingMessage(protocol.MSG_CONNECT, 0, 0, _SERIALIZER.serializer_id, data).data)
