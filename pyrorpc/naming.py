@@ -31,6 +31,7 @@ class WorkerInfo:
     in_flight: int = 0
     calls: int = 0
     errors: int = 0
+    connections: int = 0
     started: float = 0.0
     last_heartbeat: float | None = None  # seconds ago; None where the name server keeps no leases
     ttl: float | None = None
@@ -57,6 +58,7 @@ class WorkerInfo:
             pid=_int(load.get("pid", tags.get("pid"))),
             threads=_int(load.get("threads", tags.get("threads"))),
             in_flight=_int(load.get("in_flight")), calls=_int(load.get("calls")), errors=_int(load.get("errors")),
+            connections=_int(load.get("connections")),
             started=_float(load.get("started", tags.get("started"))),
             last_heartbeat=age, ttl=ttl,
         )

@@ -31,7 +31,7 @@ log = logging.getLogger("pyrorpc.pool")
 class _Member:
     """A live worker as this pool sees it."""
 
-    __slots__ = ("name", "info", "endpoint", "ejected_until", "strikes")
+    __slots__ = ("name", "info", "endpoint", "ejected_until", "strikes", "suspect")
 
     def __init__(self, info: WorkerInfo, endpoint: Endpoint) -> None:
         self.name = info.name
@@ -39,6 +39,7 @@ class _Member:
         self.endpoint = endpoint
         self.ejected_until = 0.0
         self.strikes = 0
+        self.suspect = False  # its lease renewals stopped arriving: hung, or cut off from the network
 
     @property
     def in_flight(self) -> int:
@@ -47,6 +48,13 @@ class _Member:
     @property
     def reported_load(self) -> int:
         return self.info.in_flight
+
+
+def _missed_heartbeats(info: WorkerInfo) -> bool:
+    """True when the worker's last lease renewal is older than 1.5 renew periods (TTL/3 each)."""
+    if info.ttl is None or info.last_heartbeat is None:
+        return False  # a name server without leases tells us nothing
+    return info.last_heartbeat > info.ttl / 2 + 0.25
 
 
 class PoolMethod(RemoteMethod):
@@ -144,12 +152,17 @@ class Pool(Dispatcher):
                     capacity = min(self._settings.max_in_flight, info.threads or self._settings.max_in_flight)
                     if member is not None:
                         member.endpoint.close()
-                    self._members[info.name] = _Member(info, Endpoint(info.uri, self._settings, info.name,
-                                                                      capacity))
+                    member = self._members[info.name] = _Member(
+                        info, Endpoint(info.uri, self._settings, info.name, capacity))
                 else:
                     member.info = info
+                member.suspect = _missed_heartbeats(info)
             for name in [n for n in self._members if n not in seen]:
-                self._members.pop(name).endpoint.close()
+                gone = self._members.pop(name)
+                # A worker that deregistered (SIGTERM) finishes its calls in flight; one whose lease ran
+                # out after its heartbeats stopped (hung, partitioned) never will: cut those calls off now
+                # so idempotent ones go elsewhere instead of waiting for their timeout.
+                gone.endpoint.close(abort=gone.suspect)
             self.refreshed_at = time.monotonic()
             self._changed.notify_all()
         self._window.wake()
@@ -183,11 +196,11 @@ class Pool(Dispatcher):
             while True:
                 now = time.monotonic()
                 members = [m for m in self._members.values() if m.name not in exclude]
-                ready = [m for m in members if m.ejected_until <= now]
+                ready = [m for m in members if m.ejected_until <= now and not m.suspect]
                 if ready:
                     return self._strategy.choose(ready)  # type: ignore[return-value]
-                if members:  # every candidate is cooling down: better a probe than a failure
-                    return min(members, key=lambda m: m.ejected_until)
+                if members:  # every candidate is cooling down or suspect: better a probe than a failure
+                    return min(members, key=lambda m: (m.suspect, m.ejected_until))
                 left = deadline - now
                 if left <= 0:
                     raise NoWorkersError(f"no live worker for service {self._service!r} "
@@ -277,7 +290,7 @@ class Pool(Dispatcher):
         for m in list(self._members.values()):
             info = WorkerInfo(**{**m.info.__dict__})
             info.client_in_flight = m.endpoint.in_flight
-            info.ejected = m.ejected_until > now
+            info.ejected = m.ejected_until > now or m.suspect
             out.append(info)
         return sorted(out, key=lambda w: w.name)
 

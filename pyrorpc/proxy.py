@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import select
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +68,7 @@ class Endpoint:
         self.oneway: frozenset[str] = frozenset()
         self.methods: frozenset[str] | None = None
         self._idle: list[Pyro5.client.Proxy] = []
+        self._busy: set[Any] = set()  # sockets with a call in flight (abort() shuts them down)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -119,6 +121,9 @@ class Endpoint:
         if proxy._pyroTimeout != timeout:
             proxy._pyroTimeout = timeout
         flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
+        sock = proxy._pyroConnection.sock
+        with self._lock:
+            self._busy.add(sock)
         try:
             result = proxy._pyroInvoke(method, args, kwargs, flags=flags)
         except WorkerDrainingError as exc:
@@ -139,6 +144,9 @@ class Endpoint:
         except BaseException:
             self._checkin(proxy)
             raise
+        finally:
+            with self._lock:
+                self._busy.discard(sock)
         self._checkin(proxy)
         return result
 
@@ -164,13 +172,22 @@ class Endpoint:
                 self.errors += failed
             self.slots.release()
 
-    def close(self) -> None:
+    def close(self, *, abort: bool = False) -> None:
+        """Close idle connections (busy ones close as their calls end). With ``abort`` the calls in flight
+        are cut off too: they fail with WorkerLostError (retried elsewhere when idempotent). For a worker
+        known to be gone (lease expired), where waiting for them would only wait for the timeout."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            busy = list(self._busy) if abort else []
         for proxy in idle:
             proxy._pyroClaimOwnership()
             proxy._pyroRelease()
+        for sock in busy:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class RemoteMethod:

@@ -223,6 +223,7 @@ class WorkerHost:
     def load(self) -> dict[str, Any]:
         """The load report sent with each heartbeat."""
         report: dict[str, Any] = self.stats.snapshot()
+        report["connections"] = len(self.daemon.connections) if self.daemon is not None else 0
         report.update(host=self.hostname, pid=os.getpid(), threads=self.settings.threads, started=self.started)
         return report
 
