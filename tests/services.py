@@ -85,3 +85,14 @@ class Plain:
 
     def hello(self):
         return "hello"
+
+
+@pyrorpc.service("where")
+class Where:
+    """Says which address served the call (for the network-partition test)."""
+
+    @pyrorpc.idempotent
+    def where(self, token):
+        from Pyro5.callcontext import current_context
+        time.sleep(0.005)
+        return current_context.client.sock.getsockname()[0]
