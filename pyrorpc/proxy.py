@@ -50,7 +50,7 @@ def _remote(exc: BaseException) -> bool:
 class Endpoint:
     """Connections to one worker, reused across calls and threads, at most ``capacity`` at once.
 
-    ``invoke`` raises ``NotSent`` when the request never left (so any method may go elsewhere),
+    ``call`` raises ``NotSent`` when the request never left (so any method may go elsewhere),
     ``WorkerLostError`` when the connection broke after sending, ``CallTimeoutError`` on timeout, and the
     remote method's own exception otherwise.
     """
@@ -60,7 +60,6 @@ class Endpoint:
         self.name = name or self.uri.object
         self.settings = settings
         self.capacity = capacity or settings.max_in_flight
-        self.slots = threading.BoundedSemaphore(self.capacity)
         self.in_flight = 0
         self.calls = 0
         self.errors = 0
@@ -69,7 +68,7 @@ class Endpoint:
         self.methods: frozenset[str] | None = None
         self._idle: list[Pyro5.client.Proxy] = []
         self._busy: set[Any] = set()  # sockets with a call in flight (abort() shuts them down)
-        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
         self._closed = False
 
     def __repr__(self) -> str:
@@ -90,96 +89,93 @@ class Endpoint:
             self.methods = frozenset(meta.get("methods", ()))
         return proxy
 
-    def _checkout(self) -> Pyro5.client.Proxy:
-        while True:
-            with self._lock:
-                if self._closed:
-                    raise NotSent(Pyro5.errors.CommunicationError("endpoint closed"))
-                proxy = self._idle.pop() if self._idle else None
-            if proxy is None:
-                return self._connect()
+    def _enter(self, method: str, wait: float) -> Pyro5.client.Proxy | None:
+        """Take a call slot (waiting up to ``wait``) and an idle connection if there is one."""
+        with self._cond:
+            if self.in_flight >= self.capacity and not self._cond.wait_for(
+                    lambda: self.in_flight < self.capacity or self._closed, wait):
+                raise SlotsBusy(f"{self.name}.{method}: all {self.capacity} call slots busy for {wait:g}s")
+            if self._closed:
+                raise NotSent(Pyro5.errors.CommunicationError(f"{self.name}: endpoint closed"))
+            self.in_flight += 1
+            return self._idle.pop() if self._idle else None
+
+    def _leave(self, proxy: Pyro5.client.Proxy | None, failed: bool, keep: bool, sock: Any) -> None:
+        with self._cond:
+            self.in_flight -= 1
+            self.calls += 1
+            self.errors += failed
+            self._busy.discard(sock)
+            if keep and proxy is not None and not self._closed and proxy._pyroConnection is not None:
+                self._idle.append(proxy)
+                proxy = None
+            self._cond.notify()
+        if proxy is not None:
+            proxy._pyroClaimOwnership()
+            proxy._pyroRelease()
+
+    def _ready(self, proxy: Pyro5.client.Proxy | None) -> Pyro5.client.Proxy:
+        """A live connection: ``proxy`` if it still is one, another idle one, or a new one (NotSent)."""
+        while proxy is not None:
+            proxy._pyroClaimOwnership()
             conn = proxy._pyroConnection
             # An idle connection never has data waiting: readable means the worker closed it (died or
             # stopped). Dropping it here is what keeps a call to a dead worker from being "sent" at all.
             if conn is not None and not select.select([conn.sock], [], [], 0)[0]:
-                proxy._pyroClaimOwnership()
                 return proxy
-            proxy._pyroClaimOwnership()
             proxy._pyroRelease()
-
-    def _checkin(self, proxy: Pyro5.client.Proxy) -> None:
-        with self._lock:
-            if not self._closed and proxy._pyroConnection is not None:
-                self._idle.append(proxy)
-                return
-        proxy._pyroRelease()
-
-    def invoke(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float,
-               oneway: bool = False) -> Any:
-        """One call on one connection; the caller holds a slot (see ``acquire``)."""
-        proxy = self._checkout()
-        if proxy._pyroTimeout != timeout:
-            proxy._pyroTimeout = timeout
-        flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
-        sock = proxy._pyroConnection.sock
-        with self._lock:
-            self._busy.add(sock)
-        try:
-            result = proxy._pyroInvoke(method, args, kwargs, flags=flags)
-        except WorkerDrainingError as exc:
-            self._checkin(proxy)
-            raise NotSent(exc) from exc
-        except Pyro5.errors.TimeoutError as exc:
-            proxy._pyroRelease()
-            if _remote(exc):
-                raise
-            raise CallTimeoutError(f"{self.name}.{method}: no reply within {timeout:g}s") from exc
-        except Pyro5.errors.CommunicationError as exc:
-            if _remote(exc):
-                self._checkin(proxy)
-                raise
-            proxy._pyroRelease()
-            raise WorkerLostError(f"{self.name}.{method}: connection lost after the call was sent ({exc})") \
-                from exc
-        except BaseException:
-            self._checkin(proxy)
-            raise
-        finally:
-            with self._lock:
-                self._busy.discard(sock)
-        self._checkin(proxy)
-        return result
-
-    def acquire(self, timeout: float | None) -> bool:
-        return self.slots.acquire(timeout=timeout) if timeout is None or timeout > 0 else self.slots.acquire(False)
+            with self._cond:
+                proxy = self._idle.pop() if self._idle else None
+        return self._connect()
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float,
              oneway: bool = False, wait: float | None = None) -> Any:
-        """Take a slot (waiting up to ``wait``, default ``timeout``), invoke, count, release."""
-        if not self.acquire(timeout if wait is None else wait):
-            raise SlotsBusy(f"{self.name}.{method}: all {self.capacity} call slots busy for {timeout:g}s")
-        with self._lock:
-            self.in_flight += 1
+        """One call: take a slot (waiting up to ``wait``, default ``timeout``) and a connection, invoke."""
+        proxy = self._enter(method, timeout if wait is None else wait)
         failed = True
+        keep = False
+        sock = None
         try:
-            result = self.invoke(method, args, kwargs, timeout, oneway)
+            proxy = self._ready(proxy)
+            if proxy._pyroTimeout != timeout:
+                proxy._pyroTimeout = timeout
+            sock = proxy._pyroConnection.sock
+            self._busy.add(sock)
+            flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
+            try:
+                result = proxy._pyroInvoke(method, args, kwargs, flags=flags)
+            except WorkerDrainingError as exc:
+                keep = True
+                raise NotSent(exc) from exc
+            except Pyro5.errors.TimeoutError as exc:
+                if _remote(exc):
+                    keep = True
+                    raise
+                raise CallTimeoutError(f"{self.name}.{method}: no reply within {timeout:g}s") from exc
+            except Pyro5.errors.CommunicationError as exc:
+                if _remote(exc):
+                    keep = True
+                    raise
+                raise WorkerLostError(f"{self.name}.{method}: connection lost after the call was sent ({exc})") \
+                    from exc
+            except BaseException:
+                keep = True
+                raise
+            keep = True
             failed = False
             return result
         finally:
-            with self._lock:
-                self.in_flight -= 1
-                self.calls += 1
-                self.errors += failed
-            self.slots.release()
+            self._leave(proxy, failed, keep, sock)
 
     def close(self, *, abort: bool = False) -> None:
         """Close idle connections (busy ones close as their calls end). With ``abort`` the calls in flight
         are cut off too: they fail with WorkerLostError (retried elsewhere when idempotent). For a worker
         known to be gone (lease expired), where waiting for them would only wait for the timeout."""
-        with self._lock:
+        with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
             busy = list(self._busy) if abort else []
+            self._cond.notify_all()
         for proxy in idle:
             proxy._pyroClaimOwnership()
             proxy._pyroRelease()

@@ -6,15 +6,18 @@ import functools
 import inspect
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import Pyro5.server
+from Pyro5.callcontext import current_context
 
 from .config import Settings, resolve
 from .errors import ConfigurationError, NameServerUnavailableError, WorkerDrainingError
@@ -77,9 +80,14 @@ def _tracked_class(cls: type, stats: WorkerStats) -> type:
     return Pyro5.server.expose(tracked)
 
 
+_accounted = threading.local()  # set while the oneway executor runs a call it has already counted
+
+
 def _tracked(func: Callable[..., Any], stats: WorkerStats) -> Callable[..., Any]:
     @functools.wraps(func)
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_accounted, "on", False):
+            return func(self, *args, **kwargs)
         stats.enter()
         failed = True
         try:
@@ -89,6 +97,82 @@ def _tracked(func: Callable[..., Any], stats: WorkerStats) -> Callable[..., Any]
         finally:
             stats.leave(failed)
     return method
+
+
+class OnewayExecutor:
+    """Runs oneway calls on up to ``threads`` reused threads with a bounded queue.
+
+    Stock Pyro5 starts a new thread for every oneway call; this is cheaper, bounds the threads, and a
+    full queue blocks the connection that sends more (TCP backpressure) instead of piling up. A queued
+    call counts as in flight, so a draining worker finishes it before exiting.
+    """
+
+    def __init__(self, stats: WorkerStats, threads: int, queue_size: int) -> None:
+        self.stats = stats
+        self.max_threads = threads
+        self.queue: queue.Queue[Any] = queue.Queue(queue_size)
+        self.threads: list[threading.Thread] = []
+        self.idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, method: Callable[..., Any], vargs: Any, kwargs: Any, daemon: Any, client: Any) -> None:
+        self.stats.enter()  # refuses (WorkerDrainingError) once draining
+        with self._lock:
+            if self.idle == 0 and len(self.threads) < self.max_threads:
+                t = threading.Thread(target=self._run, name=f"oneway-{len(self.threads)}", daemon=True)
+                self.threads.append(t)
+                t.start()
+        self.queue.put((method, vargs, kwargs, daemon, client, current_context.to_global()))
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self.idle += 1
+            item = self.queue.get()
+            with self._lock:
+                self.idle -= 1
+            if item is None:
+                return
+            method, vargs, kwargs, daemon, client, context = item
+            current_context.from_global(context)
+            _accounted.on = True
+            failed = True
+            try:
+                method(*vargs, **kwargs)
+                failed = False
+            except Exception as exc:
+                daemon.methodcall_error_handler(daemon, client, method, vargs, kwargs, exc)
+            finally:
+                _accounted.on = False
+                self.stats.leave(failed)
+
+    def shutdown(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join(5)
+
+
+class _QueuedOneway:
+    """Stands in for Pyro5's ``_OnewayCallThread`` inside our daemon's handleRequest."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, method: Any, vargs: Any, kwargs: Any, daemon: Any, client: Any) -> None:
+        self.args = (method, vargs, kwargs, daemon, client)
+
+    def start(self) -> None:
+        self.args[3].oneway_executor.submit(*self.args)
+
+
+def _with_globals(func: Callable[..., Any], **replace: Any) -> Callable[..., Any]:
+    """A copy of ``func`` that sees ``replace`` instead of some of its module's globals (for this class
+    only: Pyro5's module is untouched)."""
+    namespace = dict(func.__globals__, **replace)
+    clone = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+    clone.__kwdefaults__ = func.__kwdefaults__
+    clone.__qualname__ = func.__qualname__
+    return clone
 
 
 @Pyro5.server.expose
@@ -106,8 +190,12 @@ class WorkerDaemonObject(Pyro5.server.DaemonObject):
 class _WorkerDaemon(GuardedDaemon):
     """A guarded daemon that knows its client connections, so stop() can close them after draining."""
 
-    def __init__(self, settings: Settings, port: int) -> None:
+    # Pyro5's request handling, with oneway calls queued to our executor instead of a thread each
+    handleRequest = _with_globals(Pyro5.server.Daemon.handleRequest, _OnewayCallThread=_QueuedOneway)
+
+    def __init__(self, settings: Settings, port: int, stats: WorkerStats) -> None:
         super().__init__(settings.host, port, settings, interface=WorkerDaemonObject)
+        self.oneway_executor = OnewayExecutor(stats, settings.threads, 4 * settings.threads)
         self.pyrorpc_info: dict[str, Any] | None = None
         self.connections: set[Any] = set()
         self._conn_lock = threading.Lock()
@@ -232,7 +320,7 @@ class WorkerHost:
         """Bind, serve in a background thread and register; returns once all three are done."""
         if self.daemon is not None:
             raise RuntimeError("WorkerHost already started")
-        daemon = _WorkerDaemon(self.settings, self.port)
+        daemon = _WorkerDaemon(self.settings, self.port, self.stats)
         try:
             if self.instance_mode == "single":
                 target: Any = _tracked_class(self.cls, self.stats)()
@@ -317,6 +405,7 @@ class WorkerHost:
             if not drained:
                 log.warning("worker %s: drain timeout, %d calls still in flight", self.name, self.stats.in_flight)
             daemon.close_connections()
+            daemon.oneway_executor.shutdown()
             daemon.close()
             if self._heartbeat_thread is not None:
                 self._heartbeat_thread.join(5)
