@@ -128,9 +128,14 @@ class Endpoint:
                 proxy = self._idle.pop() if self._idle else None
         return self._connect()
 
-    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float,
-             oneway: bool = False, wait: float | None = None) -> Any:
-        """One call: take a slot (waiting up to ``wait``, default ``timeout``) and a connection, invoke."""
+    def call(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float,
+             oneway: bool = False, wait: float | None = None, batch: bool = False) -> Any:
+        """One call: take a slot (waiting up to ``wait``, default ``timeout``) and a connection, invoke.
+
+        With ``batch`` ``args`` is a list of argument tuples for ``method``, sent as one Pyro5 batch
+        message: the worker runs them in order and stops at the first exception; the result is the list
+        of results so far (an exception as a ``Pyro5.core._ExceptionWrapper``). A batch refused whole by
+        a draining worker raises NotSent."""
         proxy = self._enter(method, timeout if wait is None else wait)
         failed = True
         keep = False
@@ -143,7 +148,14 @@ class Endpoint:
             self._busy.add(sock)
             flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
             try:
-                result = proxy._pyroInvoke(method, args, kwargs, flags=flags)
+                if batch:
+                    result = proxy._pyroInvoke("<batch>", [(method, a, {}) for a in args], None,
+                                               flags=flags | protocol.FLAGS_BATCH)
+                    if result and isinstance(result[0], Pyro5.core._ExceptionWrapper) \
+                            and isinstance(result[0].exception, WorkerDrainingError):
+                        raise result[0].exception
+                else:
+                    result = proxy._pyroInvoke(method, args, kwargs, flags=flags)
             except WorkerDrainingError as exc:
                 keep = True
                 raise NotSent(exc) from exc
@@ -290,8 +302,9 @@ class Dispatcher:
         """How many calls may be in flight at once (the futures window)."""
         raise NotImplementedError
 
-    def _submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                timeout: float | None) -> concurrent.futures.Future:  # type: ignore[type-arg]
+    def _submit(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float | None,
+                call: Callable[..., Any] | None = None) -> concurrent.futures.Future:  # type: ignore[type-arg]
+        """Run ``call`` (default ``self._call``) in the background once the in-flight window has room."""
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
         wait = timeout or self._settings.timeout
@@ -305,7 +318,10 @@ class Dispatcher:
                         self._max_threads, thread_name_prefix="pyrorpc-call")
                 executor = self._executor
         try:
-            fut = executor.submit(self._call, method, args, kwargs, timeout, False)
+            if call is None:
+                fut = executor.submit(self._call, method, args, kwargs or {}, timeout, False)
+            else:
+                fut = executor.submit(call, method, args, timeout)
         except BaseException:
             self._window.release()
             raise

@@ -26,6 +26,9 @@ class Calculator:
     def pid(self):
         return os.getpid()
 
+    def div(self, a, b):
+        return a / b
+
     @pyrorpc.oneway
     def log(self, msg):
         with self.lock:

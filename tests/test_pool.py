@@ -223,3 +223,22 @@ def test_bad_arguments():
         pyrorpc.Pool("calc", ns="127.0.0.1:1", max_in_flight=0)
     with pytest.raises(pyrorpc.NameServerUnavailableError):
         pyrorpc.Pool("calc", settings=pyrorpc.Settings(ns="127.0.0.1:1", connect_timeout=0.5))
+
+
+def test_map_batches_and_keeps_order_around_failures(ns_addr, pool_factory):
+    from pyrorpc.pool import _Failed
+    with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as a, pyrorpc.WorkerHost(Calculator, ns=ns_addr) as b:
+        pool = pool_factory("calc", ns=ns_addr)
+        out = pool._call_batch("div", [(1, 1), (1, 0), (4, 2), (9, 3)], None)
+        assert out[0] == 1.0 and isinstance(out[1], _Failed) and isinstance(out[1].exc, ZeroDivisionError)
+        assert out[2:] == [2.0, 3.0]  # ran after the failure: resent, not lost
+        assert list(pool.add.map((i, i) for i in range(5000))) == [2 * i for i in range(5000)]
+        assert a.stats.calls + b.stats.calls >= 5000
+        assert pool._members[a.name].endpoint.calls + pool._members[b.name].endpoint.calls < 2500  # batched
+        results = pool.div.map([(1, 1), (2, 1), (1, 0), (3, 1)])
+        assert next(results) == 1.0 and next(results) == 2.0
+        with pytest.raises(ZeroDivisionError):
+            next(results)
+        assert list(pool.add.map([])) == []
+        with pytest.raises(ValueError, match="window"):
+            pool.add.map([(1, 2)], window=0)
