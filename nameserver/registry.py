@@ -14,6 +14,8 @@ import Pyro5.server
 
 SERVICE_TAG = "pyrorpc.service:"
 LEASE_TAG = "pyrorpc.lease:"
+LOCK_TAG = "pyrorpc.lock:"
+LOCK_URI = "PYRO:pyrorpc.lock@localhost:1"  # locks point nowhere; the registry needs a valid URI
 MIN_TTL = 0.2
 MAX_TTL = 86400.0
 _MAX_LOAD_KEYS = 32
@@ -157,7 +159,8 @@ class NameServer(Pyro5.nameserver.NameServer):
 
     Inherited methods (``lookup``, ``register``, ``list``, ``yplookup``, ``remove``, ...) keep their
     behaviour; ``yplookup(meta_all={"pyrorpc.service:S"})`` is answered from the service index. Added:
-    ``lease`` (register-or-renew with a load report), ``service_workers``, ``services``, ``expire``.
+    ``lease`` (register-or-renew with a load report), ``service_workers``, ``services``, ``expire``,
+    ``acquire_lock`` / ``release_lock`` (a leased mutex, e.g. for "only one scheduler fires").
     """
 
     default_lease_ttl = 10.0
@@ -231,6 +234,41 @@ class NameServer(Pyro5.nameserver.NameServer):
             current.renewed = time.monotonic()
             current.load = clean_load
         return {"ttl": ttl, "created": created}
+
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew the lock ``name`` for ``owner`` for ``ttl`` seconds; False while another owner
+        holds it. A lock is a leased registration (tag ``pyrorpc.lock:OWNER``), so it expires like one:
+        a holder that dies without unlocking loses it one TTL later."""
+        if not isinstance(owner, str) or not owner or len(owner) > 200:
+            raise TypeError("owner must be a non-empty str of at most 200 characters")
+        tag = LOCK_TAG + owner
+        with self.lock:
+            now = time.monotonic()
+            try:
+                _uri, meta = self.storage[name]
+            except KeyError:
+                meta = None
+            if meta is not None:
+                holder = next((t for t in meta if isinstance(t, str) and t.startswith(LOCK_TAG)), None)
+                current = self.leases.get(name)
+                if holder is None and current is None:
+                    raise ValueError(f"{name!r} is a plain registration, not a lock")
+                if holder != tag and current is not None and not current.expired(now):
+                    return False
+            self.lease(name, LOCK_URI, [tag], None, ttl)
+            return True
+
+    def release_lock(self, name: str, owner: str) -> bool:
+        """Release the lock ``name`` if ``owner`` holds it; returns whether it did."""
+        with self.lock:
+            try:
+                _uri, meta = self.storage[name]
+            except KeyError:
+                return False
+            if LOCK_TAG + owner not in meta:
+                return False
+            del self.storage[name]
+            return True
 
     def service_workers(self, service: str) -> list[dict[str, Any]]:
         """The registrations of one service, with lease and load data; costs O(its workers)."""

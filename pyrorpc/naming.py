@@ -177,6 +177,16 @@ class NameServerClient:
         found = self._call("yplookup", meta_all=[SERVICE_TAG + service], return_metadata=True)
         return [WorkerInfo.from_record(name, uri, meta) for name, (uri, meta) in found.items()]
 
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew the named lock for ``owner`` (pyrorpc's name server only); False if held by
+        another owner. Renew it every TTL/3 while you hold it; it expires one TTL after the last renewal."""
+        if not self.leasing:
+            raise NameServerUnavailableError(f"name server at {self.address} is a stock Pyro5 one: no locks")
+        return bool(self._call("acquire_lock", name, owner, ttl))
+
+    def release_lock(self, name: str, owner: str) -> bool:
+        return bool(self._call("release_lock", name, owner))
+
     def services(self) -> dict[str, int]:
         if self.leasing:
             return dict(self._call("services"))
