@@ -242,3 +242,20 @@ def test_map_batches_and_keeps_order_around_failures(ns_addr, pool_factory):
         assert list(pool.add.map([])) == []
         with pytest.raises(ValueError, match="window"):
             pool.add.map([(1, 2)], window=0)
+
+
+def test_ejected_worker_is_probed_back_after_cooldown(ns_addr, pool_factory):
+    with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as a, pyrorpc.WorkerHost(Calculator, ns=ns_addr) as b:
+        pool = pool_factory("calc", ns=ns_addr, cooldown=0.3)
+        member = pool._members[a.name]
+        pool._eject(member)
+        assert [w.name for w in pool.workers() if w.ejected] == [a.name]
+        before = a.stats.calls
+        for _ in range(20):
+            pool.add(1, 1)
+        assert a.stats.calls == before  # left out while cooling down
+        wait_for(lambda: not pool._members[a.name].ejected_until > time.monotonic(), 2, message="cooldown")
+        for _ in range(40):
+            pool.add(1, 1)
+        assert a.stats.calls > before and member.strikes == 0  # a good call clears the strikes
+        assert b.stats.calls > 0

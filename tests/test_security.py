@@ -181,3 +181,35 @@ def test_mutual_tls_refuses_client_without_certificate(pki):
             with pyrorpc.connect("calc", ns=ns, tls_ca=pki["ca"], tls_cert=pki["client_cert"],
                                  tls_key=pki["client_key"]) as calc:
                 assert calc.add(2, 2) == 4
+
+
+def test_refusal_is_logged_on_the_server(secure_ns, caplog):
+    import logging
+    caplog.set_level(logging.WARNING, logger="pyrorpc.security")
+    with pytest.raises(pyrorpc.AuthenticationError):
+        pyrorpc.NameServerClient(pyrorpc.Settings(ns=secure_ns, secret="wrong")).ping()
+    assert any("refused connection from" in r.getMessage() and "wrong secret" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_cli_secret_everywhere(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pyrorpc.testing import NameServerProcess, WorkerProcess
+    env = dict(os.environ, PYRORPC_SECRET=SECRET)
+    with NameServerProcess(lease_ttl=3, env=env) as ns, WorkerProcess("services:Calculator", ns.ns, env=env):
+        ok = subprocess.run([sys.executable, "-m", "pyrorpc", "call", "calc", "add", "2", "3", "--ns", ns.ns],
+                            env=env, capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0 and ok.stdout.strip() == "5"
+        flag = subprocess.run([sys.executable, "-m", "pyrorpc", "call", "calc", "add", "2", "3", "--ns", ns.ns,
+                               "--secret", SECRET], capture_output=True, text=True, timeout=60)
+        assert flag.returncode == 0 and flag.stdout.strip() == "5"
+        bad = subprocess.run([sys.executable, "-m", "pyrorpc", "ns", "list", "--ns", ns.ns, "--secret", "nope"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and bad.stderr.startswith("Error: AuthenticationError")
+        assert "Traceback" not in bad.stderr + bad.stdout
+        bare = subprocess.run([sys.executable, "-m", "pyrorpc", "call", "calc", "add", "1", "1", "--ns", ns.ns],
+                              capture_output=True, text=True, timeout=60)
+        assert bare.returncode == 1 and "AuthenticationError" in bare.stderr
