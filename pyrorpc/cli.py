@@ -142,7 +142,7 @@ def ns_list(service: str | None, as_json: bool, ns: Address | None) -> None:
     client = NameServerClient(settings_for(ns))
     entries: dict[str, tuple[str, set[str]]]
     if service:
-        entries = {w.name: (w.uri, set()) for w in client.service_workers(service)}
+        entries = {w.name: (w.uri, set(w.metadata)) for w in client.service_workers(service)}
         if not entries:
             raise click.ClickException(f"no workers registered for service {service!r}")
     else:
@@ -351,11 +351,12 @@ def parse_literal(text: str) -> Any:
 @click.option("--kw", "kwargs", multiple=True, metavar="K=V", help="keyword argument (value a Python literal)")
 @click.option("--oneway", is_flag=True, help="fire and forget: return once sent")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--traceback", "show_traceback", is_flag=True, help="print the remote traceback of a remote error")
 @ns_option
 @timeout_option
 @user_errors
 def call_cmd(target: str, method: str, args: tuple[str, ...], kwargs: tuple[str, ...], oneway: bool,
-             as_json: bool, ns: Address | None, timeout: float | None) -> None:
+             as_json: bool, show_traceback: bool, ns: Address | None, timeout: float | None) -> None:
     """Call METHOD on TARGET (service, worker name or PYRO: URI); ARGs are Python literals."""
     from .proxy import connect
     kw: dict[str, Any] = {}
@@ -367,13 +368,21 @@ def call_cmd(target: str, method: str, args: tuple[str, ...], kwargs: tuple[str,
     if method.startswith("_"):
         raise click.UsageError(f"private methods cannot be called: {method!r}")
     settings = settings_for(ns, timeout=timeout)
+    arg_values = [parse_literal(a) for a in args]
     with connect(target, settings=settings) as proxy:
         remote = proxy.method(method)
-        if oneway:
-            remote.oneway(*(parse_literal(a) for a in args), **kw)
-            result: Any = None
-        else:
-            result = remote(*(parse_literal(a) for a in args), **kw)
+        try:
+            if oneway:
+                remote.oneway(*arg_values, **kw)
+                result: Any = None
+            else:
+                result = remote(*arg_values, **kw)
+        except Exception as exc:
+            if not hasattr(exc, "_pyroTraceback"):
+                raise  # ours (timeout, no workers...): handled by user_errors
+            if show_traceback:
+                click.echo("".join(exc._pyroTraceback).rstrip(), err=True)
+            raise click.ClickException(f"{target}.{method} raised {_one_line(exc)}") from None
     if as_json:
         emit_json(result)
     elif oneway:

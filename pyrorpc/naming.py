@@ -35,6 +35,7 @@ class WorkerInfo:
     started: float = 0.0
     last_heartbeat: float | None = None  # seconds ago; None where the name server keeps no leases
     ttl: float | None = None
+    metadata: tuple[str, ...] = ()
     client_in_flight: int = 0  # calls in flight from this Pool (Pool.workers() only)
     ejected: bool = False  # in a failure cooldown (Pool.workers() only)
 
@@ -60,7 +61,7 @@ class WorkerInfo:
             in_flight=_int(load.get("in_flight")), calls=_int(load.get("calls")), errors=_int(load.get("errors")),
             connections=_int(load.get("connections")),
             started=_float(load.get("started", tags.get("started"))),
-            last_heartbeat=age, ttl=ttl,
+            last_heartbeat=age, ttl=ttl, metadata=tuple(sorted(t for t in metadata or () if isinstance(t, str))),
         )
 
 
