@@ -9,6 +9,7 @@
           ├── WorkerDrainingError       the worker is stopping; the call did not run (safe to resend)
           ├── CallTimeoutError          (Pyro5 TimeoutError) a call took longer than its timeout
           ├── AuthenticationError       (Pyro5 SecurityError) missing, wrong or replayed secret
+          ├── RemoteError               a remote exception whose class this client cannot rebuild
           ├── NameServerUnavailableError (CommunicationError) the name server cannot be reached
           ├── MessageTooLargeError      a request or reply over max_message_size, refused before sending
           └── ConfigurationError        bad settings, bad target, unimportable MODULE:CLASS
@@ -31,6 +32,7 @@ __all__ = [
     "MessageTooLargeError",
     "NameServerUnavailableError",
     "NoWorkersError",
+    "RemoteError",
     "RpcError",
     "WorkerDrainingError",
     "WorkerLostError",
@@ -61,6 +63,13 @@ class AuthenticationError(RpcError, Pyro5.errors.SecurityError):
     """The peer refused our credentials, or sent none or wrong ones."""
 
 
+class RemoteError(RpcError):
+    """The remote method raised an exception of a class this process has not imported; ``remote_type``
+    names it (``module.Class``). Import that module in the client to get the original type instead."""
+
+    remote_type: str = ""
+
+
 class NameServerUnavailableError(RpcError, Pyro5.errors.CommunicationError):
     """The name server could not be reached (down, wrong address, or timed out)."""
 
@@ -83,6 +92,44 @@ def _register(cls: type[BaseException]) -> None:
 
     SerializerBase.register_dict_to_class(name, rebuild)
 
+
+def make_portable(cls: type[BaseException]) -> None:
+    """Let instances of a user-defined exception class cross the network (worker side): they travel as
+    ``RemoteError`` naming their class, and the caller rebuilds the original class if it has imported it."""
+    if cls in _portable or cls.__module__ in ("builtins", "exceptions") \
+            or cls.__module__.startswith(("Pyro5.", "pyrorpc.", "sqlite3")):
+        return
+    _portable.add(cls)
+
+    def to_dict(exc: BaseException) -> dict[str, Any]:
+        attributes = dict(vars(exc))
+        attributes["remote_type"] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        return {"__class__": "pyrorpc.errors.RemoteError", "__exception__": True, "args": exc.args,
+                "attributes": attributes}
+
+    SerializerBase.register_class_to_dict(cls, to_dict)
+
+
+_portable: set[type] = set()
+
+
+def _rebuild_remote(_classname: str, data: dict[str, Any]) -> BaseException:
+    import sys
+    remote_type = str((data.get("attributes") or {}).get("remote_type", ""))
+    module_name, _, qualname = remote_type.rpartition(".")
+    cls: Any = sys.modules.get(module_name)  # only classes the caller has imported: no import by name
+    for part in qualname.split(".") if cls is not None else ():
+        cls = getattr(cls, part, None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        cls = RemoteError
+    try:
+        return SerializerBase.make_exception(cls, data)
+    except Exception:  # a constructor that does not take its own args back
+        return SerializerBase.make_exception(RemoteError, {"args": (f"{remote_type}{data.get('args')!r}",),
+                                                           "attributes": data.get("attributes", {})})
+
+
+SerializerBase.register_dict_to_class("pyrorpc.errors.RemoteError", _rebuild_remote)
 
 for _cls in (RpcError, NoWorkersError, WorkerLostError, WorkerDrainingError, CallTimeoutError,
              AuthenticationError, NameServerUnavailableError, MessageTooLargeError, ConfigurationError):

@@ -164,6 +164,11 @@ class Endpoint:
                     keep = True
                     raise
                 raise CallTimeoutError(f"{self.name}.{method}: no reply within {timeout:g}s") from exc
+            except Pyro5.errors.SerializeError:
+                # the call ran and its reply arrived, but it could not be decoded (or our arguments could
+                # not be encoded): not a lost worker
+                keep = proxy._pyroConnection is not None
+                raise
             except Pyro5.errors.CommunicationError as exc:
                 if _remote(exc):
                     keep = True

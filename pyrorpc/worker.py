@@ -20,7 +20,7 @@ import Pyro5.server
 from Pyro5.callcontext import current_context
 
 from .config import Settings, resolve
-from .errors import ConfigurationError, NameServerUnavailableError, WorkerDrainingError
+from .errors import ConfigurationError, NameServerUnavailableError, WorkerDrainingError, make_portable
 from .naming import SERVICE_TAG, NameServerClient
 from .security import GuardedDaemon
 from .service import check_service_name, public_methods, service_name_of
@@ -87,13 +87,16 @@ def _tracked(func: Callable[..., Any], stats: WorkerStats) -> Callable[..., Any]
     @functools.wraps(func)
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(_accounted, "on", False):
-            return func(self, *args, **kwargs)
+            return func(self, *args, **kwargs)  # a oneway call: the executor counts it
         stats.enter()
         failed = True
         try:
             result = func(self, *args, **kwargs)
             failed = False
             return result
+        except Exception as exc:
+            make_portable(type(exc))
+            raise
         finally:
             stats.leave(failed)
     return method
@@ -271,7 +274,7 @@ class WorkerHost:
                                 drain_timeout=drain_timeout, **options)
         name = service or service_name_of(cls)
         if name is None:
-            raise ConfigurationError(f"{cls.__qualname__} has no @pyrorpc.service name; pass service=")
+            raise ConfigurationError(f"{cls.__qualname__} has no @pyrorpc.service name; pass service= (CLI: --service NAME)")
         try:
             self.service = check_service_name(name)
         except ValueError as exc:

@@ -56,10 +56,26 @@ def test_remote_exception_keeps_type_and_traceback(calc_host, ns_addr):
             calc.fail("bad input")
         remote_tb = "".join(info.value._pyroTraceback)
         assert "services.py" in remote_tb and "raise ValueError" in remote_tb
-        with pytest.raises(Exception) as info2:
+        # a user-defined exception class arrives as itself when the caller has imported its module...
+        with pytest.raises(CustomError, match="custom") as info2:
             calc.fail_custom()
-        # a user-defined exception class the client cannot rebuild still arrives, as a Pyro error
-        assert isinstance(info2.value, (CustomError, Pyro5.errors.PyroError))
+        assert "raise CustomError" in "".join(info2.value._pyroTraceback)
+        assert calc.add(1, 1) == 2  # and the connection is fine
+
+
+def test_unknown_remote_exception_class_becomes_remote_error(nameserver, worker_factory):
+    ns = nameserver()
+    w = worker_factory("services:Calculator", ns.ns)
+    import subprocess
+    import sys
+    # ...and as pyrorpc.RemoteError naming it when the caller has not (a fresh interpreter, no `services`)
+    code = ("import pyrorpc\n"
+            f"p = pyrorpc.connect({w.uri!r})\n"
+            "try:\n    p.fail_custom()\nexcept pyrorpc.RemoteError as e:\n"
+            "    print('REMOTE', e.remote_type, e.args)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert "REMOTE services.CustomError ('custom',)" in out.stdout, out.stdout + out.stderr
 
 
 def test_unknown_service_and_method(calc_host, ns_addr):
