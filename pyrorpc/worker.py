@@ -274,7 +274,8 @@ class WorkerHost:
                                 drain_timeout=drain_timeout, **options)
         name = service or service_name_of(cls)
         if name is None:
-            raise ConfigurationError(f"{cls.__qualname__} has no @pyrorpc.service name; pass service= (CLI: --service NAME)")
+            raise ConfigurationError(f"{cls.__qualname__} has no @pyrorpc.service name; "
+                                     "pass service= (CLI: --service NAME)")
         try:
             self.service = check_service_name(name)
         except ValueError as exc:
