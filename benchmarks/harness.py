@@ -1,0 +1,191 @@
+"""Benchmark harness: server child processes that always get stopped, and the timing loops."""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# child processes --------------------------------------------------------------------------------------
+
+class Child:
+    """A server process started from ``servers.py``; its output is drained by a thread."""
+
+    def __init__(self, args: list[str], cpus: str | None) -> None:
+        argv = [sys.executable, os.path.join(HERE, "servers.py"), *args]
+        if cpus:
+            argv += ["--cpus", cpus]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, ROOT, env.get("PYTHONPATH")) if p)
+        self.name = args[0]
+        # own session: a Ctrl-C in the terminal reaches run.py, which then stops the children in order
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True, cwd=ROOT, env=env)
+        self.lines: list[str] = []
+        self._ready: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if line.startswith("READY "):
+                self._ready.put(line[6:])
+        self._ready.put(None)
+
+    def wait_ready(self, timeout: float) -> list[str]:
+        """The fields of the ``READY`` line (kind first); raises if the process exits or times out."""
+        try:
+            line = self._ready.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"{self.name} server not ready within {timeout:g}s:\n" + "\n".join(self.lines[-20:])) \
+                from None
+        if line is None:
+            raise RuntimeError(f"{self.name} server exited ({self.proc.wait()}):\n" + "\n".join(self.lines[-20:]))
+        return line.split()
+
+    def stop(self) -> None:
+        """Close stdin (the child exits at once); SIGKILL if it is still there after 3 s."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(3)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: only its process group
+            self.proc.wait(5)
+
+
+@contextmanager
+def children(pids: list[int]) -> Iterator[Callable[[list[str], str | None], Child]]:
+    """A factory of Child processes (their pids go to ``pids``); all of them are stopped when the block
+    ends, however it ends."""
+    made: list[Child] = []
+
+    def start(args: list[str], cpus: str | None) -> Child:
+        child = Child(args, cpus)
+        made.append(child)
+        pids.append(child.proc.pid)
+        return child
+
+    try:
+        yield start
+    finally:
+        for child in reversed(made):
+            child.stop()
+
+
+# timing -----------------------------------------------------------------------------------------------
+
+def percentile(sorted_values: list[int], q: float) -> float:
+    """Nearest-rank percentile of a sorted sample."""
+    rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
+    return float(sorted_values[rank - 1])
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by process ``pid``; Linux only."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sync_loop(call: Callable[[], Any], n: int, warmup: int, server_pid: int | None = None) -> dict[str, float]:
+    """Call ``n`` times back to back; calls/s, latency percentiles (each call timed end to end) and the CPU
+    time per call of this process and of the server process (clock-tick resolution: 10 ms per run)."""
+    for _ in range(warmup):
+        call()
+    gc.collect()
+    clock = time.perf_counter_ns
+    lat = [0] * n
+    cpu0 = time.process_time()
+    srv0 = process_cpu(server_pid) if server_pid else math.nan
+    start = prev = clock()
+    for i in range(n):
+        call()
+        now = clock()
+        lat[i] = now - prev
+        prev = now
+    total = (prev - start) / 1e9
+    cpu = time.process_time() - cpu0
+    srv = process_cpu(server_pid) - srv0 if server_pid else math.nan
+    lat.sort()
+    return {"calls_per_s": n / total, "seconds": total, "calls": n,
+            "p50_us": percentile(lat, 50) / 1e3, "p90_us": percentile(lat, 90) / 1e3,
+            "p99_us": percentile(lat, 99) / 1e3, "p999_us": percentile(lat, 99.9) / 1e3,
+            "max_us": lat[-1] / 1e3, "mean_us": sum(lat) / n / 1e3,
+            "client_cpu_us": cpu / n * 1e6, "server_cpu_us": srv / n * 1e6}
+
+
+def oneway_run(send: Callable[[], Any], executed: Callable[[], int], n: int, warmup: int,
+               timeout: float = 120.0) -> dict[str, float]:
+    """Fire ``n`` oneway calls as fast as possible, then poll the worker's counter until all of them ran.
+
+    The poll interval grows with the elapsed time (1% of it, at least 2 ms) so polling neither steals
+    much CPU from the worker nor adds more than ~1% to the measured time.
+    """
+    def wait_until(goal: int, t0: float) -> float:
+        deadline = t0 + timeout
+        while True:
+            if executed() >= goal:
+                return time.perf_counter()
+            now = time.perf_counter()
+            if now > deadline:
+                raise RuntimeError(f"only {executed() - (goal - n)} of {n} oneway calls executed in {timeout:g}s")
+            time.sleep(max(0.002, 0.01 * (now - t0)))
+
+    base = executed()
+    for _ in range(warmup):
+        send()
+    wait_until(base + warmup, time.perf_counter())
+    gc.collect()
+    base = executed()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        send()
+    t_sent = time.perf_counter()
+    t_done = wait_until(base + n, t0)
+    return {"executed_per_s": n / (t_done - t0), "sent_per_s": n / (t_sent - t0), "calls": n,
+            "seconds": t_done - t0}
+
+
+def timed_map(run: Callable[[int], list[Any]], n: int, warmup: int) -> dict[str, float]:
+    run(warmup)
+    gc.collect()
+    t0 = time.perf_counter()
+    out = run(n)
+    elapsed = time.perf_counter() - t0
+    if out != list(range(n)):
+        raise RuntimeError("map returned wrong results")
+    return {"calls_per_s": n / elapsed, "seconds": elapsed, "calls": n}
+
+
+def futures_run(submit: Callable[[], Any], m: int, warmup: int) -> dict[str, float]:
+    """Submit ``m`` futures as fast as the client lets us (it blocks while its window is full), wait for all."""
+    for fut in [submit() for _ in range(warmup)]:  # opens one connection per worker before timing
+        fut.result(60)
+    gc.collect()
+    t0 = time.perf_counter()
+    futures = [submit() for _ in range(m)]
+    for fut in futures:
+        fut.result(60)
+    elapsed = time.perf_counter() - t0
+    return {"calls_per_s": m / elapsed, "seconds": elapsed, "calls": m}
+
+

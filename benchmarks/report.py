@@ -1,0 +1,328 @@
+"""Benchmark results: per-round series, targets, and their markdown table, JSON and optional PNG chart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+import statistics
+from typing import Any
+
+# figure id -> (title, unit, higher is better)
+FIGURES: dict[str, tuple[str, str, bool]] = {
+    "sync_calls": ("sync calls/s (ping)", "calls/s", True),
+    "sync_p50": ("sync latency p50", "µs", False),
+    "sync_p99": ("sync latency p99", "µs", False),
+    "sync_cpu_client": ("sync CPU per call, client", "µs", False),
+    "sync_cpu_server": ("sync CPU per call, server", "µs", False),
+    "oneway_executed": ("oneway calls executed/s", "calls/s", True),
+    "oneway_sent": ("oneway calls sent/s (returned to caller)", "calls/s", True),
+    "map": ("map throughput (echo)", "calls/s", True),
+    "sleep": ("sleep-bound 10 ms futures", "calls/s", True),
+    "ns_lookup_p50": ("service lookup p50 (ns_lookup.py)", "ms", False),
+    "ns_lookup_p99": ("service lookup p99 (ns_lookup.py)", "ms", False),
+}
+
+# the contender every other row of a figure is compared with
+BASELINES = {"sync_calls": "pyro", "sync_p50": "pyro", "sync_p99": "pyro", "sync_cpu_client": "pyro",
+             "sync_cpu_server": "pyro", "oneway_sent": "pyro",
+             "oneway_executed": "pyro", "map": "pyro_loop", "ns_lookup_p50": "stock yplookup",
+             "ns_lookup_p99": "stock yplookup"}
+
+
+@dataclasses.dataclass
+class Series:
+    """One contender's value of one figure, one entry per round (NaN where a round failed)."""
+
+    figure: str
+    contender: str
+    label: str
+    values: list[float] = dataclasses.field(default_factory=list)
+    ideal: float | None = None  # sleep-bound rows: the calls/s a perfect pool would reach
+    details: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def finite(self) -> list[float]:
+        return [v for v in self.values if not math.isnan(v)]
+
+    @property
+    def median(self) -> float:
+        vals = self.finite
+        return statistics.median(vals) if vals else math.nan
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median over rounds; NaN with fewer than two rounds."""
+        vals = self.finite
+        if len(vals) < 2 or not self.median:
+            return math.nan
+        return (max(vals) - min(vals)) / self.median
+
+
+@dataclasses.dataclass
+class Target:
+    """``figure/contender`` compared with a reference row (``ratio``: value/ref, ``speedup``: ref/value),
+    with a constant (``absolute``) or with the row's ideal (``ideal``: value/ideal)."""
+
+    text: str
+    figure: str
+    contender: str
+    kind: str  # ratio | speedup | absolute | ideal
+    op: str  # >= | <=
+    threshold: float
+    ref: str | None = None  # reference contender in the same figure (ratio, speedup)
+    measured: float = math.nan
+    rounds: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if math.isnan(self.measured):
+            return "n/a"
+        ok = self.measured >= self.threshold if self.op == ">=" else self.measured <= self.threshold
+        return "pass" if ok else "miss"
+
+    def show(self) -> str:
+        if self.kind == "absolute":
+            return f"{self.measured:.3g} {FIGURES[self.figure][1]}"
+        if self.kind == "ideal":
+            return f"{self.measured:.0%} of ideal"
+        return f"{self.measured:.2f}×"
+
+
+TARGETS = [
+    Target("connect() ≥ 0.95× stock Pyro5", "sync_calls", "connect", "ratio", ">=", 0.95, ref="pyro"),
+    Target("Pool ≥ 0.90× stock Pyro5", "sync_calls", "pool", "ratio", ">=", 0.90, ref="pyro"),
+    Target("Pool p99 ≤ 1.5× stock Pyro5 p99", "sync_p99", "pool", "ratio", "<=", 1.5, ref="pyro"),
+    Target("Pool oneway executed ≥ 2× stock Pyro5 oneway", "oneway_executed", "pool", "ratio", ">=", 2.0,
+           ref="pyro"),
+    Target("Pool map ≥ 5× stock Pyro5 sync loop", "map", "pool", "ratio", ">=", 5.0, ref="pyro_loop"),
+    Target("8 workers ≥ 85% of ideal 800/s", "sleep", "pool_k8", "ideal", ">=", 0.85),
+    Target("p50 ≤ 2 ms", "ns_lookup_p50", "pyrorpc service_workers", "absolute", "<=", 2.0),
+    Target("≥ 10× faster than stock yplookup", "ns_lookup_p50", "pyrorpc service_workers", "speedup", ">=", 10.0,
+           ref="stock yplookup"),
+]
+
+
+class Results:
+    """Every series of a run, in the order they were first measured, plus the run's metadata."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+        self.series: dict[tuple[str, str], Series] = {}
+        self.notes: list[str] = []
+        self.targets = [dataclasses.replace(t) for t in TARGETS]
+
+    def add(self, figure: str, contender: str, label: str, value: float, *, ideal: float | None = None,
+            details: dict[str, Any] | None = None) -> None:
+        key = (figure, contender)
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = Series(figure, contender, label, ideal=ideal)
+        s.values.append(float(value))
+        if details:
+            s.details.append(details)
+
+    def get(self, figure: str, contender: str) -> Series | None:
+        return self.series.get((figure, contender))
+
+    def ratio(self, figure: str, contender: str, ref: str, invert: bool = False) -> tuple[float, list[float]]:
+        """Median of per-round ratios value/ref (ref/value with ``invert``): rounds pair up as measured."""
+        a, b = self.get(figure, contender), self.get(figure, ref)
+        if a is None or b is None:
+            return math.nan, []
+        per_round = []
+        for x, y in zip(a.values, b.values, strict=False):
+            if math.isnan(x) or math.isnan(y) or not x or not y:
+                continue
+            per_round.append(y / x if invert else x / y)
+        return (statistics.median(per_round) if per_round else math.nan), per_round
+
+    def evaluate(self) -> None:
+        for t in self.targets:
+            row = self.get(t.figure, t.contender)
+            if row is None:
+                continue
+            if t.kind == "absolute":
+                t.measured, t.rounds = row.median, list(row.values)
+            elif t.kind == "ideal":
+                assert row.ideal
+                t.rounds = [v / row.ideal for v in row.finite]
+                t.measured = statistics.median(t.rounds) if t.rounds else math.nan
+            else:
+                assert t.ref is not None
+                t.measured, t.rounds = self.ratio(t.figure, t.contender, t.ref, invert=t.kind == "speedup")
+
+    # output
+    def ordered(self) -> list[Series]:
+        """Series grouped by figure (in FIGURES order), contenders in the order first measured."""
+        rank = {f: i for i, f in enumerate(FIGURES)}
+        return sorted(self.series.values(), key=lambda s: rank[s.figure])  # stable: keeps contender order
+
+    def table(self) -> str:
+        lines = ["| figure | contender | median | spread | vs baseline | target | result |",
+                 "|---|---|---:|---:|---:|---|---|"]
+        for s in self.ordered():
+            figure, contender = s.figure, s.contender
+            title, unit, _higher = FIGURES[figure]
+            base = BASELINES.get(figure)
+            if s.ideal:
+                vs = f"{s.median / s.ideal:.0%} of {s.ideal:,.0f}/s"
+            elif base == contender:
+                vs = "baseline"
+            elif base is not None and self.get(figure, base) is not None:
+                r, _ = self.ratio(figure, contender, base)
+                vs = "—" if math.isnan(r) else f"{r:.2f}×"
+            else:
+                vs = ""
+            mine = [t for t in self.targets if t.figure == figure and t.contender == contender]
+            target = "; ".join(t.text for t in mine)
+            result = "; ".join(f"**{t.status}** ({t.show()})" if t.status != "n/a" else "n/a" for t in mine)
+            spread = "—" if math.isnan(s.spread) else f"{s.spread:.0%}"
+            lines.append(f"| {title} | {s.label} | {fmt(s.median, unit)} | {spread} | {vs} | {target} | {result} |")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        counts = {"pass": 0, "miss": 0, "n/a": 0}
+        for t in self.targets:
+            counts[t.status] += 1
+        misses = [t.text for t in self.targets if t.status == "miss"]
+        line = f"targets: {counts['pass']} pass, {counts['miss']} miss, {counts['n/a']} not measured"
+        return line + (f" (missed: {'; '.join(misses)})" if misses else "")
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "meta": self.meta,
+            "figures": {
+                figure: {
+                    s.contender: {"label": s.label, "unit": FIGURES[figure][1], "values": s.values,
+                                  "median": s.median, "min": min(s.finite, default=math.nan),
+                                  "max": max(s.finite, default=math.nan), "spread": s.spread,
+                                  "ideal": s.ideal, "details": s.details}
+                    for (fig, _c), s in self.series.items() if fig == figure
+                }
+                for figure in FIGURES if any(fig == figure for fig, _c in self.series)
+            },
+            "targets": [{"target": t.text, "figure": t.figure, "contender": t.contender, "kind": t.kind,
+                         "op": t.op, "threshold": t.threshold, "ref": t.ref, "measured": t.measured,
+                         "rounds": t.rounds, "status": t.status} for t in self.targets],
+            "notes": self.notes,
+        }
+
+    def write_json(self, path: str) -> None:
+        with open(path, "w") as fh:
+            # NaN is not JSON: write null for rounds that failed or figures not measured
+            json.dump(_nan_to_none(self.as_json()), fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+
+    def write_png(self, path: str) -> bool:
+        """A 2x2 chart of the throughput figures; False when matplotlib is not installed."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        panels = [("sync_calls", "sync calls/s"), ("oneway_executed", "oneway executed/s"),
+                  ("map", "map / sync loop calls/s"), ("sleep", "sleep-bound 10 ms calls/s vs ideal")]
+        fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+        for ax, (figure, title) in zip(axes.flat, panels, strict=False):
+            rows = [s for (f, _c), s in self.series.items() if f == figure]
+            ax.set_title(title)
+            if not rows:
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center")
+                continue
+            meds = [s.median for s in rows]
+            err = [[s.median - min(s.finite, default=s.median) for s in rows],
+                   [max(s.finite, default=s.median) - s.median for s in rows]]
+            pos = range(len(rows))
+            bars = ax.bar(pos, meds, yerr=err, capsize=3, color="#4c72b0")
+            ax.bar_label(bars, labels=[f"{m:,.0f}" for m in meds], fontsize=7, padding=2)
+            ideals = [s.ideal for s in rows]
+            if any(ideals):
+                ax.plot(pos, ideals, "r_", markersize=30, mew=2, label="ideal")
+                ax.legend()
+            ax.set_xticks(list(pos))
+            ax.set_xticklabels([s.label for s in rows], rotation=20, ha="right", fontsize=8)
+        fig.suptitle(f"pyrorpc benchmarks ({'pinned to one CPU' if self.meta.get('pinned') else 'unpinned'}, "
+                     f"median of {self.meta.get('rounds')} round(s), bars = min-max)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return True
+
+
+def command_line(argv: list[str]) -> str:
+    return "python benchmarks/run.py" + "".join(" " + shlex.quote(a) for a in argv)
+
+
+def markdown_report(results: Results, argv: list[str]) -> str:
+    meta = results.meta
+    m = meta["machine"]
+    lines = [
+        "# pyrorpc benchmarks",
+        "",
+        "Reproduce (from the repository root, after `python -m pip install -e .`; `pip install rpyc matplotlib` "
+        "adds the optional RPyC contender and the chart):",
+        "",
+        "```bash",
+        command_line(argv),
+        "```",
+        "",
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
+        f"Run: {meta['date']}, {meta['rounds']} interleaved rounds, {meta['calls']} calls per contender per round, "
+        + (f"every process pinned to CPU {meta['cpu']}." if meta["pinned"] else "unpinned.")
+        + f" Took {meta['seconds']:.0f} s.",
+        "",
+        results.table(),
+        "",
+        results.summary(),
+        "",
+        "How to read it:",
+        "",
+        "- *median* is over rounds; *spread* is (max - min) / median over rounds (noise here is ~15%, more",
+        "  when other work shares the machine);",
+        "  *vs baseline* is the median of per-round ratios to the figure's baseline row (rounds pair up as",
+        "  measured, so drift cancels). Targets are checked on those ratios.",
+        "- sync: back-to-back `ping()` calls on one reused connection, each timed end to end. The raw TCP",
+        "  floor is a 64-byte send + 64-byte receive on a socket with TCP_NODELAY, no serialization.",
+        "  *CPU per call* is user + system time of the client process and of the server process over the",
+        "  timed loop (10 ms clock ticks); pinned, client + server CPU is about the wall time of a call.",
+        "- oneway: N `hit()` oneway calls fired as fast as possible, then the worker's `count()` is polled",
+        "  until all N ran; executed/s = N / time until the last one ran. *sent/s* is how fast they returned",
+        "  to the caller. Stock Pyro5 starts a thread per oneway call; RPyC's `async_` is not fire-and-forget",
+        "  (a reply comes back unread) and is shown for scale.",
+        "- map: `list(pool.echo.map((i,) for i in range(N)))` against a stock Pyro5 loop of N `echo(i)`.",
+        "- sleep-bound: M futures of a method sleeping 10 ms through a Pool of k worker processes with",
+        "  `max_in_flight=1` (one call per worker at a time), so the ideal is k x 100 calls/s; M is about 2",
+        "  seconds' worth. It stays pinned like everything else: it is not CPU-bound up to 8 workers, and",
+        "  at 16 workers the client's per-call CPU cost on the one pinned CPU starts to show.",
+        "- service lookup: `benchmarks/ns_lookup.py` (its own interleaved rounds; stock `yplookup` scans",
+        "  the registry, pyrorpc answers from its service index).",
+    ]
+    if results.notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in results.notes]
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value: float, unit: str) -> str:
+    if math.isnan(value):
+        return "—"
+    if unit == "calls/s":
+        return f"{value:,.0f}/s"
+    if unit == "µs":
+        return f"{value:,.0f} µs"
+    if unit == "ms":
+        return f"{value:.3f} ms"
+    return f"{value:.3g} {unit}"
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj

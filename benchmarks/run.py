@@ -1,0 +1,453 @@
+"""pyrorpc benchmark suite: raw TCP, stock Pyro5, RPyC (if installed), pyrorpc connect() and Pool, side by side.
+
+One command starts its own name server, servers and workers on 127.0.0.1, measures every contender in
+interleaved rounds (round r runs each contender once, in an order rotated per round, so drift hits all
+alike), prints a markdown table with medians, spreads and the performance targets, and stops every
+process it started - also on Ctrl-C or an error.
+
+By default every process (this client, each server) is pinned to one CPU, because a wake-up across
+CPUs costs ~10x a same-CPU one on a small VM and would swamp the CPU-cost differences being measured;
+``--unpinned`` leaves scheduling to the OS.
+
+    python benchmarks/run.py                                   # full run, ~2 minutes on 2 slow vCPUs
+    python benchmarks/run.py --out docs/benchmarks.md --json docs/benchmarks.json --png docs/benchmarks.png
+    python benchmarks/run.py --smoke                           # tiny run (< 30 s), what the test runs
+    python benchmarks/run.py --only sync,oneway --rounds 3     # a subset
+
+Figures: ``sync`` (calls/s, p50/p99 latency of ``ping()``), ``oneway`` (``hit()`` calls executed by the
+worker per second), ``map`` (``Pool.echo.map`` vs a stock Pyro5 ``echo`` loop), ``sleep`` (10 ms calls as
+futures through pools of 1/2/4/8/16 workers vs the ideal) and ``ns`` (service lookup among 10,000
+registrations: runs ``benchmarks/ns_lookup.py`` and includes its rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import Pyro5  # noqa: E402
+import Pyro5.client  # noqa: E402
+from harness import ROOT, Child, children, futures_run, oneway_run, sync_loop, timed_map  # noqa: E402
+from report import Results, command_line, markdown_report  # noqa: E402
+from servers import FRAME  # noqa: E402
+
+import pyrorpc  # noqa: E402
+
+GROUPS = ("sync", "oneway", "map", "sleep", "ns")
+POOL_SIZES = (1, 2, 4, 8, 16)
+SMOKE_POOL_SIZES = (1, 2)
+
+
+# the contenders ---------------------------------------------------------------------------------------
+
+SYNC_FIGURES = {"sync_calls": "calls_per_s", "sync_p50": "p50_us", "sync_p99": "p99_us",
+                "sync_cpu_client": "client_cpu_us", "sync_cpu_server": "server_cpu_us"}
+ONEWAY_FIGURES = {"oneway_executed": "executed_per_s", "oneway_sent": "sent_per_s"}
+
+
+@dataclasses.dataclass
+class Contender:
+    """One row set of a figure group: ``run()`` measures once and returns a dict whose ``figures`` keys
+    (figure id -> key in that dict) become the round's values."""
+
+    cid: str
+    label: str
+    figures: dict[str, str]
+    run: Callable[[], dict[str, float]]
+    ideal: float | None = None
+
+
+def recv_exact(sock: Any, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("raw server closed the connection")
+        buf += chunk
+    return buf
+
+
+class Bench:
+    """Servers, clients and the per-figure measurements of one run."""
+
+    def __init__(self, args: argparse.Namespace, stack: ExitStack, start: Callable[[list[str], str | None], Child],
+                 results: Results) -> None:
+        self.args = args
+        self.stack = stack
+        self.start = start
+        self.results = results
+        self.cpus = None if args.unpinned else str(args.cpu)
+        self.pool_sizes = SMOKE_POOL_SIZES if args.smoke else POOL_SIZES
+        self.rpyc = args.rpyc and _have_rpyc()
+        self.pids: dict[str, int] = {}  # server name -> pid, for the CPU-per-call figures
+        if args.rpyc and not self.rpyc and args.groups & {"sync", "oneway"}:
+            results.notes.append("RPyC not measured: `pip install rpyc` (optional) to include it.")
+
+    def log(self, msg: str) -> None:
+        if not self.args.quiet:
+            print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    # servers
+    def start_servers(self) -> None:
+        t0 = time.perf_counter()
+        groups = self.args.groups
+        need_rpc = bool(groups & {"sync", "oneway", "map", "sleep"})
+        ns = self.start(["ns"], self.cpus) if need_rpc else None
+        raw = self.start(["raw"], self.cpus) if "sync" in groups else None
+        pyro = self.start(["pyro"], self.cpus) if groups & {"sync", "oneway", "map"} else None
+        rpyc = self.start(["rpyc"], self.cpus) if self.rpyc and groups & {"sync", "oneway"} else None
+        timeout = 60.0
+        if ns is not None:
+            self.ns = ns.wait_ready(timeout)[1]
+            # worker process i serves every service that needs more than i workers: "bench" (1 worker),
+            # "bench2" (2 workers) and "sleepK" (K workers, one per process); sleep-bound pools never run
+            # while another figure does, so sharing processes costs them nothing
+            plan: list[list[str]] = []
+            procs = max(self.pool_sizes) if "sleep" in groups else 2
+            for i in range(procs):
+                services = []
+                if groups & {"sync", "oneway", "map"}:
+                    services += ["bench"] if i == 0 else []
+                    services += ["bench2"] if i < 2 else []
+                if "sleep" in groups:
+                    services += [f"sleep{k}" for k in self.pool_sizes if i < k]
+                if services:
+                    plan.append(services)
+            workers = [self.start(["worker", "--ns", self.ns, *[a for s in svc for a in ("--service", s)]],
+                                  self.cpus) for svc in plan]
+            for w in workers:
+                w.wait_ready(timeout)
+            self.pids["bench"] = workers[0].proc.pid
+        self.pids.update({name: c.proc.pid for name, c in (("raw", raw), ("pyro", pyro), ("rpyc", rpyc)) if c})
+        if raw is not None:
+            host, port = raw.wait_ready(timeout)[1].split(":")
+            self.raw_addr = (host, int(port))
+        if pyro is not None:
+            self.pyro_uri = pyro.wait_ready(timeout)[1]
+        if rpyc is not None:
+            host, port = rpyc.wait_ready(timeout)[1].split(":")
+            self.rpyc_addr = (host, int(port))
+        self.log(f"servers up in {time.perf_counter() - t0:.1f}s")
+
+    # clients (made once, reused in every round: steady state is what is measured)
+    def pyro_proxy(self) -> Any:
+        proxy = Pyro5.client.Proxy(self.pyro_uri)
+        self.stack.callback(proxy._pyroRelease)
+        return proxy
+
+    def pool(self, service: str, **kwargs: Any) -> pyrorpc.Pool:
+        pool = pyrorpc.Pool(service, ns=self.ns, **kwargs)
+        self.stack.callback(pool.close)
+        # a figure is only worth its label if the pool holds exactly the workers started for it
+        want = 1 if service == "bench" else 2 if service == "bench2" else int(service[len("sleep"):])
+        got = sorted(w.name for w in pool.workers())
+        if len(got) != want or not all(name.startswith(service + ".") for name in got):
+            raise RuntimeError(f"Pool({service!r}) holds {got}, expected {want} worker(s) of {service!r}")
+        return pool
+
+    def connect(self, target: str) -> pyrorpc.Proxy:
+        proxy = pyrorpc.connect(target, ns=self.ns)
+        self.stack.callback(proxy.close)
+        return proxy
+
+    def rpyc_conn(self) -> Any:
+        import rpyc
+        conn = rpyc.connect(*self.rpyc_addr)
+        self.stack.callback(conn.close)
+        return conn
+
+    def counter_of(self, pool: pyrorpc.Pool) -> Callable[[], int]:
+        """Total ``count()`` over the pool's workers, each read through its own connect() proxy."""
+        proxies = [self.connect(w.name) for w in pool.workers()]
+        return lambda: sum(p.count() for p in proxies)
+
+    def contenders(self) -> dict[str, list[Contender]]:
+        """Per group, the contenders in a fixed order (rotated per round). Each group is built by its own
+        method, so no closure can see another group's clients."""
+        makers = {"sync": self._sync_group, "oneway": self._oneway_group, "map": self._map_group,
+                  "sleep": self._sleep_group}
+        return {group: make() for group, make in makers.items() if group in self.args.groups}
+
+    def _sync_group(self) -> list[Contender]:
+        a = self.args
+
+        def sync(cid: str, label: str, call: Callable[[], Any], server: str) -> Contender:
+            pid = self.pids[server]
+            return Contender(cid, label, SYNC_FIGURES, lambda: sync_loop(call, a.calls, a.warmup, pid))
+
+        sock = socket.create_connection(self.raw_addr)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stack.callback(sock.close)
+        frame = b"x" * FRAME
+
+        def raw_ping() -> None:
+            sock.sendall(frame)
+            recv_exact(sock, FRAME)
+
+        pyro, conn, pool = self.pyro_proxy(), self.connect("bench"), self.pool("bench")
+        group = [sync("raw", f"raw TCP floor ({FRAME} B frames)", raw_ping, "raw"),
+                 sync("pyro", "stock Pyro5", lambda: pyro.ping(), "pyro"),
+                 sync("connect", "pyrorpc connect()", lambda: conn.ping(), "bench"),
+                 sync("pool", "pyrorpc Pool (1 worker)", lambda: pool.ping(), "bench")]
+        if self.rpyc:
+            ping = self.rpyc_conn().root.ping  # bound once: each root.ping lookup is a round trip of its own
+            group.insert(2, sync("rpyc", "RPyC", ping, "rpyc"))
+        return group
+
+    def _oneway_group(self) -> list[Contender]:
+        a = self.args
+
+        def oneway(cid: str, label: str, send: Callable[[], Any], executed: Callable[[], int]) -> Contender:
+            return Contender(cid, label, ONEWAY_FIGURES, lambda: oneway_run(send, executed, a.calls, a.warmup))
+
+        pyro_send, pyro_count = self.pyro_proxy(), self.pyro_proxy()
+        conn = self.connect("bench")
+        pool1, pool2 = self.pool("bench"), self.pool("bench2")
+        group = [
+            oneway("pyro", "stock Pyro5", lambda: pyro_send.hit(), lambda: pyro_count.count()),
+            oneway("connect", "pyrorpc connect()", lambda: conn.hit.oneway(), lambda: conn.count()),
+            oneway("pool", "pyrorpc Pool (1 worker)", lambda: pool1.hit.oneway(), self.counter_of(pool1)),
+            oneway("pool2", "pyrorpc Pool (2 workers)", lambda: pool2.hit.oneway(), self.counter_of(pool2)),
+        ]
+        if self.rpyc:
+            import rpyc
+            rconn = self.rpyc_conn()
+            group.insert(1, oneway("rpyc", "RPyC (async_)", rpyc.async_(rconn.root.hit), rconn.root.count))
+        return group
+
+    def _map_group(self) -> list[Contender]:
+        a = self.args
+
+        def mapped(cid: str, label: str, run: Callable[[int], list[Any]]) -> Contender:
+            return Contender(cid, label, {"map": "calls_per_s"}, lambda: timed_map(run, a.calls, a.warmup))
+
+        def pool_map(pool: pyrorpc.Pool) -> Callable[[int], list[Any]]:
+            echo: Any = pool.echo  # a PoolMethod (typed as its base RemoteMethod by __getattr__)
+            return lambda n: list(echo.map((i,) for i in range(n)))
+
+        pyro = self.pyro_proxy()
+        return [
+            mapped("pyro_loop", "stock Pyro5 sync loop", lambda n: [pyro.echo(i) for i in range(n)]),
+            mapped("pool", "pyrorpc Pool.map (1 worker)", pool_map(self.pool("bench"))),
+            mapped("pool2", "pyrorpc Pool.map (2 workers)", pool_map(self.pool("bench2"))),
+        ]
+
+    def _sleep_group(self) -> list[Contender]:
+        group = []
+        for k in self.pool_sizes:
+            # one call in flight per worker, so the ideal is k x 100/s: the figure shows how well the pool
+            # keeps every worker busy (with the default 16 in flight per worker it would be CPU-bound)
+            pool = self.pool(f"sleep{k}", max_in_flight=1)
+            m = max(4 * k, int(k * 100 * self.args.sleep_seconds))
+            group.append(Contender(
+                f"pool_k{k}", f"pyrorpc Pool, {k} worker{'s' if k > 1 else ''}", {"sleep": "calls_per_s"},
+                functools.partial(futures_run, pool.sleep10.future, m, 2 * k), ideal=k * 100.0))
+        return group
+
+    # the rounds
+    def run_rounds(self) -> None:
+        groups = self.contenders()
+        for r in range(self.args.rounds):
+            t0 = time.perf_counter()
+            for group in GROUPS:
+                entries = groups.get(group)
+                if not entries:
+                    continue
+                shift = r % len(entries)
+                for c in entries[shift:] + entries[:shift]:
+                    try:
+                        out: dict[str, float] | None = c.run()
+                    except Exception as exc:  # one failed contender must not sink the run: NaN for this round
+                        if self.args.smoke:
+                            raise
+                        self.results.notes.append(f"round {r + 1}, {group} / {c.label}: {type(exc).__name__}: {exc}")
+                        self.log(f"  {group} / {c.label} FAILED: {exc}")
+                        out = None
+                    for i, (figure, key) in enumerate(c.figures.items()):
+                        self.results.add(figure, c.cid, c.label, math.nan if out is None else out[key],
+                                         ideal=c.ideal, details=out if i == 0 else None)
+            self.log(f"round {r + 1}/{self.args.rounds} done in {time.perf_counter() - t0:.1f}s")
+
+    # name-server lookup: the other script, run as is; its rows join the table
+    def run_ns_lookup(self) -> None:
+        script = os.path.join(HERE, "ns_lookup.py")
+        if not os.path.exists(script):
+            self.results.notes.append("service lookup not measured: benchmarks/ns_lookup.py is missing")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "ns.json")
+            argv = [sys.executable, script, "--json", out, "--rounds", str(max(3, self.args.rounds))]
+            argv += ["--smoke"] if self.args.smoke else []
+            argv += ["--unpinned"] if self.args.unpinned else []
+            self.log("service lookup: " + " ".join(shlex.quote(x) for x in argv[1:]))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.args.ns_timeout, cwd=ROOT,
+                                  env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"ns_lookup.py exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+            with open(out) as fh:
+                report = json.load(fh)
+        self.results.meta["ns_lookup"] = {k: v for k, v in report.items() if k != "results"}
+        entries = report.get("config", {}).get("entries")
+        if entries:
+            self.results.notes.append(f"service lookup: {entries:,} registrations; rounds and order are "
+                                      "ns_lookup.py's own (interleaved among its measures).")
+        for label, res in report["results"].items():
+            for figure, key in (("ns_lookup_p50", "p50"), ("ns_lookup_p99", "p99")):
+                for rnd in res.get("rounds", []):
+                    self.results.add(figure, label, label, float(rnd[key]))
+
+
+def _have_rpyc() -> bool:
+    try:
+        import rpyc  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _git_revision() -> str:
+    """The checked-out commit, with ``+dirty`` when pyrorpc/ or nameserver/ have uncommitted changes."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pyrorpc", "nameserver"], capture_output=True,
+                               text=True, cwd=ROOT, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return rev + ("+dirty" if rev and dirty else "")
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "pyro5": Pyro5.__version__,
+                "pyrorpc": getattr(pyrorpc, "__version__", ""), "git": _git_revision()}
+    try:
+        import rpyc
+        versions["rpyc"] = rpyc.__version__ if isinstance(rpyc.__version__, str) else \
+            ".".join(map(str, rpyc.__version__))
+    except ImportError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "versions": versions}
+
+
+# command line -----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; smoke 1)")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="calls per contender per round for sync/oneway/map (default 5000; smoke 200)")
+    parser.add_argument("--sleep-seconds", type=float, default=None,
+                        help="ideal duration of each sleep-bound measure (default 2; smoke 0.3)")
+    parser.add_argument("--only", default=None, metavar="NAME[,NAME]", help=f"run a subset of: {', '.join(GROUPS)}")
+    parser.add_argument("--unpinned", action="store_true", help="do not pin processes to one CPU")
+    parser.add_argument("--cpu", type=int, default=0, help="the CPU to pin every process to (default 0)")
+    parser.add_argument("--no-rpyc", dest="rpyc", action="store_false", help="skip RPyC even if installed")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny run: 200 calls, 1 round, pools of 1/2, small name-server registry (< 30 s)")
+    parser.add_argument("--json", metavar="PATH", help="write every raw number as JSON")
+    parser.add_argument("--out", metavar="PATH", help="write the markdown report (e.g. docs/benchmarks.md)")
+    parser.add_argument("--png", metavar="PATH", help="write a chart (needs matplotlib)")
+    parser.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a measured target is missed")
+    parser.add_argument("--ns-timeout", type=float, default=600.0, help="seconds allowed for ns_lookup.py")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.smoke else 5)
+    args.calls = args.calls if args.calls is not None else (200 if args.smoke else 5000)
+    args.sleep_seconds = args.sleep_seconds if args.sleep_seconds is not None else (0.3 if args.smoke else 2.0)
+    args.warmup = max(10, args.calls // 20)
+    if args.rounds < 1:
+        parser.error("`--rounds` must be at least 1 (3 or more for a meaningful spread)")
+    if args.calls < 10:
+        parser.error("`--calls` must be at least 10")
+    if args.sleep_seconds <= 0:
+        parser.error("`--sleep-seconds` must be positive")
+    names = [n.strip() for n in (args.only or ",".join(GROUPS)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown or not names:
+        parser.error(f"`--only` takes names from {', '.join(GROUPS)}; got {args.only!r}")
+    args.groups = set(names)
+    if not args.unpinned:
+        if args.cpu not in os.sched_getaffinity(0):
+            parser.error(f"`--cpu` {args.cpu} is not available to this process")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if not args.unpinned:
+        # before any thread or child starts, so all of them inherit it
+        os.sched_setaffinity(0, {args.cpu})
+
+    def on_sigterm(_signo: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    results = Results({"command": command_line(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                       "pinned": not args.unpinned, "cpu": args.cpu, "rounds": args.rounds, "calls": args.calls,
+                       "sleep_seconds": args.sleep_seconds, "smoke": args.smoke, "groups": sorted(args.groups),
+                       "pool_sizes": list(SMOKE_POOL_SIZES if args.smoke else POOL_SIZES),
+                       "machine": machine(), "server_pids": []})
+    t0 = time.perf_counter()
+    try:
+        with children(results.meta["server_pids"]) as start, ExitStack() as stack:
+            bench = Bench(args, stack, start, results)
+            if args.groups - {"ns"}:
+                bench.start_servers()
+                bench.run_rounds()
+        if "ns" in args.groups:
+            bench.run_ns_lookup()
+    except KeyboardInterrupt:
+        print("interrupted: every process this run started has been stopped", file=sys.stderr)
+        return 130
+    results.meta["seconds"] = time.perf_counter() - t0
+    results.evaluate()
+    print(results.table())
+    print()
+    print(results.summary())
+    for note in results.notes:
+        print(f"note: {note}")
+    if args.json:
+        results.write_json(args.json)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write(markdown_report(results, argv))
+    if args.png and not results.write_png(args.png):
+        print("note: no chart written: `pip install matplotlib` (optional) to get one", file=sys.stderr)
+    if args.fail_on_miss and any(t.status == "miss" for t in results.targets):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Benchmark servers: the service class, and the processes run.py starts (``python servers.py KIND ...``).
+
+Every server process pins itself to the CPUs given by ``--cpus`` (default: left as inherited), prints one
+``READY ...`` line once its socket is bound (and, for workers, registered), and exits when its stdin
+closes, so a benchmark run that dies - even by SIGKILL - never leaves servers behind.
+
+Kinds:
+    raw      a TCP server echoing fixed-size frames (the floor: what one round trip costs without any RPC)
+    pyro     a stock ``Pyro5.server.Daemon`` serving one ``BenchService`` instance
+    rpyc     an RPyC ``ThreadedServer`` with the same methods (only if rpyc is installed)
+    ns       pyrorpc's name server (``nameserver.daemon.run``)
+    worker   one pyrorpc ``WorkerHost`` per ``--service`` name, all serving ``BenchService``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import pyrorpc
+
+FRAME = 64  # bytes per raw TCP ping and pong
+
+
+@pyrorpc.service("bench")
+class BenchService:
+    """Trivial methods, identical for every contender (stock Pyro5 serves it as a plain exposed class)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hits = 0
+
+    def ping(self) -> None:
+        return None
+
+    def echo(self, x: Any) -> Any:
+        return x
+
+    @pyrorpc.oneway
+    def hit(self) -> None:
+        with self._lock:
+            self._hits += 1
+
+    def count(self) -> int:
+        with self._lock:
+            return self._hits
+
+    def sleep10(self) -> None:
+        time.sleep(0.010)
+
+
+def pin(cpus: str | None) -> None:
+    """Pin this process (and the threads it starts later) to ``cpus`` like ``0`` or ``0,1``."""
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
+def ready(line: str) -> None:
+    print(f"READY {line}", flush=True)
+
+
+def exit_when_parent_goes() -> None:
+    """Block until stdin reaches EOF (the benchmark closed it or died), then exit at once."""
+    try:
+        sys.stdin.buffer.read()
+    finally:
+        os._exit(0)
+
+
+# raw TCP ----------------------------------------------------------------------------------------------
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def _echo_frames(conn: socket.socket) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with conn:
+        try:
+            while True:
+                conn.sendall(_recv_exact(conn, FRAME))
+        except (ConnectionError, OSError):
+            return
+
+
+def serve_raw() -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    ready(f"raw 127.0.0.1:{listener.getsockname()[1]}")
+
+    def accept_loop() -> None:
+        while True:
+            conn, _addr = listener.accept()
+            threading.Thread(target=_echo_frames, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    exit_when_parent_goes()
+
+
+# stock Pyro5 ------------------------------------------------------------------------------------------
+
+def serve_pyro() -> None:
+    import Pyro5.server
+    daemon = Pyro5.server.Daemon(host="127.0.0.1", port=0)
+    uri = daemon.register(BenchService(), "bench")
+    threading.Thread(target=daemon.requestLoop, daemon=True).start()
+    ready(f"pyro {uri}")
+    exit_when_parent_goes()
+
+
+# RPyC -------------------------------------------------------------------------------------------------
+
+def serve_rpyc() -> None:
+    import rpyc
+    from rpyc.utils.server import ThreadedServer
+
+    bench = BenchService()
+
+    class BenchRpyc(rpyc.Service):  # type: ignore[misc]
+        def exposed_ping(self) -> None:
+            return None
+
+        def exposed_echo(self, x: Any) -> Any:
+            return x
+
+        def exposed_hit(self) -> None:
+            bench.hit()
+
+        def exposed_count(self) -> int:
+            return bench.count()
+
+    server = ThreadedServer(BenchRpyc, hostname="127.0.0.1", port=0,
+                            protocol_config={"allow_public_attrs": False})
+    threading.Thread(target=server.start, daemon=True).start()
+    ready(f"rpyc 127.0.0.1:{server.port}")
+    exit_when_parent_goes()
+
+
+# pyrorpc ----------------------------------------------------------------------------------------------
+
+def serve_ns() -> None:
+    from nameserver.daemon import run
+
+    def echo(line: str) -> None:
+        if line.startswith("NS running on "):
+            ready("ns " + line.split()[3])
+
+    threading.Thread(target=exit_when_parent_goes, daemon=True).start()
+    run("127.0.0.1", 0, storage="memory", lease_ttl=30.0, echo=echo)
+
+
+def serve_workers(ns: str, services: list[str]) -> None:
+    hosts = [pyrorpc.WorkerHost(BenchService, ns=ns, service=s).start() for s in services]
+    ready("worker " + " ".join(f"{h.service}={h.uri}" for h in hosts))
+    # no graceful stop: the name server goes down with the same benchmark run, leases and all
+    exit_when_parent_goes()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["raw", "pyro", "rpyc", "ns", "worker"])
+    parser.add_argument("--cpus", default=None, help="pin to these CPUs, e.g. 0 (default: inherited)")
+    parser.add_argument("--ns", default=None, help="name server HOST:PORT (worker)")
+    parser.add_argument("--service", action="append", default=[], help="service to serve (worker; repeatable)")
+    args = parser.parse_args(argv)
+    pin(args.cpus)
+    if args.kind == "raw":
+        serve_raw()
+    elif args.kind == "pyro":
+        serve_pyro()
+    elif args.kind == "rpyc":
+        serve_rpyc()
+    elif args.kind == "ns":
+        serve_ns()
+    else:
+        if not args.ns or not args.service:
+            parser.error("worker needs --ns and at least one --service")
+        serve_workers(args.ns, args.service)
+
+
+if __name__ == "__main__":
+    main()
