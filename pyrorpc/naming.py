@@ -112,7 +112,7 @@ class NameServerClient:
             raise AuthenticationError(f"name server at {self.address}: {exc}") from None
         except Pyro5.errors.CommunicationError as exc:
             raise NameServerUnavailableError(f"cannot reach the name server at {self.address}: {exc}") from None
-        proxy._pyroTimeout = self.settings.connect_timeout
+        proxy._pyroConnection.set_timeout(self.settings.connect_timeout)
         try:
             if self._leasing is None:
                 self._leasing = "lease" in proxy._pyroMethods

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import select
 import socket
 import threading
 from collections.abc import Callable
@@ -121,7 +120,7 @@ class Endpoint:
             conn = proxy._pyroConnection
             # An idle connection never has data waiting: readable means the worker closed it (died or
             # stopped). Dropping it here is what keeps a call to a dead worker from being "sent" at all.
-            if conn is not None and not select.select([conn.sock], [], [], 0)[0]:
+            if conn is not None and conn.idle_and_alive():
                 return proxy
             proxy._pyroRelease()
             with self._cond:
@@ -142,9 +141,9 @@ class Endpoint:
         sock = None
         try:
             proxy = self._ready(proxy)
-            if proxy._pyroTimeout != timeout:
-                proxy._pyroTimeout = timeout
-            sock = proxy._pyroConnection.sock
+            conn = proxy._pyroConnection
+            conn.set_timeout(timeout)
+            sock = conn.sock
             self._busy.add(sock)
             flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
             try:

@@ -54,7 +54,7 @@ class WorkerStats:
             self.calls += 1
             if failed:
                 self.errors += 1
-            if self.in_flight == 0:
+            if self.draining and self.in_flight == 0:
                 self._cond.notify_all()
 
     def drain(self, timeout: float) -> bool:
@@ -80,14 +80,9 @@ def _tracked_class(cls: type, stats: WorkerStats) -> type:
     return Pyro5.server.expose(tracked)
 
 
-_accounted = threading.local()  # set while the oneway executor runs a call it has already counted
-
-
 def _tracked(func: Callable[..., Any], stats: WorkerStats) -> Callable[..., Any]:
     @functools.wraps(func)
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(_accounted, "on", False):
-            return func(self, *args, **kwargs)  # a oneway call: the executor counts it
         stats.enter()
         failed = True
         try:
@@ -138,15 +133,18 @@ class OnewayExecutor:
                 return
             method, vargs, kwargs, daemon, client, context = item
             current_context.from_global(context)
-            _accounted.on = True
+            # submit() counted this call already: run the service's own function, not its counting wrapper
+            inner = getattr(getattr(method, "__func__", None), "__wrapped__", None)
             failed = True
             try:
-                method(*vargs, **kwargs)
+                if inner is not None:
+                    inner(method.__self__, *vargs, **kwargs)
+                else:
+                    method(*vargs, **kwargs)
                 failed = False
             except Exception as exc:
                 daemon.methodcall_error_handler(daemon, client, method, vargs, kwargs, exc)
             finally:
-                _accounted.on = False
                 self.stats.leave(failed)
 
     def shutdown(self) -> None:
