@@ -9,7 +9,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import Pyro5.client
 import Pyro5.core
 import Pyro5.errors
 from Pyro5 import protocol
@@ -24,7 +23,8 @@ from .errors import (
     WorkerLostError,
 )
 from .naming import NameServerClient, WorkerInfo
-from .security import open_proxy
+from .security import open_connection
+from .wire import LimitedConnection, invoke
 
 __all__ = ["Endpoint", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy", "connect"]
 
@@ -65,18 +65,20 @@ class Endpoint:
         self.idempotent: frozenset[str] = frozenset()
         self.oneway: frozenset[str] = frozenset()
         self.methods: frozenset[str] | None = None
-        self._idle: list[Pyro5.client.Proxy] = []
+        self._idle: list[LimitedConnection] = []
         self._busy: set[Any] = set()  # sockets with a call in flight (abort() shuts them down)
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # for callers waiting for a free slot
+        self._waiting = 0
         self._closed = False
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.name} in_flight={self.in_flight}>"
 
     # connections
-    def _connect(self) -> Pyro5.client.Proxy:
+    def _connect(self) -> LimitedConnection:
         try:
-            proxy, meta = open_proxy(self.uri, self.settings)
+            conn, meta = open_connection(self.uri, self.settings)
         except AuthenticationError:
             raise
         except Pyro5.errors.PyroError as exc:
@@ -86,45 +88,51 @@ class Endpoint:
             self.idempotent = frozenset(info.get("idempotent", ()))
             self.oneway = frozenset(meta.get("oneway", ()))
             self.methods = frozenset(meta.get("methods", ()))
-        return proxy
+        return conn
 
-    def _enter(self, method: str, wait: float) -> Pyro5.client.Proxy | None:
+    def _enter(self, method: str, wait: float) -> LimitedConnection | None:
         """Take a call slot (waiting up to ``wait``) and an idle connection if there is one."""
+        with self._lock:
+            if self.in_flight < self.capacity and not self._closed:
+                self.in_flight += 1
+                return self._idle.pop() if self._idle else None
         with self._cond:
-            if self.in_flight >= self.capacity and not self._cond.wait_for(
-                    lambda: self.in_flight < self.capacity or self._closed, wait):
-                raise SlotsBusy(f"{self.name}.{method}: all {self.capacity} call slots busy for {wait:g}s")
+            self._waiting += 1
+            try:
+                if not self._cond.wait_for(lambda: self.in_flight < self.capacity or self._closed, wait):
+                    raise SlotsBusy(f"{self.name}.{method}: all {self.capacity} call slots busy for {wait:g}s")
+            finally:
+                self._waiting -= 1
             if self._closed:
                 raise NotSent(Pyro5.errors.CommunicationError(f"{self.name}: endpoint closed"))
             self.in_flight += 1
             return self._idle.pop() if self._idle else None
 
-    def _leave(self, proxy: Pyro5.client.Proxy | None, failed: bool, keep: bool, sock: Any) -> None:
-        with self._cond:
+    def _leave(self, conn: LimitedConnection | None, failed: bool, keep: bool) -> None:
+        with self._lock:
             self.in_flight -= 1
             self.calls += 1
             self.errors += failed
-            self._busy.discard(sock)
-            if keep and proxy is not None and not self._closed and proxy._pyroConnection is not None:
-                self._idle.append(proxy)
-                proxy = None
-            self._cond.notify()
-        if proxy is not None:
-            proxy._pyroClaimOwnership()
-            proxy._pyroRelease()
+            if conn is not None:
+                self._busy.discard(conn.sock)
+                if keep and not self._closed:
+                    self._idle.append(conn)
+                    conn = None
+            if self._waiting:
+                self._cond.notify()
+        if conn is not None:
+            conn.close()
 
-    def _ready(self, proxy: Pyro5.client.Proxy | None) -> Pyro5.client.Proxy:
-        """A live connection: ``proxy`` if it still is one, another idle one, or a new one (NotSent)."""
-        while proxy is not None:
-            proxy._pyroClaimOwnership()
-            conn = proxy._pyroConnection
+    def _ready(self, conn: LimitedConnection | None) -> LimitedConnection:
+        """A live connection: ``conn`` if it still is one, another idle one, or a new one (NotSent)."""
+        while conn is not None:
             # An idle connection never has data waiting: readable means the worker closed it (died or
             # stopped). Dropping it here is what keeps a call to a dead worker from being "sent" at all.
-            if conn is not None and conn.idle_and_alive():
-                return proxy
-            proxy._pyroRelease()
-            with self._cond:
-                proxy = self._idle.pop() if self._idle else None
+            if conn.idle_and_alive():
+                return conn
+            conn.close()
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
         return self._connect()
 
     def call(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float,
@@ -135,26 +143,23 @@ class Endpoint:
         message: the worker runs them in order and stops at the first exception; the result is the list
         of results so far (an exception as a ``Pyro5.core._ExceptionWrapper``). A batch refused whole by
         a draining worker raises NotSent."""
-        proxy = self._enter(method, timeout if wait is None else wait)
+        conn = self._enter(method, timeout if wait is None else wait)
         failed = True
         keep = False
-        sock = None
         try:
-            proxy = self._ready(proxy)
-            conn = proxy._pyroConnection
+            conn = self._ready(conn)
             conn.set_timeout(timeout)
-            sock = conn.sock
-            self._busy.add(sock)
+            self._busy.add(conn.sock)
             flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
             try:
                 if batch:
-                    result = proxy._pyroInvoke("<batch>", [(method, a, {}) for a in args], None,
-                                               flags=flags | protocol.FLAGS_BATCH)
+                    result = invoke(conn, "<batch>", [(method, a, {}) for a in args], None,
+                                    flags | protocol.FLAGS_BATCH)
                     if result and isinstance(result[0], Pyro5.core._ExceptionWrapper) \
                             and isinstance(result[0].exception, WorkerDrainingError):
                         raise result[0].exception
                 else:
-                    result = proxy._pyroInvoke(method, args, kwargs, flags=flags)
+                    result = invoke(conn, method, args, kwargs or {}, flags)
             except WorkerDrainingError as exc:
                 keep = True
                 raise NotSent(exc) from exc
@@ -163,10 +168,10 @@ class Endpoint:
                     keep = True
                     raise
                 raise CallTimeoutError(f"{self.name}.{method}: no reply within {timeout:g}s") from exc
-            except Pyro5.errors.SerializeError:
-                # the call ran and its reply arrived, but it could not be decoded (or our arguments could
-                # not be encoded): not a lost worker
-                keep = proxy._pyroConnection is not None
+            except Pyro5.errors.SerializeError as exc:
+                # our arguments could not be encoded (nothing sent), or the reply could not be decoded
+                # (the call ran): either way not a lost worker
+                keep = _remote(exc)
                 raise
             except Pyro5.errors.CommunicationError as exc:
                 if _remote(exc):
@@ -181,7 +186,7 @@ class Endpoint:
             failed = False
             return result
         finally:
-            self._leave(proxy, failed, keep, sock)
+            self._leave(conn, failed, keep)
 
     def close(self, *, abort: bool = False) -> None:
         """Close idle connections (busy ones close as their calls end). With ``abort`` the calls in flight
@@ -192,9 +197,8 @@ class Endpoint:
             idle, self._idle = self._idle, []
             busy = list(self._busy) if abort else []
             self._cond.notify_all()
-        for proxy in idle:
-            proxy._pyroClaimOwnership()
-            proxy._pyroRelease()
+        for conn in idle:
+            conn.close()
         for sock in busy:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -14,10 +14,8 @@ import hashlib
 import hmac
 import logging
 import secrets
-import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -31,7 +29,8 @@ import Pyro5.svr_threads
 from Pyro5 import protocol, serializers, socketutil
 
 from .config import Settings
-from .errors import AuthenticationError, MessageTooLargeError
+from .errors import AuthenticationError
+from .wire import SERIALIZER, LimitedConnection, limit_connection
 
 __all__ = [
     "BoundedThreadPool",
@@ -40,6 +39,7 @@ __all__ = [
     "check_handshake",
     "client_ssl_context",
     "make_token",
+    "open_connection",
     "open_proxy",
     "server_ssl_context",
     "wrap_listener",
@@ -49,7 +49,6 @@ log = logging.getLogger("pyrorpc.security")
 
 FRESHNESS = 30.0  # seconds a token is accepted for (both directions of clock skew)
 AUTH_FAILED = "authentication failed"
-_SERIALIZER = serializers.serializers["serpent"]
 
 
 def _mac(secret: str, *parts: str) -> str:
@@ -159,125 +158,6 @@ def wrap_listener(transport: Any, ctx: ssl.SSLContext | None) -> None:
     transport.sock = ctx.wrap_socket(transport.sock, server_side=True, do_handshake_on_connect=False)
 
 
-# the wire -----------------------------------------------------------------------------------------
-
-_HEADER_START = 6  # recv_stub reads 'PYRO' + version first, then the rest of the 40-byte header
-_HEADER_REST = 34
-_SERPENT_ID = serializers.SerpentSerializer.serializer_id
-_WAITALL = getattr(socket, "MSG_WAITALL", 0)
-
-
-class LimitedConnection(socketutil.SocketConnection):
-    """A Pyro5 socket connection that checks each incoming header before reading its payload (size limit,
-    serpent only: marshal is not safe against malicious input), refuses to send oversized messages, and
-    reads the 40-byte header in one system call.
-
-    Once ``set_timeout`` was called the socket stays in blocking mode with kernel send/receive timeouts
-    (SO_SNDTIMEO/SO_RCVTIMEO): cheaper per call than a Python socket timeout, which polls before every
-    send and receive. Until then (the handshake) Pyro5's own timeout handling applies.
-    """
-
-    max_size = 64 * 1024 * 1024
-    _state = 0
-    _rest = b""
-    _timeout: float | None = None
-    _tls = False
-    poller: Any = None
-
-    def set_timeout(self, seconds: float) -> None:
-        """Kernel timeouts for every send and receive; a change under 5% is not worth a system call."""
-        current = self._timeout
-        if current is not None and abs(current - seconds) <= 0.05 * current:
-            return
-        sock = self.sock
-        if sock.gettimeout() is not None:
-            sock.settimeout(None)
-        whole = int(seconds)
-        tv = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        self._timeout = seconds
-
-    def send(self, data: bytes) -> None:
-        if len(data) > self.max_size:
-            raise MessageTooLargeError(f"message of {len(data):,} bytes exceeds the limit of {self.max_size:,} "
-                                       "(max_message_size); nothing was sent")
-        sock = self.sock
-        if sock.gettimeout() is not None:
-            return super().send(data)
-        try:
-            sock.sendall(data)
-        except (TimeoutError, BlockingIOError, ssl.SSLWantWriteError):
-            raise Pyro5.errors.TimeoutError("sending: timeout") from None
-        except OSError as exc:
-            raise Pyro5.errors.ConnectionClosedError(f"sending: connection lost: {exc}") from None
-
-    def recv(self, size: int) -> bytes:
-        # Pyro5's recv_stub reads 6 header bytes, the other 34, then the payload: we read all 40 at once
-        if self._state == 0 and size == _HEADER_START:
-            header = self._read(_HEADER_START + _HEADER_REST)
-            msg_type, serializer_id = header[6], header[7]
-            data_size, ann_size = struct.unpack_from("!II", header, 12)
-            if header[:4] == b"PYRO":
-                if data_size + ann_size > self.max_size:
-                    raise Pyro5.errors.MessageTooLargeError(
-                        f"incoming message of {data_size + ann_size:,} bytes exceeds the limit of "
-                        f"{self.max_size:,} (max_message_size)")
-                if serializer_id != _SERPENT_ID and msg_type != protocol.MSG_PING:
-                    raise Pyro5.errors.ProtocolError(
-                        f"serializer id {serializer_id} refused: only serpent is accepted")
-            self._rest = header[_HEADER_START:]
-            self._state = 1
-            return header[:_HEADER_START]  # Pyro5 validates the tag and version itself
-        if self._state == 1 and size == _HEADER_REST:
-            self._state = 2
-            return self._rest
-        self._state = 0
-        if size > self.max_size:
-            raise Pyro5.errors.MessageTooLargeError(
-                f"incoming chunk of {size:,} bytes exceeds the limit of {self.max_size:,}")
-        return self._read(size) if size else b""
-
-    def _read(self, size: int) -> bytes:
-        sock = self.sock
-        if sock.gettimeout() is not None:
-            return bytes(socketutil.receive_data(sock, size))
-        try:
-            if self._tls:
-                data = b""
-            else:
-                data = sock.recv(size, _WAITALL)
-                if len(data) == size:
-                    return data
-            buf = bytearray(data)
-            while len(buf) < size:
-                chunk = sock.recv(min(size - len(buf), 1 << 20))
-                if not chunk:
-                    raise Pyro5.errors.ConnectionClosedError("receiving: connection closed")
-                buf += chunk
-            return bytes(buf)
-        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
-            raise Pyro5.errors.TimeoutError("receiving: timeout") from None
-        except OSError as exc:
-            raise Pyro5.errors.ConnectionClosedError(f"receiving: connection lost: {exc}") from None
-
-    def idle_and_alive(self) -> bool:
-        """For a connection at rest: nothing may be waiting to be read, so readable means closed."""
-        poller = self.poller
-        if poller is None:
-            poller = self.poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLIN)
-        return not poller.poll(0)
-
-
-def limit_connection(conn: socketutil.SocketConnection, max_size: int) -> LimitedConnection:
-    """Turn an existing Pyro5 connection into a LimitedConnection (in place)."""
-    conn.__class__ = LimitedConnection
-    conn.max_size = max_size  # type: ignore[attr-defined]
-    conn._tls = isinstance(conn.sock, ssl.SSLSocket)  # type: ignore[attr-defined]
-    return conn  # type: ignore[return-value]
-
-
 # the server side ------------------------------------------------------------------------------------
 
 class BoundedThreadPool(Pyro5.svr_threads.Pool):
@@ -334,9 +214,9 @@ class GuardedDaemon(Pyro5.server.Daemon):
 
 # the connect path ----------------------------------------------------------------------------------
 
-def open_proxy(uri: Pyro5.core.URI, settings: Settings) -> tuple[Pyro5.client.Proxy, dict[str, Any]]:
-    """Connect to ``uri`` (TCP, TLS, handshake with token) and return a bound Pyro5 proxy and the
-    object's metadata.
+def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedConnection, dict[str, Any]]:
+    """Connect to ``uri`` (TCP, TLS, handshake with token); returns the connection, ready for
+    ``wire.invoke`` with the call timeout set, and the object's metadata.
 
     Raises:
         AuthenticationError: the server refused our token, or could not prove it knows the secret.
@@ -359,8 +239,8 @@ def open_proxy(uri: Pyro5.core.URI, settings: Settings) -> tuple[Pyro5.client.Pr
                     from None
         conn = limit_connection(socketutil.SocketConnection(sock, uri.object), settings.max_message_size)
         token = make_token(settings.secret) if settings.secret else "hello"
-        data = _SERIALIZER.dumps({"handshake": token, "object": uri.object})
-        conn.send(protocol.SendingMessage(protocol.MSG_CONNECT, 0, 0, _SERIALIZER.serializer_id, data).data)
+        data = SERIALIZER.dumps({"handshake": token, "object": uri.object})
+        conn.send(protocol.SendingMessage(protocol.MSG_CONNECT, 0, 0, SERIALIZER.serializer_id, data).data)
         msg = protocol.recv_stub(conn, [protocol.MSG_CONNECTOK, protocol.MSG_CONNECTFAIL])
         reply = serializers.serializers_by_id[msg.serializer_id].loads(msg.data) if msg.data else None
     except Pyro5.errors.CommunicationError:
@@ -383,8 +263,14 @@ def open_proxy(uri: Pyro5.core.URI, settings: Settings) -> tuple[Pyro5.client.Pr
             sock.close()
             raise AuthenticationError(f"{AUTH_FAILED}: {uri.location} did not prove it knows the secret")
     meta = reply.get("meta", {}) if isinstance(reply, dict) else {}
+    conn.set_timeout(settings.timeout)
+    return conn, meta
+
+
+def open_proxy(uri: Pyro5.core.URI, settings: Settings) -> tuple[Pyro5.client.Proxy, dict[str, Any]]:
+    """``open_connection`` wrapped in a bound Pyro5 proxy (for callers that want Pyro5's full API)."""
+    conn, meta = open_connection(uri, settings)
     proxy = Pyro5.client.Proxy(uri)
     proxy._pyroGetMetadata(known_metadata=meta or {"methods": [], "oneway": [], "attrs": []})
     proxy._pyroConnection = conn
-    conn.set_timeout(settings.timeout)
     return proxy, meta

@@ -68,14 +68,15 @@ def _pyrorpc_imports(path):
 
 
 def test_imports_flow_one_way():
-    """nameserver uses only pyrorpc.config/errors/security; security only config/errors (STYLE 2)."""
+    """nameserver uses only pyrorpc.config/errors/security; security only config/errors/wire (STYLE 2)."""
     import glob
     import os
     ns_dir = os.path.dirname(nameserver.__file__)
     for path in glob.glob(os.path.join(ns_dir, "*.py")):
         assert _pyrorpc_imports(path) <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.security"}, path
     pkg = os.path.dirname(pyrorpc.__file__)
-    assert _pyrorpc_imports(os.path.join(pkg, "security.py")) <= {"pyrorpc.config", "pyrorpc.errors"}
+    assert _pyrorpc_imports(os.path.join(pkg, "security.py")) <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.wire"}
+    assert _pyrorpc_imports(os.path.join(pkg, "wire.py")) <= {"pyrorpc.errors"}
     assert _pyrorpc_imports(os.path.join(pkg, "errors.py")) == set()
     assert _pyrorpc_imports(os.path.join(pkg, "config.py")) == set()
     for low in ("naming.py", "worker.py", "proxy.py", "pool.py"):

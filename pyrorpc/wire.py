@@ -1,0 +1,180 @@
+"""The wire: Pyro5 connections with checked headers and kernel timeouts, and the fast client call path."""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import struct
+import zlib
+from typing import Any
+
+import Pyro5.errors
+from Pyro5 import protocol, serializers, socketutil
+
+from .errors import MessageTooLargeError
+
+__all__ = ["SERIALIZER", "LimitedConnection", "invoke", "limit_connection"]
+
+SERIALIZER = serializers.serializers["serpent"]
+
+_HEADER_START = 6  # recv_stub reads 'PYRO' + version first, then the rest of the 40-byte header
+_HEADER_REST = 34
+_SERPENT_ID = serializers.SerpentSerializer.serializer_id
+_WAITALL = getattr(socket, "MSG_WAITALL", 0)
+
+
+class LimitedConnection(socketutil.SocketConnection):
+    """A Pyro5 socket connection that checks each incoming header before reading its payload (size limit,
+    serpent only: marshal is not safe against malicious input), refuses to send oversized messages, and
+    reads the 40-byte header in one system call.
+
+    Once ``set_timeout`` was called the socket stays in blocking mode with kernel send/receive timeouts
+    (SO_SNDTIMEO/SO_RCVTIMEO): cheaper per call than a Python socket timeout, which polls before every
+    send and receive. Until then (the handshake) Pyro5's own timeout handling applies.
+    """
+
+    max_size = 64 * 1024 * 1024
+    seq = 0
+    _state = 0
+    _rest = b""
+    _timeout: float | None = None
+    _tls = False
+    poller: Any = None
+
+    def set_timeout(self, seconds: float) -> None:
+        """Kernel timeouts for every send and receive; a change under 5% is not worth a system call."""
+        current = self._timeout
+        if current is not None and abs(current - seconds) <= 0.05 * current:
+            return
+        sock = self.sock
+        if sock.gettimeout() is not None:
+            sock.settimeout(None)
+        whole = int(seconds)
+        tv = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self._timeout = seconds
+
+    def send(self, data: bytes) -> None:
+        if len(data) > self.max_size:
+            raise MessageTooLargeError(f"message of {len(data):,} bytes exceeds the limit of {self.max_size:,} "
+                                       "(max_message_size); nothing was sent")
+        sock = self.sock
+        if sock.gettimeout() is not None:
+            return super().send(data)
+        try:
+            sock.sendall(data)
+        except (TimeoutError, BlockingIOError, ssl.SSLWantWriteError):
+            raise Pyro5.errors.TimeoutError("sending: timeout") from None
+        except OSError as exc:
+            raise Pyro5.errors.ConnectionClosedError(f"sending: connection lost: {exc}") from None
+
+    def read_header(self) -> bytes:
+        """The next 40-byte message header, refused before its payload is read if the message is too
+        large or not serpent (a non-Pyro header is left for the caller to reject)."""
+        header = self._read(_HEADER_START + _HEADER_REST)
+        if header[:4] == b"PYRO":
+            msg_type, serializer_id = header[6], header[7]
+            data_size, ann_size = struct.unpack_from("!II", header, 12)
+            if data_size + ann_size > self.max_size:
+                raise Pyro5.errors.MessageTooLargeError(
+                    f"incoming message of {data_size + ann_size:,} bytes exceeds the limit of "
+                    f"{self.max_size:,} (max_message_size)")
+            if serializer_id != _SERPENT_ID and msg_type != protocol.MSG_PING:
+                raise Pyro5.errors.ProtocolError(f"serializer id {serializer_id} refused: only serpent is accepted")
+        return header
+
+    def recv(self, size: int) -> bytes:
+        # Pyro5's recv_stub reads 6 header bytes, the other 34, then the payload: we read all 40 at once
+        if self._state == 0 and size == _HEADER_START:
+            header = self.read_header()
+            self._rest = header[_HEADER_START:]
+            self._state = 1
+            return header[:_HEADER_START]  # Pyro5 validates the tag and version itself
+        if self._state == 1 and size == _HEADER_REST:
+            self._state = 2
+            return self._rest
+        self._state = 0
+        if size > self.max_size:
+            raise Pyro5.errors.MessageTooLargeError(
+                f"incoming chunk of {size:,} bytes exceeds the limit of {self.max_size:,}")
+        return self._read(size) if size else b""
+
+    def _read(self, size: int) -> bytes:
+        """Exactly ``size`` bytes (timeouts and errors as Pyro5's CommunicationErrors)."""
+        sock = self.sock
+        if sock.gettimeout() is not None:
+            return bytes(socketutil.receive_data(sock, size))
+        try:
+            if self._tls:
+                data = b""
+            else:
+                data = sock.recv(size, _WAITALL)
+                if len(data) == size:
+                    return data
+            buf = bytearray(data)
+            while len(buf) < size:
+                chunk = sock.recv(min(size - len(buf), 1 << 20))
+                if not chunk:
+                    raise Pyro5.errors.ConnectionClosedError("receiving: connection closed")
+                buf += chunk
+            return bytes(buf)
+        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+            raise Pyro5.errors.TimeoutError("receiving: timeout") from None
+        except OSError as exc:
+            raise Pyro5.errors.ConnectionClosedError(f"receiving: connection lost: {exc}") from None
+
+    def idle_and_alive(self) -> bool:
+        """For a connection at rest: nothing may be waiting to be read, so readable means closed."""
+        poller = self.poller
+        if poller is None:
+            poller = self.poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
+
+
+def limit_connection(conn: socketutil.SocketConnection, max_size: int) -> LimitedConnection:
+    """Turn an existing Pyro5 connection into a LimitedConnection (in place)."""
+    conn.__class__ = LimitedConnection
+    conn.max_size = max_size  # type: ignore[attr-defined]
+    conn._tls = isinstance(conn.sock, ssl.SSLSocket)  # type: ignore[attr-defined]
+    return conn  # type: ignore[return-value]
+
+
+
+_HEADER = struct.Struct(protocol._header_format)
+_NO_CORRELATION = b"\0" * 16
+
+
+def invoke(conn: LimitedConnection, method: str, args: Any, kwargs: Any, flags: int = 0) -> Any:
+    """One Pyro5 call on ``conn`` (what ``Proxy._pyroInvoke`` does, without its per-call overhead).
+
+    Speaks Pyro5's protocol unchanged: a stock Pyro5 daemon serves it. With ``FLAGS_BATCH`` ``args`` is
+    the list of ``(method, args, kwargs)`` calls. Raises the remote exception (with ``_pyroTraceback``), or
+    a Pyro5 CommunicationError, after which the connection must be closed (its state is unknown).
+    """
+    data = SERIALIZER.dumpsCall(conn.objectId, method, args, kwargs)
+    seq = conn.seq = (conn.seq + 1) & 0xFFFF
+    conn.send(_HEADER.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_INVOKE, _SERPENT_ID, flags, seq,
+                           len(data), 0, _NO_CORRELATION, 0, protocol._magic_number) + data)
+    if flags & protocol.FLAGS_ONEWAY:
+        return None
+    header = conn.read_header()
+    tag, version, msg_type, serializer_id, rflags, rseq, data_size, ann_size, _corr, _res, magic = \
+        _HEADER.unpack(header)
+    if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != protocol._magic_number:
+        raise Pyro5.errors.ProtocolError("invalid message or protocol version in reply")
+    if msg_type != protocol.MSG_RESULT or rseq != seq or serializer_id != _SERPENT_ID:
+        raise Pyro5.errors.ProtocolError(f"unexpected reply: type {msg_type}, seq {rseq} (wanted {seq}), "
+                                         f"serializer {serializer_id}")
+    payload = conn._read(ann_size + data_size) if ann_size + data_size else b""
+    body = payload[ann_size:] if ann_size else payload
+    if rflags & protocol.FLAGS_COMPRESSED:
+        body = zlib.decompress(body)
+    if rflags & protocol.FLAGS_ITEMSTREAMRESULT:
+        raise Pyro5.errors.ProtocolError(f"{method} returned an iterator: streaming results are not supported")
+    result = SERIALIZER.loads(body)
+    if rflags & protocol.FLAGS_EXCEPTION:
+        raise result
+    return result
