@@ -37,6 +37,8 @@ class LeastLoaded:
         self.rng = rng or random.Random()
 
     def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+        if len(candidates) == 1:
+            return candidates[0]
         best: list[Candidate] = []
         best_key: tuple[int, int] | None = None
         for c in candidates:

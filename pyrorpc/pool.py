@@ -147,6 +147,7 @@ class Pool(Dispatcher):
         self._cooldown = float(cooldown)
         self._naming = NameServerClient(self._settings)
         self._members: dict[str, _Member] = {}
+        self._healthy: tuple[tuple[_Member, ...], float] = ((), 0.0)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._refresh_now = threading.Event()
@@ -183,6 +184,7 @@ class Pool(Dispatcher):
                 # so idempotent ones go elsewhere instead of waiting for their timeout.
                 gone.endpoint.close(abort=gone.suspect)
             self.refreshed_at = time.monotonic()
+            self._invalidate()
             self._changed.notify_all()
         self._window.wake()
 
@@ -208,9 +210,31 @@ class Pool(Dispatcher):
         with self._lock:
             member.strikes += 1
             member.ejected_until = time.monotonic() + self._cooldown * 2 ** min(member.strikes - 1, 5)
+            self._invalidate()
         self._refresh_now.set()
 
+    def _healthy_members(self) -> tuple[_Member, ...]:
+        """Members neither ejected nor suspect, cached until the next membership or ejection change (or
+        the end of the earliest cooldown)."""
+        cached, valid_until = self._healthy
+        now = time.monotonic()
+        if now < valid_until:
+            return cached
+        with self._lock:
+            members = list(self._members.values())
+            healthy = tuple(m for m in members if m.ejected_until <= now and not m.suspect)
+            cooling = [m.ejected_until for m in members if m.ejected_until > now]
+            self._healthy = (healthy, min(cooling, default=float("inf")))
+        return healthy
+
+    def _invalidate(self) -> None:
+        self._healthy = ((), 0.0)
+
     def _choose(self, exclude: set[str], deadline: float) -> _Member:
+        if not exclude:
+            healthy = self._healthy_members()
+            if healthy:
+                return self._strategy.choose(healthy)  # type: ignore[return-value]
         with self._lock:
             while True:
                 now = time.monotonic()
@@ -266,6 +290,7 @@ class Pool(Dispatcher):
                 with self._lock:
                     member.strikes = 0
                     member.ejected_until = 0.0
+                    self._invalidate()
             return result
 
     def _call_batch(self, method: str, arg_tuples: list[tuple[Any, ...]], timeout: float | None) -> list[Any]:
@@ -370,5 +395,6 @@ class Pool(Dispatcher):
         super().close()
         with self._lock:
             members, self._members = list(self._members.values()), {}
+            self._invalidate()
         for m in members:
             m.endpoint.close()

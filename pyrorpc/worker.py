@@ -36,20 +36,21 @@ class WorkerStats:
     """Calls in flight, completed and failed in this worker; refuses calls once draining."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # only stop() waits on it
         self.in_flight = 0
         self.calls = 0
         self.errors = 0
         self.draining = False
 
     def enter(self) -> None:
-        with self._cond:
+        with self._lock:
             if self.draining:
                 raise WorkerDrainingError("worker is shutting down; the call did not run")
             self.in_flight += 1
 
     def leave(self, failed: bool) -> None:
-        with self._cond:
+        with self._lock:
             self.in_flight -= 1
             self.calls += 1
             if failed:
