@@ -270,8 +270,11 @@ class NameServer(Pyro5.nameserver.NameServer):
             del self.storage[name]
             return True
 
-    def service_workers(self, service: str) -> list[dict[str, Any]]:
-        """The registrations of one service, with lease and load data; costs O(its workers)."""
+    def service_workers(self, service: str, with_metadata: bool = False) -> list[dict[str, Any]]:
+        """The registrations of one service, with lease and load data; costs O(its workers).
+
+        Metadata tags are included with ``with_metadata`` and for registrations without a lease (whose
+        load report is empty), to keep the frequent reply small."""
         if not isinstance(service, str):
             raise TypeError("service must be a str")
         now = time.monotonic()
@@ -281,14 +284,12 @@ class NameServer(Pyro5.nameserver.NameServer):
                 lease = self.leases.get(name)
                 if lease is not None and lease.expired(now):
                     continue
-                result.append({
-                    "name": name,
-                    "uri": uri,
-                    "metadata": sorted(meta),
-                    "load": dict(lease.load) if lease else {},
-                    "ttl": lease.ttl if lease else None,
-                    "age": round(now - lease.renewed, 3) if lease else None,
-                })
+                record: dict[str, Any] = {"name": name, "uri": uri, "load": lease.load if lease else {},
+                                          "ttl": lease.ttl if lease else None,
+                                          "age": round(now - lease.renewed, 3) if lease else None}
+                if with_metadata or lease is None or not lease.load:
+                    record["metadata"] = sorted(meta)
+                result.append(record)
         return result
 
     def services(self) -> dict[str, int]:

@@ -142,7 +142,7 @@ def ns_list(service: str | None, as_json: bool, ns: Address | None) -> None:
     client = NameServerClient(settings_for(ns))
     entries: dict[str, tuple[str, set[str]]]
     if service:
-        entries = {w.name: (w.uri, set(w.metadata)) for w in client.service_workers(service)}
+        entries = {w.name: (w.uri, set(w.metadata)) for w in client.service_workers(service, with_metadata=True)}
         if not entries:
             raise click.ClickException(f"no workers registered for service {service!r}")
     else:

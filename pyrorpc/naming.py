@@ -169,11 +169,12 @@ class NameServerClient:
             self.register(name, uri, metadata)
         return None
 
-    def service_workers(self, service: str) -> builtins.list[WorkerInfo]:
-        """Live workers of ``service`` (O(its workers) on pyrorpc's name server)."""
+    def service_workers(self, service: str, with_metadata: bool = False) -> builtins.list[WorkerInfo]:
+        """Live workers of ``service`` (O(its workers) on pyrorpc's name server); ``WorkerInfo.metadata``
+        is filled only ``with_metadata``."""
         if self.leasing:
-            records = self._call("service_workers", service)
-            return [WorkerInfo.from_record(r["name"], r["uri"], r["metadata"], r.get("load"), r.get("age"),
+            records = self._call("service_workers", service, with_metadata)
+            return [WorkerInfo.from_record(r["name"], r["uri"], r.get("metadata"), r.get("load"), r.get("age"),
                                            r.get("ttl")) for r in records]
         found = self._call("yplookup", meta_all=[SERVICE_TAG + service], return_metadata=True)
         return [WorkerInfo.from_record(name, uri, meta) for name, (uri, meta) in found.items()]
