@@ -6,17 +6,35 @@ import select
 import socket
 import ssl
 import struct
+import types
 import zlib
 from typing import Any
 
 import Pyro5.errors
+import serpent
 from Pyro5 import protocol, serializers, socketutil
 
 from .errors import MessageTooLargeError
 
-__all__ = ["SERIALIZER", "LimitedConnection", "invoke", "limit_connection"]
+__all__ = ["SERIALIZER", "SERIALIZERS_VIEW", "BytesSerpent", "LimitedConnection", "invoke", "limit_connection"]
 
-SERIALIZER = serializers.serializers["serpent"]
+class BytesSerpent(serializers.SerpentSerializer):
+    """Pyro5's serpent serializer, except that ``bytes`` travel as bytes literals and arrive as ``bytes``
+    (Pyro5's default sends them as ``{"data": base64, "encoding": "base64"}`` dicts; both decode alike)."""
+
+    def dumpsCall(self, obj: Any, method: str, vargs: Any, kwargs: Any) -> bytes:  # noqa: N802 - Pyro5 API
+        return serpent.dumps((obj, method, vargs, kwargs), module_in_classname=True, bytes_repr=True)
+
+    def dumps(self, data: Any) -> bytes:
+        return serpent.dumps(data, module_in_classname=True, bytes_repr=True)
+
+
+SERIALIZER = BytesSerpent()
+# what Pyro5's daemon code looks up as `serializers`, with BytesSerpent for serpent (see worker.py)
+SERIALIZERS_VIEW = types.SimpleNamespace(**{name: getattr(serializers, name) for name in dir(serializers)
+                                            if not name.startswith("__")})
+SERIALIZERS_VIEW.serializers_by_id = {**serializers.serializers_by_id, SERIALIZER.serializer_id: SERIALIZER}
+SERIALIZERS_VIEW.serializers = dict(serializers.serializers, serpent=SERIALIZER)
 
 _HEADER_START = 6  # recv_stub reads 'PYRO' + version first, then the rest of the 40-byte header
 _HEADER_REST = 34

@@ -24,6 +24,7 @@ from .errors import ConfigurationError, NameServerUnavailableError, WorkerDraini
 from .naming import SERVICE_TAG, NameServerClient
 from .security import GuardedDaemon
 from .service import check_service_name, public_methods, service_name_of
+from .wire import SERIALIZERS_VIEW
 
 __all__ = ["WorkerHost", "WorkerStats"]
 
@@ -192,8 +193,11 @@ class WorkerDaemonObject(Pyro5.server.DaemonObject):
 class _WorkerDaemon(GuardedDaemon):
     """A guarded daemon that knows its client connections, so stop() can close them after draining."""
 
-    # Pyro5's request handling, with oneway calls queued to our executor instead of a thread each
-    handleRequest = _with_globals(Pyro5.server.Daemon.handleRequest, _OnewayCallThread=_QueuedOneway)
+    # Pyro5's request handling, with oneway calls queued to our executor instead of a thread each, and
+    # replies (exceptions too) serialized so that bytes arrive as bytes
+    handleRequest = _with_globals(Pyro5.server.Daemon.handleRequest, _OnewayCallThread=_QueuedOneway,
+                                  serializers=SERIALIZERS_VIEW)
+    _sendExceptionResponse = _with_globals(Pyro5.server.Daemon._sendExceptionResponse, serializers=SERIALIZERS_VIEW)
 
     def __init__(self, settings: Settings, port: int, stats: WorkerStats) -> None:
         super().__init__(settings.host, port, settings, interface=WorkerDaemonObject)

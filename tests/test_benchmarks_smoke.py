@@ -12,7 +12,8 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NS_LOOKUP = os.path.join(ROOT, "benchmarks", "ns_lookup.py")
-MEASURES = ("stock yplookup", "pyrorpc yplookup", "pyrorpc service_workers")
+MEASURES = ("stock yplookup", "pyrorpc yplookup", "pyrorpc service_workers", "stock yplookup, server side",
+            "pyrorpc service_workers, server side")
 
 
 def test_ns_lookup_smoke(tmp_path: Any) -> None:

@@ -327,3 +327,12 @@ def test_nameserver_process_lease_ttl_cli_flag():
     with NameServerProcess(lease_ttl=3) as ns:
         with pyrorpc.WorkerHost(Calculator, ns=ns.ns) as host:
             assert host.lease_ttl == 3.0
+
+
+def test_bytes_arrive_as_bytes(calc_host, ns_addr):
+    with pyrorpc.connect("calc", ns=ns_addr) as calc:
+        out = calc.add(b"\x00\x01", bytes(range(256)))
+        assert isinstance(out, bytes) and out == b"\x00\x01" + bytes(range(256))
+        with pytest.raises(ValueError) as info:
+            calc.fail(b"\xff")
+        assert info.value.args == (b"\xff",)
