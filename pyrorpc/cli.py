@@ -251,6 +251,12 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
     """Serve MODULE:CLASS as a service until SIGTERM/SIGINT (which drains calls first)."""
     cls = load_class(spec)
     settings = settings_for(ns, host=host, threads=threads, lease_ttl=lease_ttl, drain_timeout=drain_timeout)
+    # a service that calls other services (Pool/connect inside a method) finds the same name server and
+    # credentials through the environment, as if they had been given as PYRORPC_* variables
+    for key, value in (("NS", str(settings.ns)), ("SECRET", settings.secret), ("TLS_CERT", settings.tls_cert),
+                       ("TLS_KEY", settings.tls_key), ("TLS_CA", settings.tls_ca)):
+        if value:
+            os.environ["PYRORPC_" + key] = value
     if processes > 1:
         if port:
             raise click.UsageError("--port needs --processes 1 (each process binds its own port)")

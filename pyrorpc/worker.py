@@ -343,7 +343,7 @@ class WorkerHost:
             self._loop_thread = threading.Thread(target=daemon.requestLoop, name=f"{self.name}-loop", daemon=True)
             self._loop_thread.start()
             if self.register:
-                self._renew()
+                self._first_registration()
                 self._heartbeat_thread = threading.Thread(target=self._heartbeat, name=f"{self.name}-heartbeat",
                                                           daemon=True)
                 self._heartbeat_thread.start()
@@ -354,6 +354,18 @@ class WorkerHost:
             raise
         log.info("worker %s serving on %s", self.name, self.uri)
         return self
+
+    def _first_registration(self) -> None:
+        # a name server started a moment ago (`ns start & worker start`) gets connect_timeout to come up
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while True:
+            try:
+                self._renew()
+                return
+            except NameServerUnavailableError:
+                if time.monotonic() + 0.2 > deadline:
+                    raise
+                time.sleep(0.2)
 
     def _renew(self) -> None:
         assert self.uri is not None

@@ -603,3 +603,30 @@ def test_demo_runs(tmp_path: Any) -> None:
     out = ok(result)
     assert "0 lost" in out
     assert "60/60" in out
+
+
+def test_worker_started_before_its_name_server_waits_for_it(tmp_path: Any) -> None:
+    """`pyrorpc ns start & pyrorpc worker start ...`: the worker gives the name server connect_timeout."""
+    import socket as _socket
+
+    from pyrorpc.testing import NameServerProcess, WorkerProcess
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ns_addr = f"127.0.0.1:{port}"
+    result: dict[str, Any] = {}
+
+    def start_worker() -> None:
+        result["worker"] = WorkerProcess("services:Calculator", ns_addr, timeout=20)
+
+    import threading as _threading
+    t = _threading.Thread(target=start_worker)
+    t.start()
+    with NameServerProcess(port=port, lease_ttl=3) as ns:
+        t.join(30)
+        worker = result["worker"]
+        try:
+            names = [w.name for w in pyrorpc.NameServerClient(pyrorpc.Settings(ns=ns.ns)).service_workers("calc")]
+            assert names == [worker.name]
+        finally:
+            worker.kill()
