@@ -96,6 +96,8 @@ def run_demo(n_workers: int = 3, calls: int = 300, kill: bool = True, work_ms: f
                         echo(f"\n              killed {victim.name} (pid {victim.worker_pid}) with SIGKILL")
                     if tty:
                         print("\r              " + _bar(i + 1, calls), end="", flush=True)
+                    elif (i + 1) % max(1, calls // 4) == 0 or i + 1 == calls:
+                        echo("              " + _bar(i + 1, calls))
                 elapsed = time.perf_counter() - t0
                 if tty:
                     print()

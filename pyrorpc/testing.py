@@ -167,47 +167,34 @@ try:
 except ImportError:  # pragma: no cover - pytest is only needed for the fixtures
     pytest = None  # type: ignore[assignment]
 
+def _made_by(make: Callable[..., Any], cleanup: Callable[[Any], Any]) -> Iterator[Callable[..., Any]]:
+    """A factory that remembers what it made, and cleans all of it up when the test ends."""
+    made: list[Any] = []
+
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        thing = make(*args, **kwargs)
+        made.append(thing)
+        return thing
+
+    yield factory
+    for thing in made:
+        cleanup(thing)
+
+
 if pytest is not None:
 
     @pytest.fixture
     def nameserver() -> Iterator[Callable[..., NameServerProcess]]:
         """Factory: ``nameserver(lease_ttl=3, storage="memory")`` -> a running NameServerProcess."""
-        made: list[NameServerProcess] = []
-
-        def factory(**kwargs: Any) -> NameServerProcess:
-            proc = NameServerProcess(**kwargs)
-            made.append(proc)
-            return proc
-
-        yield factory
-        for proc in made:
-            proc.kill()
+        yield from _made_by(NameServerProcess, NameServerProcess.kill)
 
     @pytest.fixture
     def worker_factory() -> Iterator[Callable[..., WorkerProcess]]:
         """Factory: ``worker_factory("mod:Cls", ns)`` -> a registered WorkerProcess."""
-        made: list[WorkerProcess] = []
-
-        def factory(spec: str, ns: Any, **kwargs: Any) -> WorkerProcess:
-            proc = WorkerProcess(spec, ns, **kwargs)
-            made.append(proc)
-            return proc
-
-        yield factory
-        for proc in made:
-            proc.kill()
+        yield from _made_by(WorkerProcess, WorkerProcess.kill)
 
     @pytest.fixture
     def pool_factory() -> Iterator[Callable[..., Any]]:
         """Factory: ``pool_factory("service", ns=...)`` -> a Pool, closed after the test."""
         from .pool import Pool
-        made: list[Any] = []
-
-        def factory(service: str, **kwargs: Any) -> Any:
-            pool = Pool(service, **kwargs)
-            made.append(pool)
-            return pool
-
-        yield factory
-        for pool in made:
-            pool.close()
+        yield from _made_by(Pool, Pool.close)
