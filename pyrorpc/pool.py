@@ -157,6 +157,14 @@ class Pool(Dispatcher):
         self._refresher = threading.Thread(target=self._refresh_loop, name=f"pool-{service}-refresh", daemon=True)
         self._refresher.start()
 
+    def __getattr__(self, name: str) -> PoolMethod:
+        return super().__getattr__(name)  # type: ignore[return-value]
+
+    def method(self, name: str) -> PoolMethod:
+        """The remote method ``name`` (with ``.map`` and ``.broadcast``); use it when the name collides
+        with one of the Pool's own methods."""
+        return super().method(name)  # type: ignore[return-value]
+
     def __repr__(self) -> str:
         return f"<pyrorpc.Pool {self._service!r} {len(self._members)} workers>"
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import Address
 
-__all__ = ["NameServerProcess", "WorkerProcess", "start_nameserver", "start_worker", "wait_for"]
+__all__ = ["ChildProcess", "NameServerProcess", "WorkerProcess", "start_nameserver", "start_worker", "wait_for"]
 
 _NS_READY = re.compile(r"^NS running on (\S+)")
 _WORKER_READY = re.compile(r"^worker (\S+) serving (\S+) on (\S+) \(pid (\d+)\)")
@@ -39,10 +39,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
-class _Process:
-    """A child process whose output is read line by line in a thread (so its pipe never fills)."""
+class ChildProcess:
+    """A child process whose output is read line by line in a thread (so its pipe never fills);
+    ``expect(pattern, timeout)`` waits for a matching line."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None, cwd: str | None) -> None:
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
         full_env = dict(os.environ if env is None else env)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.argv = list(argv)
@@ -118,7 +119,7 @@ class _Process:
             self.terminate(10)
 
 
-class NameServerProcess(_Process):
+class NameServerProcess(ChildProcess):
     """``python -m nameserver`` in a child process; ``address`` is where it listens."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, storage: str = "memory",
@@ -141,7 +142,7 @@ class NameServerProcess(_Process):
                                  lease_ttl=self.lease_ttl, timeout=timeout)
 
 
-class WorkerProcess(_Process):
+class WorkerProcess(ChildProcess):
     """``pyrorpc worker start SPEC`` in a child process (one worker, no supervisor)."""
 
     def __init__(self, spec: str, ns: str | Address, *, args: Sequence[str] = (), env: dict[str, str] | None = None,
