@@ -414,6 +414,9 @@ class WorkerHost:
                 return True
             self._stopping.set()
             daemon = self.daemon
+            if self._heartbeat_thread is not None:
+                # a renewal still under way would register us again right after we deregister
+                self._heartbeat_thread.join(self.settings.connect_timeout + 1)
             if self.register:
                 try:
                     self._naming.remove(self.name)
@@ -426,8 +429,6 @@ class WorkerHost:
             daemon.close_connections()
             daemon.oneway_executor.shutdown()
             daemon.close()
-            if self._heartbeat_thread is not None:
-                self._heartbeat_thread.join(5)
             self._stopped.set()
             log.info("worker %s stopped (drained=%s)", self.name, drained)
             return drained
