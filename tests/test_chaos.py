@@ -67,8 +67,14 @@ def test_sigstop_worker_is_routed_around_and_comes_back(nameserver, worker_facto
     pool = pool_factory("calc", ns=ns.ns, timeout=8, refresh=0.3)
     with Load(pool) as load:
         wait_for(lambda: load.count() > 200, 20, message="load running")
+        direct = pyrorpc.connect(victim.uri, timeout=0.5)
+        assert direct.add(1, 1) == 2  # connected before the hang
         victim.signal(signal.SIGSTOP)
         t0 = time.monotonic()
+        # a call that reaches the hung worker times out (a new connection could not even be opened)
+        with pytest.raises(pyrorpc.CallTimeoutError):
+            direct.add(1, 1)
+        direct.close()
         # its lease lapses (TTL 2 s): the pool stops sending to it, cuts its stuck calls off, and the
         # idempotent ones finish on the other workers
         wait_for(lambda: victim.name not in [w.name for w in pool.workers() if not w.ejected], 6,
