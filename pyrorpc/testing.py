@@ -22,6 +22,7 @@ from .config import Address
 
 __all__ = ["ChildProcess", "NameServerProcess", "WorkerProcess", "start_nameserver", "start_worker", "wait_for"]
 
+_SIGTERM = signal.SIGTERM  # (the name `signal` is a method inside ChildProcess)
 _NS_READY = re.compile(r"^NS running on (\S+)")
 _WORKER_READY = re.compile(r"^worker (\S+) serving (\S+) on (\S+) \(pid (\d+)\)")
 
@@ -40,10 +41,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 
 
 class ChildProcess:
-    """A child process whose output is read line by line in a thread (so its pipe never fills);
-    ``expect(pattern, timeout)`` waits for a matching line."""
+    """A child process in a session of its own, whose output is read line by line in a thread (so its pipe
+    never fills); ``expect(pattern, timeout)`` waits for the next matching line, ``output`` is everything
+    printed so far (all of it once ``wait``/``stop``/``kill`` returned)."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None,
+                 cwd: str | os.PathLike[str] | None = None) -> None:
         full_env = dict(os.environ if env is None else env)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.argv = list(argv)
@@ -62,8 +65,15 @@ class ChildProcess:
             self._queue.put(line)
         self._queue.put(None)
 
-    def expect(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """Wait for an output line matching ``pattern``."""
+    def expect(self, pattern: str | re.Pattern[str], timeout: float = 15.0) -> re.Match[str]:
+        """Wait for the next output line matching ``pattern`` (lines before it are passed over).
+
+        Raises:
+            RuntimeError: the process exited first.
+            TimeoutError: no such line within ``timeout``.
+        """
+        if isinstance(pattern, str):
+            pattern = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -72,13 +82,15 @@ class ChildProcess:
             except queue.Empty:
                 line = ""
             if line is None:
-                raise RuntimeError(f"{self.argv[2:]} exited ({self.proc.wait()}) before it was ready:\n"
-                                   + "\n".join(self.lines[-30:]))
+                self._queue.put(None)  # keep the end mark for a later expect()
+                raise RuntimeError(f"{self.argv[1:]} exited ({self.proc.wait()}) before printing "
+                                   f"{pattern.pattern!r}:\n" + "\n".join(self.lines[-30:]))
             match = pattern.search(line) if line else None
             if match:
                 return match
             if left <= 0:
-                raise TimeoutError(f"{self.argv[2:]} not ready within {timeout}s:\n" + "\n".join(self.lines[-30:]))
+                raise TimeoutError(f"{self.argv[1:]} did not print {pattern.pattern!r} within {timeout}s:\n"
+                                   + "\n".join(self.lines[-30:]))
 
     @property
     def pid(self) -> int:
@@ -96,20 +108,30 @@ class ChildProcess:
             self.proc.send_signal(signo)
 
     def kill(self) -> int:
-        """SIGKILL and reap; returns the exit status."""
-        self.signal(signal.SIGKILL)
-        return self.proc.wait(10)
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit status."""
-        self.signal(signal.SIGTERM)
+        """SIGKILL it and everything it started (its session), reap it; returns its exit status."""
         try:
-            return self.proc.wait(timeout)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return self.wait(10)
+
+    def stop(self, signo: int = _SIGTERM, timeout: float = 30.0) -> int:
+        """Send ``signo`` and wait (SIGKILL after ``timeout``); returns the exit status."""
+        self.signal(signo)
+        try:
+            return self.wait(timeout)
         except subprocess.TimeoutExpired:
             return self.kill()
 
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit status."""
+        return self.stop(signal.SIGTERM, timeout)
+
     def wait(self, timeout: float | None = None) -> int:
-        return self.proc.wait(timeout)
+        """Wait for the exit; returns the status, with ``output`` complete."""
+        status = self.proc.wait(timeout)
+        self._reader.join(5)
+        return status
 
     def __enter__(self) -> Any:
         return self

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +19,7 @@ from click.testing import CliRunner
 
 import pyrorpc
 from pyrorpc.cli import main as cli_main
-from pyrorpc.testing import wait_for
+from pyrorpc.testing import ChildProcess, wait_for
 
 DOWN_NS = "127.0.0.1:1"  # nothing listens on port 1: connection refused at once
 CLI_TIMEOUT = 30.0
@@ -70,56 +68,12 @@ def live_workers(ns: str, service: str = "calc") -> list[pyrorpc.WorkerInfo]:
     return registry(ns).service_workers(service)
 
 
-class Spawned:
-    """A long-running CLI subprocess in its own session, its output collected line by line in a thread."""
+class Spawned(ChildProcess):
+    """A long-running ``python -m pyrorpc ARGS`` in its own session, output collected line by line."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
-        full_env = {**os.environ, "PYRORPC_CONNECT_TIMEOUT": "3", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyrorpc", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True)
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def expect(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
-        """Wait for an output line matching ``pattern``; fail if the process exits or the deadline passes."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no line matching {pattern!r} within {timeout}s:\n{self.output}")
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"process exited ({self.proc.wait()}) before printing {pattern!r}:\n"
-                                     f"{self.output}")
-            match = regex.search(line)
-            if match:
-                return match
-
-    def kill_session(self) -> None:
-        """SIGKILL this process and everything it started (its own session's process group)."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(10)
+        super().__init__([sys.executable, "-m", "pyrorpc", *args],
+                         env={**os.environ, "PYRORPC_CONNECT_TIMEOUT": "3", **(env or {})})
 
 
 @pytest.fixture
@@ -133,7 +87,7 @@ def spawn() -> Any:
 
     yield factory
     for s in made:
-        s.kill_session()
+        s.kill()
         print(f"--- output of pyrorpc {' '.join(s.proc.args[3:])}:\n{s.output}")  # shown if the test failed
 
 

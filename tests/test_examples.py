@@ -20,8 +20,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,73 +27,9 @@ from typing import Any
 import pytest
 
 import pyrorpc
-from pyrorpc.testing import NameServerProcess, WorkerProcess, wait_for
+from pyrorpc.testing import ChildProcess, NameServerProcess, WorkerProcess, wait_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-class Child:
-    """A program of an example running in the background; its output is read line by line in a thread."""
-
-    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
-        self.argv = argv
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
-        self.lines: list[str] = []
-        self._eof = False
-        self._cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def expect(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
-        """The first output line matching ``pattern``, waiting for it up to ``timeout``."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cond:
-            while True:
-                for line in self.lines[seen:]:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                seen = len(self.lines)
-                if self._eof:
-                    raise AssertionError(f"{self.argv[1:]} exited ({self.proc.wait()}) without printing "
-                                         f"{pattern!r}:\n{self.output}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"{self.argv[1:]} did not print {pattern!r} within {timeout}s:\n"
-                                         f"{self.output}")
-                self._cond.wait(left)
-
-    def wait(self, timeout: float) -> int:
-        rc = self.proc.wait(timeout)
-        with self._cond:
-            self._cond.wait_for(lambda: self._eof, 5)
-        return rc
-
-    def stop(self, signo: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signo)
-        try:
-            return self.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.wait(timeout)
 
 
 class Example:
@@ -106,7 +40,7 @@ class Example:
         self.dir = EXAMPLES / name
         self.ns = ns.ns
         self.env = {**os.environ, "PYRORPC_NS": self.ns, "PYTHONUNBUFFERED": "1", **env}
-        self.children: list[Child] = []
+        self.children: list[ChildProcess] = []
         self.worker_procs: list[WorkerProcess] = []
         self.readme = (self.dir / "README.md").read_text()
 
@@ -133,9 +67,9 @@ class Example:
         self.worker_procs += procs
         return procs
 
-    def start(self, *argv: str, ready: str | None = None, timeout: float = 15.0) -> tuple[Child, re.Match[str] | None]:
+    def start(self, *argv: str, ready: str | None = None, timeout: float = 15.0) -> tuple[ChildProcess, re.Match[str] | None]:
         """``python ARGV...`` in the background from the example's folder; waits for a ``ready`` line."""
-        child = Child([sys.executable, *argv], self.dir, self.env)
+        child = ChildProcess([sys.executable, *argv], env=self.env, cwd=self.dir)
         self.children.append(child)
         return child, (child.expect(ready, timeout) if ready else None)
 
