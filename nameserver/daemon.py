@@ -13,7 +13,8 @@ import Pyro5.core
 import Pyro5.nameserver
 
 from pyrorpc.config import Settings
-from pyrorpc.security import GuardedDaemon
+from pyrorpc.security import server_ssl_context, server_verifier
+from pyrorpc.server import Server
 
 from .registry import NameServer
 
@@ -42,12 +43,13 @@ def open_storage(storage: str | None) -> Any:
     raise ValueError(f"storage must be 'memory' or PATH.sqlite, got {storage!r}")
 
 
-class NameServerDaemon(GuardedDaemon):
-    """A Pyro5 daemon holding one ``nameserver.NameServer`` under Pyro5's well-known object name.
+class NameServerDaemon:
+    """Serves one ``nameserver.NameServer`` under Pyro5's well-known object name on pyrorpc's server core.
 
-    Use it as a context manager, or call ``start()`` (serves in a thread, returns once bound) or
-    ``serve_forever()``. Expired leases are swept several times per TTL. ``settings`` (a
-    ``pyrorpc.Settings``) brings the shared secret, TLS files and connection thread count.
+    Use it as a context manager, or call ``start()`` (serves in a thread, returns at once: the socket is
+    bound in the constructor) or ``serve_forever()``. Expired leases are swept several times per TTL.
+    ``settings`` (a ``pyrorpc.Settings``) brings the shared secret, TLS files, call threads, connection
+    limits and the handshake deadline (``connect_timeout``).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9090, *, storage: str | None = "memory",
@@ -56,29 +58,41 @@ class NameServerDaemon(GuardedDaemon):
             raise ValueError(f"`lease_ttl` must be 0.2-86400 seconds, got {lease_ttl!r}")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise ValueError(f"`port` must be 0-65535, got {port!r}")
+        settings = settings if settings is not None else Settings()
+        self.settings = settings
         self.nameserver: NameServer | None = NameServer(open_storage(storage))
         self.nameserver.default_lease_ttl = float(lease_ttl)
         try:
-            super().__init__(host, port, settings if settings is not None else Settings())
+            self.server = Server(host, port, threads=settings.threads, max_connections=settings.max_connections,
+                                 idle_timeout=settings.idle_timeout, handshake_timeout=settings.connect_timeout,
+                                 max_message_size=settings.max_message_size,
+                                 ssl_context=server_ssl_context(settings), verify=server_verifier(settings),
+                                 send_timeout=settings.connect_timeout, name="nameserver")
         except Exception:
             self.nameserver.storage.close()
             raise
-        self.register(self.nameserver, Pyro5.core.NAMESERVER_NAME)
-        self.nameserver.register(Pyro5.core.NAMESERVER_NAME, self.uriFor(self.nameserver),
+        self.verifier = self.server.verify
+        self.tls = self.server.ssl_context is not None
+        self.server.register(self.nameserver, Pyro5.core.NAMESERVER_NAME)
+        self.nameserver.register(Pyro5.core.NAMESERVER_NAME, self.uri,
                                  metadata={"class:Pyro5.nameserver.NameServer", "class:nameserver.NameServer"})
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="ns-lease-sweeper", daemon=True)
         self._sweeper.start()
-        self._thread: threading.Thread | None = None
+        self._started = False
+        self._closed = False
+
+    @property
+    def locationStr(self) -> str:  # noqa: N802 - the name Pyro5's daemon has
+        return self.server.location
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.locationStr.rsplit(":", 1)
-        return host.strip("[]"), int(port)
+        return self.server.host, self.server.port
 
     @property
     def uri(self) -> Pyro5.core.URI:
-        return self.uriFor(Pyro5.core.NAMESERVER_NAME)
+        return Pyro5.core.URI(self.server.uri_for(Pyro5.core.NAMESERVER_NAME))
 
     def _sweep(self) -> None:
         while True:
@@ -96,36 +110,49 @@ class NameServerDaemon(GuardedDaemon):
 
     def start(self) -> "NameServerDaemon":
         """Serve in a background thread; returns at once (the socket is already bound)."""
-        self._thread = threading.Thread(target=self.requestLoop, name="ns-requestloop", daemon=True)
-        self._thread.start()
+        if not self._started:
+            self._started = True
+            self.server.start()
         return self
 
     def serve_forever(self, *, handle_signals: bool = True,
                       ready: Callable[["NameServerDaemon"], None] | None = None) -> None:
-        """Run the request loop until shutdown(); with ``handle_signals`` SIGTERM/SIGINT stop it cleanly."""
+        """Serve until ``shutdown()``; with ``handle_signals`` SIGTERM/SIGINT stop it cleanly."""
         if handle_signals:
             def stop(_signo: int, _frame: Any) -> None:
-                threading.Thread(target=self.shutdown, daemon=True).start()
+                self._stop.set()
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
+        self.start()
         if ready is not None:
             ready(self)
         try:
-            self.requestLoop()
+            while not self._stop.wait(0.5):
+                pass
         finally:
             self.close()
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """End ``serve_forever()``."""
         self._stop.set()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self.server.stop_accepting()
+        # a call under way (a registration, say) gets a moment to finish and reply
+        self.server.drain(min(2.0, self.settings.connect_timeout))
+        self.server.close()
         ns, self.nameserver = self.nameserver, None
-        super().close()
         if ns is not None:
             ns.storage.close()
 
+    def __enter__(self) -> "NameServerDaemon":
+        return self
+
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(5)
         self.close()
 
 

@@ -1,6 +1,7 @@
 """pyrorpc: distributed objects on Pyro5 — named services, worker hosts, proxies and load-balanced pools."""
 
 from . import errors
+from .callbacks import CallbackServer
 from .config import Address, Settings
 from .errors import (
                      AuthenticationError,
@@ -26,6 +27,7 @@ __all__ = [
     "Address",
     "AuthenticationError",
     "CallTimeoutError",
+    "CallbackServer",
     "ConfigurationError",
     "MessageTooLargeError",
     "NameServerClient",

@@ -73,7 +73,9 @@ class Settings:
     connect_timeout   PYRORPC_CONNECT_TIMEOUT 5.0                seconds to connect + handshake, name server calls
     lease_ttl         PYRORPC_LEASE_TTL      None                worker lease TTL; None = the name server's (10 s)
     drain_timeout     PYRORPC_DRAIN_TIMEOUT  10.0                seconds a stopping worker waits for in-flight calls
-    threads           PYRORPC_THREADS        64                  worker thread pool = max client connections
+    threads           PYRORPC_THREADS        64                  calls a worker runs at once (its call threads)
+    max_connections   PYRORPC_MAX_CONNECTIONS 4096               client connections a worker or name server keeps
+    idle_timeout      PYRORPC_IDLE_TIMEOUT   300.0               seconds before a server closes an idle connection
     max_in_flight     PYRORPC_MAX_IN_FLIGHT  16                  calls in flight per worker from one Proxy/Pool
     refresh           PYRORPC_REFRESH        2.0                 seconds between pool membership refreshes
     max_message_size  PYRORPC_MAX_MESSAGE_SIZE 64 MiB            largest request/reply, checked on both sides
@@ -92,6 +94,8 @@ class Settings:
     lease_ttl: float | None = None
     drain_timeout: float = 10.0
     threads: int = 64
+    max_connections: int = 4096
+    idle_timeout: float = 300.0
     max_in_flight: int = 16
     refresh: float = 2.0
     max_message_size: int = 64 * 1024 * 1024
@@ -103,7 +107,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ns", Address.parse(self.ns, what="ns"))
-        for name in ("timeout", "connect_timeout", "lease_ttl", "refresh"):
+        for name in ("timeout", "connect_timeout", "lease_ttl", "refresh", "idle_timeout"):
             value = getattr(self, name)
             if value is None and name == "lease_ttl":
                 continue
@@ -112,7 +116,7 @@ class Settings:
             object.__setattr__(self, name, float(value))
         if not isinstance(self.drain_timeout, (int, float)) or self.drain_timeout < 0:
             raise ValueError(f"`drain_timeout` must be non-negative, got {self.drain_timeout!r}")
-        for name in ("threads", "max_in_flight", "max_message_size"):
+        for name in ("threads", "max_in_flight", "max_message_size", "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
@@ -166,7 +170,7 @@ class Settings:
 def _convert(name: str, raw: str) -> Any:
     if name == "ns":
         return Address.parse(raw, what="ns")
-    if name in ("threads", "max_in_flight", "max_message_size"):
+    if name in ("threads", "max_in_flight", "max_message_size", "max_connections"):
         try:
             return int(raw)
         except ValueError:

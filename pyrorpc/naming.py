@@ -12,7 +12,9 @@ import Pyro5.errors
 
 from .config import Address, Settings
 from .errors import AuthenticationError, NameServerUnavailableError
-from .security import open_proxy
+from .compat import remote_traceback
+from .security import open_connection
+from .wire import invoke
 
 SERVICE_TAG = "pyrorpc.service:"
 LEASE_TAG = "pyrorpc.lease:"
@@ -107,25 +109,29 @@ class NameServerClient:
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            proxy, _meta = open_proxy(self.uri, self.settings)
+            conn, meta = open_connection(self.uri, self.settings)
         except AuthenticationError as exc:
             raise AuthenticationError(f"name server at {self.address}: {exc}") from None
         except Pyro5.errors.CommunicationError as exc:
             raise NameServerUnavailableError(f"cannot reach the name server at {self.address}: {exc}") from None
-        proxy._pyroConnection.set_timeout(self.settings.connect_timeout)
         try:
+            conn.set_timeout(self.settings.connect_timeout)
             if self._leasing is None:
-                self._leasing = "lease" in proxy._pyroMethods
+                self._leasing = "lease" in (meta.get("methods") or ())
             try:
-                return proxy._pyroInvoke(method, args, kwargs)
-            except Pyro5.errors.TimeoutError:
+                return invoke(conn, method, args, kwargs)
+            except Pyro5.errors.TimeoutError as exc:
+                if remote_traceback(exc) is not None:
+                    raise
                 raise NameServerUnavailableError(f"name server at {self.address} did not answer within "
                                                  f"{self.settings.connect_timeout:g}s") from None
-            except Pyro5.errors.ConnectionClosedError as exc:
-                raise NameServerUnavailableError(f"name server at {self.address} closed the connection: {exc}") \
+            except Pyro5.errors.CommunicationError as exc:
+                if remote_traceback(exc) is not None:
+                    raise
+                raise NameServerUnavailableError(f"name server at {self.address}: connection lost: {exc}") \
                     from None
         finally:
-            proxy._pyroRelease()
+            conn.close()
 
     @property
     def leasing(self) -> bool:

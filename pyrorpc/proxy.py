@@ -12,6 +12,7 @@ from typing import Any
 import Pyro5.core
 import Pyro5.errors
 from Pyro5 import protocol
+from Pyro5.serializers import SerializerBase
 
 from .config import Settings, resolve
 from .errors import (
@@ -22,11 +23,12 @@ from .errors import (
     WorkerDrainingError,
     WorkerLostError,
 )
+from .codec import set_proxy_factory
 from .naming import NameServerClient, WorkerInfo
 from .security import open_connection
 from .wire import LimitedConnection, invoke
 
-__all__ = ["Endpoint", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy", "connect"]
+__all__ = ["Endpoint", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy", "connect", "set_callback_settings"]
 
 
 class NotSent(Exception):
@@ -444,3 +446,35 @@ def connect(target: str, *, ns: Any = None, timeout: float | None = None, settin
         raise ConfigurationError(f"target must be a service name, worker name or PYRO: URI, got {target!r}")
     return Proxy(target, settings=resolve(settings, ns=ns, timeout=timeout, **options))
 
+
+
+# objects passed by reference arrive as pyrorpc Proxies ---------------------------------------------------
+
+_callback_settings: Settings | None = None
+
+
+def set_callback_settings(settings: Settings) -> None:
+    """The settings (secret, TLS, timeouts) of the Proxies made for references that arrive in calls and
+    replies: the worker's or the callback server's in this process."""
+    global _callback_settings
+    _callback_settings = settings
+
+
+def _proxy_from_reference(data: dict[str, Any]) -> Any:
+    state = data.get("state")
+    if not (isinstance(state, (tuple, list)) and state and isinstance(state[0], str)
+            and state[0].startswith("PYRO:")):
+        raise Pyro5.errors.SerializeError("malformed proxy reference")
+    settings = _callback_settings if _callback_settings is not None else Settings.from_env()
+    return Proxy(state[0], settings=settings)
+
+
+def _proxy_to_reference(proxy: "Proxy") -> dict[str, Any]:
+    endpoint = proxy._endpoint
+    return {"__class__": "Pyro5.client.Proxy",
+            "state": (str(endpoint.uri), tuple(sorted(endpoint.oneway)), tuple(sorted(endpoint.methods or ())), (),
+                      "hello", "serpent")}
+
+
+set_proxy_factory(_proxy_from_reference)
+SerializerBase.register_class_to_dict(Proxy, _proxy_to_reference)

@@ -21,28 +21,22 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import Pyro5.client
 import Pyro5.core
 import Pyro5.errors
-import Pyro5.server
-import Pyro5.svr_threads
-from Pyro5 import protocol, serializers, socketutil
+from Pyro5 import socketutil
 
+from . import protocol as wire_protocol
 from .config import Settings
 from .errors import AuthenticationError
 from .wire import SERIALIZER, LimitedConnection, limit_connection
 
 __all__ = [
-    "BoundedThreadPool",
-    "GuardedDaemon",
     "HandshakeVerifier",
-    "check_handshake",
     "client_ssl_context",
     "make_token",
     "open_connection",
-    "open_proxy",
     "server_ssl_context",
-    "wrap_listener",
+    "server_verifier",
 ]
 
 log = logging.getLogger("pyrorpc.security")
@@ -99,21 +93,6 @@ class HandshakeVerifier:
         return {"proof": _mac(self.secret, "server", nonce)}
 
 
-def check_handshake(verifier: HandshakeVerifier | None, conn: Any, data: Any) -> Any:
-    """A daemon's ``validateHandshake``: verify the token (if a secret is set), log and raise if bad."""
-    if verifier is None:
-        return "hello"
-    try:
-        return verifier.verify(data)
-    except AuthenticationError as exc:
-        try:
-            peer = conn.sock.getpeername()
-        except OSError:
-            peer = "?"
-        log.warning("refused connection from %s: %s", peer, exc)
-        raise
-
-
 # TLS ----------------------------------------------------------------------------------------------
 
 _contexts: dict[tuple[Any, ...], ssl.SSLContext] = {}
@@ -151,65 +130,12 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         return ctx
 
 
-def wrap_listener(transport: Any, ctx: ssl.SSLContext | None) -> None:
-    """Make a Pyro5 transport server's listening socket TLS; handshakes happen in connection threads."""
-    if ctx is None:
-        return
-    transport.sock = ctx.wrap_socket(transport.sock, server_side=True, do_handshake_on_connect=False)
-
-
-# the server side ------------------------------------------------------------------------------------
-
-class BoundedThreadPool(Pyro5.svr_threads.Pool):
-    """Pyro5's connection thread pool, sized per daemon instead of by the global config."""
-
-    def __init__(self, max_size: int) -> None:
-        super().__init__()
-        self.max_size = max_size
-
-    def process(self, job: Any) -> None:
-        if self.closed:
-            raise Pyro5.svr_threads.PoolError("job queue is closed")
-        if self.idle:
-            worker = self.idle.pop()
-        elif self.num_workers() < self.max_size:
-            worker = Pyro5.svr_threads.Worker(self)
-            worker.start()
-        else:
-            raise Pyro5.svr_threads.NoFreeWorkersError(
-                f"no free workers: all {self.max_size} connection threads busy (raise --threads)")
-        self.busy.add(worker)
-        worker.process(job)
-
-
-class GuardedDaemon(Pyro5.server.Daemon):
-    """A Pyro5 daemon configured from Settings instead of the global config: its own connection thread
-    pool size (``threads``), TLS on the listening socket, and the handshake token check (``secret``)."""
-
-    def __init__(self, host: str, port: int, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(host=host, port=port, **kwargs)
-        self.verifier = HandshakeVerifier(settings.secret) if settings.secret else None
-        self.max_message_size = settings.max_message_size
-        self.handshake_timeout = settings.connect_timeout
-        old_pool = self.transportServer.pool
-        self.transportServer.pool = BoundedThreadPool(settings.threads)
-        old_pool.close()
-        ctx = server_ssl_context(settings)
-        self.tls = ctx is not None
-        wrap_listener(self.transportServer, ctx)
-
-    def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5 hook
-        return check_handshake(self.verifier, conn, data)
-
-    def _handshake(self, conn: Any, denied_reason: Any = None) -> bool:
-        limit_connection(conn, self.max_message_size)
-        # a client gets connect_timeout to complete the handshake (TLS included), so a silent
-        # connection cannot hold a connection thread forever; afterwards idle connections may stay open
-        conn.sock.settimeout(self.handshake_timeout)
-        ok = bool(super()._handshake(conn, denied_reason))
-        if ok:
-            conn.sock.settimeout(None)
-        return ok
+def server_verifier(settings: Settings) -> Any:
+    """The handshake check a server runs for these settings: None without a secret, else a callable that
+    returns the server's proof or raises AuthenticationError."""
+    if not settings.secret:
+        return None
+    return HandshakeVerifier(settings.secret).verify
 
 
 # the connect path ----------------------------------------------------------------------------------
@@ -238,18 +164,22 @@ def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedCon
                 raise Pyro5.errors.CommunicationError(f"TLS handshake with {uri.location} failed: {exc}") \
                     from None
         conn = limit_connection(socketutil.SocketConnection(sock, uri.object), settings.max_message_size)
+        conn.set_timeout(timeout)
         token = make_token(settings.secret) if settings.secret else "hello"
         data = SERIALIZER.dumps({"handshake": token, "object": uri.object})
-        conn.send(protocol.SendingMessage(protocol.MSG_CONNECT, 0, 0, SERIALIZER.serializer_id, data).data)
-        msg = protocol.recv_stub(conn, [protocol.MSG_CONNECTOK, protocol.MSG_CONNECTFAIL])
-        reply = serializers.serializers_by_id[msg.serializer_id].loads(msg.data) if msg.data else None
+        conn.send(wire_protocol.pack(wire_protocol.MSG_CONNECT, 0, 0, data))
+        header = wire_protocol.parse_header(conn.read_header(), settings.max_message_size)
+        if header.msg_type not in (wire_protocol.MSG_CONNECTOK, wire_protocol.MSG_CONNECTFAIL):
+            raise Pyro5.errors.ProtocolError(f"unexpected handshake reply type {header.msg_type}")
+        payload = conn._read(header.ann_size + header.data_size) if header.ann_size + header.data_size else b""
+        reply = SERIALIZER.loads(payload[header.ann_size:]) if header.data_size else None
     except Pyro5.errors.CommunicationError:
         sock.close()
         raise
-    except (OSError, Pyro5.errors.PyroError) as exc:
+    except (OSError, Pyro5.errors.PyroError, wire_protocol.ProtocolViolation, ValueError, SyntaxError) as exc:
         sock.close()
         raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: {exc}") from None
-    if msg.type == protocol.MSG_CONNECTFAIL:
+    if header.msg_type == wire_protocol.MSG_CONNECTFAIL:
         sock.close()
         text = str(reply)
         if AUTH_FAILED in text:
@@ -265,12 +195,3 @@ def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedCon
     meta = reply.get("meta", {}) if isinstance(reply, dict) else {}
     conn.set_timeout(settings.timeout)
     return conn, meta
-
-
-def open_proxy(uri: Pyro5.core.URI, settings: Settings) -> tuple[Pyro5.client.Proxy, dict[str, Any]]:
-    """``open_connection`` wrapped in a bound Pyro5 proxy (for callers that want Pyro5's full API)."""
-    conn, meta = open_connection(uri, settings)
-    proxy = Pyro5.client.Proxy(uri)
-    proxy._pyroGetMetadata(known_metadata=meta or {"methods": [], "oneway": [], "attrs": []})
-    proxy._pyroConnection = conn
-    return proxy, meta

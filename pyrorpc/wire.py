@@ -6,35 +6,17 @@ import select
 import socket
 import ssl
 import struct
-import types
 import zlib
 from typing import Any
 
 import Pyro5.errors
-import serpent
 from Pyro5 import protocol, serializers, socketutil
 
+from . import protocol as wire_protocol
+from .codec import SERIALIZER, BytesSerpent, loads
 from .errors import MessageTooLargeError
 
-__all__ = ["SERIALIZER", "SERIALIZERS_VIEW", "BytesSerpent", "LimitedConnection", "invoke", "limit_connection"]
-
-class BytesSerpent(serializers.SerpentSerializer):
-    """Pyro5's serpent serializer, except that ``bytes`` travel as bytes literals and arrive as ``bytes``
-    (Pyro5's default sends them as ``{"data": base64, "encoding": "base64"}`` dicts; both decode alike)."""
-
-    def dumpsCall(self, obj: Any, method: str, vargs: Any, kwargs: Any) -> bytes:  # noqa: N802 - Pyro5 API
-        return serpent.dumps((obj, method, vargs, kwargs), module_in_classname=True, bytes_repr=True)
-
-    def dumps(self, data: Any) -> bytes:
-        return serpent.dumps(data, module_in_classname=True, bytes_repr=True)
-
-
-SERIALIZER = BytesSerpent()
-# what Pyro5's daemon code looks up as `serializers`, with BytesSerpent for serpent (see worker.py)
-SERIALIZERS_VIEW = types.SimpleNamespace(**{name: getattr(serializers, name) for name in dir(serializers)
-                                            if not name.startswith("__")})
-SERIALIZERS_VIEW.serializers_by_id = {**serializers.serializers_by_id, SERIALIZER.serializer_id: SERIALIZER}
-SERIALIZERS_VIEW.serializers = dict(serializers.serializers, serpent=SERIALIZER)
+__all__ = ["SERIALIZER", "BytesSerpent", "LimitedConnection", "invoke", "limit_connection", "loads"]
 
 _HEADER_START = 6  # recv_stub reads 'PYRO' + version first, then the rest of the 40-byte header
 _HEADER_REST = 34
@@ -161,7 +143,7 @@ def limit_connection(conn: socketutil.SocketConnection, max_size: int) -> Limite
 
 
 
-_HEADER = struct.Struct(protocol._header_format)
+_HEADER = wire_protocol.HEADER
 _NO_CORRELATION = b"\0" * 16
 
 
@@ -175,13 +157,13 @@ def invoke(conn: LimitedConnection, method: str, args: Any, kwargs: Any, flags: 
     data = SERIALIZER.dumpsCall(conn.objectId, method, args, kwargs)
     seq = conn.seq = (conn.seq + 1) & 0xFFFF
     conn.send(_HEADER.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_INVOKE, _SERPENT_ID, flags, seq,
-                           len(data), 0, _NO_CORRELATION, 0, protocol._magic_number) + data)
+                           len(data), 0, _NO_CORRELATION, 0, wire_protocol.MAGIC) + data)
     if flags & protocol.FLAGS_ONEWAY:
         return None
     header = conn.read_header()
     tag, version, msg_type, serializer_id, rflags, rseq, data_size, ann_size, _corr, _res, magic = \
         _HEADER.unpack(header)
-    if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != protocol._magic_number:
+    if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != wire_protocol.MAGIC:
         raise Pyro5.errors.ProtocolError("invalid message or protocol version in reply")
     if msg_type != protocol.MSG_RESULT or rseq != seq or serializer_id != _SERPENT_ID:
         raise Pyro5.errors.ProtocolError(f"unexpected reply: type {msg_type}, seq {rseq} (wanted {seq}), "

@@ -58,8 +58,11 @@ def _pyrorpc_imports(path):
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.ImportFrom):
             mod = node.module or ""
-            if node.level:  # relative import inside pyrorpc
-                mod = "pyrorpc." + mod if "pyrorpc" in path.split("/")[-2] else mod
+            if node.level and "pyrorpc" in path.split("/")[-2]:  # relative import inside pyrorpc
+                if not mod:  # from . import protocol
+                    found.update("pyrorpc." + a.name for a in node.names)
+                    continue
+                mod = "pyrorpc." + mod
             if mod.startswith("pyrorpc"):
                 found.add(mod)
         elif isinstance(node, ast.Import):
@@ -68,20 +71,32 @@ def _pyrorpc_imports(path):
 
 
 def test_imports_flow_one_way():
-    """nameserver uses only pyrorpc.config/errors/security; security only config/errors/wire (STYLE 2)."""
+    """Layers (STYLE 2, 20): protocol and codec (no I/O) -> wire (transport) -> security -> server ->
+    naming/worker/proxy/pool -> cli; nameserver uses only config/errors/security/server."""
     import glob
     import os
     ns_dir = os.path.dirname(nameserver.__file__)
     for path in glob.glob(os.path.join(ns_dir, "*.py")):
-        assert _pyrorpc_imports(path) <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.security"}, path
+        assert _pyrorpc_imports(path) <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.security",
+                                          "pyrorpc.server"}, path
     pkg = os.path.dirname(pyrorpc.__file__)
-    assert _pyrorpc_imports(os.path.join(pkg, "security.py")) <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.wire"}
-    assert _pyrorpc_imports(os.path.join(pkg, "wire.py")) <= {"pyrorpc.errors"}
-    assert _pyrorpc_imports(os.path.join(pkg, "errors.py")) == set()
-    assert _pyrorpc_imports(os.path.join(pkg, "config.py")) == set()
-    for low in ("naming.py", "worker.py", "proxy.py", "pool.py"):
-        assert "pyrorpc.cli" not in _pyrorpc_imports(os.path.join(pkg, low))
-        assert "pyrorpc.testing" not in _pyrorpc_imports(os.path.join(pkg, low))
+
+    def imports(name: str) -> set[str]:
+        return _pyrorpc_imports(os.path.join(pkg, name))
+
+    assert imports("protocol.py") == set()
+    assert imports("codec.py") == set()
+    assert imports("compat.py") == set()
+    assert imports("errors.py") == set()
+    assert imports("config.py") == set()
+    assert imports("wire.py") <= {"pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.codec"}
+    assert imports("security.py") <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.wire", "pyrorpc.protocol"}
+    assert imports("server.py") <= {"pyrorpc.compat", "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.wire",
+                                     "pyrorpc.codec"}
+    for low in ("naming.py", "worker.py", "proxy.py", "pool.py", "server.py", "callbacks.py"):
+        assert "pyrorpc.cli" not in imports(low)
+        assert "pyrorpc.testing" not in imports(low)
+        assert "pyrorpc.pool" not in imports(low) or low == "pool.py"
 
 
 def test_errors_survive_the_serializer():

@@ -195,7 +195,7 @@ def test_backpressure_and_connection_cap(ns_addr, pool_factory):
         futures = [pool.slow_idem.future(i, 0.05) for i in range(12)]
         assert pool._window.outstanding <= 3
         assert [f.result(10) for f in futures] == [i * i for i in range(12)]
-        assert len(host.daemon.connections) <= 3
+        assert host.server.connection_count() <= 3
 
 
 def test_hung_worker_is_ejected(ns_addr, pool_factory):

@@ -18,7 +18,7 @@ STEP_SECONDS = float(os.environ.get("JOBS_STEP_SECONDS", "0.1"))
 def _report(reporter: Any, method: str, *args: Any) -> bool:
     """Call the caller's reporter; False (and the job goes on) if the caller has gone away."""
     try:
-        getattr(reporter, method)(*args)
+        reporter.method(method).with_timeout(5)(*args)  # a stuck caller must not hang the job
         return True
     except Pyro5.errors.CommunicationError as exc:
         log.warning("reporter unreachable, job continues without progress reports: %s", exc)
@@ -29,8 +29,7 @@ def _report(reporter: Any, method: str, *args: Any) -> bool:
 class Jobs:
     def run(self, job: str, steps: int, reporter: Any) -> dict[str, Any]:
         """Run ``job`` inside this call, calling ``reporter.progress(job, percent, note)`` after each step;
-        returns the result. ``reporter`` arrives as a Pyro5 proxy to the caller's object."""
-        reporter._pyroTimeout = 5  # a stuck caller must not hang the job
+        returns the result. ``reporter`` arrives as a pyrorpc Proxy to the caller's object (thread safe)."""
         for step in range(1, steps + 1):
             time.sleep(STEP_SECONDS)  # the work
             _report(reporter, "progress", job, round(100 * step / steps), f"step {step}/{steps} on pid {os.getpid()}")
@@ -39,10 +38,6 @@ class Jobs:
     @pyrorpc.oneway  # the caller does not wait: the result comes back through reporter.done()
     def start(self, job: str, steps: int, reporter: Any) -> None:
         """Like ``run`` but fire-and-forget: progress and the result go to ``reporter``."""
-        # A Pyro5 proxy belongs to the thread that unpacked it. Oneway calls run on another worker thread
-        # than the one that received them, so take the proxy over before using it.
-        reporter._pyroClaimOwnership()
-        reporter._pyroTimeout = 5
-        with reporter:  # releases the connection back to the caller at the end
+        with reporter:  # closes the connection back to the caller at the end
             result = self.run(job, steps, reporter)
             _report(reporter, "done", job, result)
