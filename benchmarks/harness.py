@@ -48,7 +48,7 @@ class Child:
         self._ready.put(None)
 
     def wait_ready(self, timeout: float) -> list[str]:
-        """The fields of the ``READY`` line (kind first); raises if the process exits or times out."""
+        """The fields of the next ``READY`` line (kind first); raises if the process exits or times out."""
         try:
             line = self._ready.get(timeout=timeout)
         except queue.Empty:
@@ -57,6 +57,13 @@ class Child:
         if line is None:
             raise RuntimeError(f"{self.name} server exited ({self.proc.wait()}):\n" + "\n".join(self.lines[-20:]))
         return line.split()
+
+    def ask(self, command: str, timeout: float) -> list[str]:
+        """Send one command line to a helper that answers each with a ``READY`` line; its fields."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.wait_ready(timeout)
 
     def stop(self) -> None:
         """Close stdin (the child exits at once); SIGKILL if it is still there after 3 s."""
@@ -106,6 +113,16 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_count(pid: int) -> int:
+    """Threads of process ``pid`` (entries of /proc/PID/task); Linux only."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of process ``pid`` (entries of /proc/PID/fd); Linux only."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def sync_loop(call: Callable[[], Any], n: int, warmup: int, server_pid: int | None = None) -> dict[str, float]:
     """Call ``n`` times back to back; calls/s, latency percentiles (each call timed end to end) and the CPU
     time per call of this process and of the server process (clock-tick resolution: 10 ms per run)."""
@@ -131,6 +148,87 @@ def sync_loop(call: Callable[[], Any], n: int, warmup: int, server_pid: int | No
             "p99_us": percentile(lat, 99) / 1e3, "p999_us": percentile(lat, 99.9) / 1e3,
             "max_us": lat[-1] / 1e3, "mean_us": sum(lat) / n / 1e3,
             "client_cpu_us": cpu / n * 1e6, "server_cpu_us": srv / n * 1e6}
+
+
+def threaded_run(prepare: Callable[[int], Callable[[], Any]], threads: int, n: int, warmup: int,
+                 timeout: float = 300.0) -> dict[str, Any]:
+    """``threads`` client threads each make ``warmup`` then ``n`` calls back to back; calls/s over all of them.
+
+    Thread ``i`` gets its callable from ``prepare(i)``, called in that thread (a stock Pyro5 proxy must be
+    claimed by the thread that uses it). The timed part starts when the last thread is done warming up
+    (a barrier) and ends when the last thread is done. A call that raises, warm-up included, is counted in
+    ``errors`` (the first one's text is kept) and the thread goes on; a run whose threads are not all done
+    within ``timeout`` raises.
+    """
+    start = [0.0]
+    ends = [math.nan] * threads
+    lats: list[list[int]] = [[] for _ in range(threads)]
+    errors = [0] * threads
+    first_error: list[str] = []
+
+    def failed(exc: BaseException, where: str = "") -> None:
+        if not first_error:
+            first_error.append(f"{where}{type(exc).__name__}: {exc}")
+
+    def started() -> None:  # run by one thread once all are at the barrier, before any is released
+        gc.collect()
+        start[0] = time.perf_counter()
+
+    barrier = threading.Barrier(threads, action=started)
+
+    def client(i: int) -> None:
+        try:
+            call = prepare(i)
+        except Exception as exc:
+            failed(exc, "setup: ")
+            barrier.abort()
+            return
+        for _ in range(warmup):
+            try:
+                call()
+            except Exception as exc:
+                errors[i] += 1
+                failed(exc)
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        clock = time.perf_counter_ns
+        lat = [0] * n
+        prev = clock()
+        for k in range(n):
+            try:
+                call()
+            except Exception as exc:
+                errors[i] += 1
+                failed(exc)
+            now = clock()
+            lat[k] = now - prev
+            prev = now
+        lats[i] = lat
+        ends[i] = time.perf_counter()
+
+    pool = [threading.Thread(target=client, args=(i,), name=f"bench-client-{i}", daemon=True)
+            for i in range(threads)]
+    for t in pool:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in pool:
+        t.join(max(0.0, deadline - time.monotonic()))
+    done = sum(not math.isnan(e) for e in ends)
+    if done < threads:
+        barrier.abort()  # let threads still waiting for the start go
+        raise RuntimeError(f"only {done} of {threads} client threads finished within {timeout:g}s"
+                           + (f" (first error: {first_error[0]})" if first_error else ""))
+    elapsed = max(ends) - start[0]
+    merged = sorted(x for lat in lats for x in lat)
+    out: dict[str, Any] = {
+        "calls_per_s": threads * n / elapsed, "seconds": elapsed, "calls": threads * n, "threads": threads,
+        "errors": float(sum(errors)), "p50_us": percentile(merged, 50) / 1e3,
+        "p99_us": percentile(merged, 99) / 1e3, "max_us": merged[-1] / 1e3}
+    if first_error:
+        out["first_error"] = first_error[0]
+    return out
 
 
 def oneway_run(send: Callable[[], Any], executed: Callable[[], int], n: int, warmup: int,

@@ -6,10 +6,14 @@ closes, so a benchmark run that dies - even by SIGKILL - never leaves servers be
 
 Kinds:
     raw      a TCP server echoing fixed-size frames (the floor: what one round trip costs without any RPC)
-    pyro     a stock ``Pyro5.server.Daemon`` serving one ``BenchService`` instance
+    pyro     a stock ``Pyro5.server.Daemon`` serving one ``BenchService`` instance (thread server; with
+             ``--threadpool N`` its pool grows to N threads instead of Pyro5's default 80)
     rpyc     an RPyC ``ThreadedServer`` with the same methods (only if rpyc is installed)
     ns       pyrorpc's name server (``nameserver.daemon.run``)
     worker   one pyrorpc ``WorkerHost`` per ``--service`` name, all serving ``BenchService``
+    idle     a helper holding idle client connections to the worker at ``--uri``: each ``open N`` line on
+             stdin opens N more (TCP + pyrorpc handshake, nothing else), ``close`` closes them all; each
+             command is answered with a ``READY`` line
 """
 
 from __future__ import annotations
@@ -112,12 +116,17 @@ def serve_raw() -> None:
 
 # stock Pyro5 ------------------------------------------------------------------------------------------
 
-def serve_pyro() -> None:
+def serve_pyro(threadpool: int | None) -> None:
+    import Pyro5
     import Pyro5.server
+    if threadpool:
+        # this process's own config: the stock server that several client threads share needs a thread
+        # per connection (Pyro5's thread server refuses connections once its pool is full)
+        Pyro5.config.THREADPOOL_SIZE = threadpool
     daemon = Pyro5.server.Daemon(host="127.0.0.1", port=0)
     uri = daemon.register(BenchService(), "bench")
     threading.Thread(target=daemon.requestLoop, daemon=True).start()
-    ready(f"pyro {uri}")
+    ready(f"pyro {uri} threadpool={Pyro5.config.THREADPOOL_SIZE}")
     exit_when_parent_goes()
 
 
@@ -169,22 +178,65 @@ def serve_workers(ns: str, services: list[str]) -> None:
     exit_when_parent_goes()
 
 
+# idle connections --------------------------------------------------------------------------------------
+
+def hold_idle(uri: str) -> None:
+    """Open and close idle connections to ``uri`` on command, from this process (its descriptors, not the
+    benchmark client's)."""
+    import resource
+
+    import Pyro5.core
+
+    from pyrorpc.security import open_connection
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    target, settings = Pyro5.core.URI(uri), pyrorpc.Settings()
+    conns: list[Any] = []
+    ready("idle")
+    for line in sys.stdin:  # EOF: the benchmark is done (or gone)
+        cmd = line.split()
+        try:
+            if cmd[:1] == ["open"] and len(cmd) == 2:
+                t0 = time.perf_counter()
+                for _ in range(int(cmd[1])):
+                    conns.append(open_connection(target, settings)[0])
+                ready(f"opened {len(conns)} {time.perf_counter() - t0:.3f}")
+            elif cmd == ["close"]:
+                for conn in conns:
+                    conn.close()
+                conns.clear()
+                ready("closed")
+            else:
+                ready(f"error unknown command {line.strip()!r}")
+        except Exception as exc:  # the benchmark reports it; the connections opened so far stay counted
+            ready(f"error {type(exc).__name__}: {exc}")
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["raw", "pyro", "rpyc", "ns", "worker"])
+    parser.add_argument("kind", choices=["raw", "pyro", "rpyc", "ns", "worker", "idle"])
     parser.add_argument("--cpus", default=None, help="pin to these CPUs, e.g. 0 (default: inherited)")
     parser.add_argument("--ns", default=None, help="name server HOST:PORT (worker)")
     parser.add_argument("--service", action="append", default=[], help="service to serve (worker; repeatable)")
+    parser.add_argument("--threadpool", type=int, default=None, help="Pyro5 THREADPOOL_SIZE (pyro)")
+    parser.add_argument("--uri", default=None, help="the worker to hold idle connections to (idle)")
     args = parser.parse_args(argv)
     pin(args.cpus)
     if args.kind == "raw":
         serve_raw()
     elif args.kind == "pyro":
-        serve_pyro()
+        serve_pyro(args.threadpool)
     elif args.kind == "rpyc":
         serve_rpyc()
     elif args.kind == "ns":
         serve_ns()
+    elif args.kind == "idle":
+        if not args.uri:
+            parser.error("idle needs --uri")
+        hold_idle(args.uri)
     else:
         if not args.ns or not args.service:
             parser.error("worker needs --ns and at least one --service")

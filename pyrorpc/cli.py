@@ -384,10 +384,12 @@ def call_cmd(target: str, method: str, args: tuple[str, ...], kwargs: tuple[str,
             else:
                 result = remote(*arg_values, **kw)
         except Exception as exc:
-            if not hasattr(exc, "_pyroTraceback"):
+            from .compat import remote_traceback
+            tb = remote_traceback(exc)
+            if tb is None:
                 raise  # ours (timeout, no workers...): handled by user_errors
             if show_traceback:
-                click.echo("".join(exc._pyroTraceback).rstrip(), err=True)
+                click.echo("".join(tb).rstrip(), err=True)
             raise click.ClickException(f"{target}.{method} raised {_one_line(exc)}") from None
     if as_json:
         emit_json(result)

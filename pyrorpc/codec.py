@@ -27,10 +27,10 @@ class BytesSerpent(serializers.SerpentSerializer):
     and decoding takes the fast path of ``loads``."""
 
     def dumpsCall(self, obj: Any, method: str, vargs: Any, kwargs: Any) -> bytes:  # noqa: N802 - Pyro5 API
-        return serpent.dumps((obj, method, vargs, kwargs), module_in_classname=True, bytes_repr=True)
+        return dumps((obj, method, vargs, kwargs))
 
     def dumps(self, data: Any) -> bytes:
-        return serpent.dumps(data, module_in_classname=True, bytes_repr=True)
+        return dumps(data)
 
     def loads(self, data: Any) -> Any:
         return loads(data)
@@ -61,7 +61,56 @@ _recreate = SERIALIZER.recreate_classes
 
 
 def dumps(data: Any) -> bytes:
-    return serpent.dumps(data, module_in_classname=True, bytes_repr=True)
+    """Serpent bytes for ``data``: plain builtins (str, bytes, int, float, bool, None, and tuples, lists
+    and dicts of them) are written directly, anything else (sets, classes, exceptions, subclasses of
+    builtins, deep or circular structures) by ``serpent.dumps``; both read back alike."""
+    out = [_HEADER]
+    try:
+        _encode(data, out, 0)
+    except _Fallback:
+        return serpent.dumps(data, module_in_classname=True, bytes_repr=True)
+    return "".join(out).encode("utf-8")
+
+
+_MAX_DEPTH = 40
+
+
+def _encode(obj: Any, out: list[str], depth: int) -> None:
+    t = type(obj)
+    if t is str or t is int or t is bool or obj is None or t is bytes:
+        out.append(repr(obj))
+    elif t is float:
+        if obj - obj != 0.0:  # inf and nan have no literal: serpent's own forms
+            raise _Fallback
+        out.append(repr(obj))
+    elif t is tuple or t is list:
+        if depth > _MAX_DEPTH:
+            raise _Fallback
+        out.append("(" if t is tuple else "[")
+        for item in obj:
+            _encode(item, out, depth + 1)
+            out.append(",")
+        if len(obj) == 1 and t is tuple:
+            out.append(")")
+        elif obj:
+            out[-1] = ")" if t is tuple else "]"
+        else:
+            out.append(")" if t is tuple else "]")
+    elif t is dict:
+        if depth > _MAX_DEPTH:
+            raise _Fallback
+        out.append("{")
+        for key, value in obj.items():
+            _encode(key, out, depth + 1)
+            out.append(":")
+            _encode(value, out, depth + 1)
+            out.append(",")
+        if obj:
+            out[-1] = "}"
+        else:
+            out.append("}")
+    else:
+        raise _Fallback
 
 
 _TOKENS = re.compile(r"""
@@ -155,7 +204,7 @@ def _parse(text: str) -> tuple[Any, bool]:
                     pairs = n // 2
                     if n % 2 or colons != pairs or not (commas == pairs or commas == pairs - 1):
                         raise _Fallback
-                    value = dict(zip(items[::2], items[1::2]))
+                    value = dict(zip(items[::2], items[1::2], strict=True))
                     if "__class__" in value:
                         classes = True
                 elif n:

@@ -10,9 +10,9 @@ from typing import Any
 import Pyro5.core
 import Pyro5.errors
 
+from .compat import remote_traceback
 from .config import Address, Settings
 from .errors import AuthenticationError, NameServerUnavailableError
-from .compat import remote_traceback
 from .security import open_connection
 from .wire import invoke
 

@@ -10,9 +10,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import Pyro5.core
-
 from .balancing import Strategy, make_strategy
+from .compat import is_exception_wrapper, unwrap_exception
 from .config import Settings, resolve
 from .errors import (
     CallTimeoutError,
@@ -316,9 +315,9 @@ class Pool(Dispatcher):
                 break
             done = 0
             for i, value in zip(todo, out, strict=False):
-                if isinstance(value, Pyro5.core._ExceptionWrapper):
-                    if not isinstance(value.exception, WorkerDrainingError):
-                        results[i] = _Failed(value.exception)
+                if is_exception_wrapper(value):
+                    if not isinstance(unwrap_exception(value), WorkerDrainingError):
+                        results[i] = _Failed(unwrap_exception(value))
                         done += 1
                     break
                 results[i] = value

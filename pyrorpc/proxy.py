@@ -14,6 +14,8 @@ import Pyro5.errors
 from Pyro5 import protocol
 from Pyro5.serializers import SerializerBase
 
+from .codec import set_proxy_factory
+from .compat import is_exception_wrapper, remote_traceback, unwrap_exception
 from .config import Settings, resolve
 from .errors import (
     AuthenticationError,
@@ -23,7 +25,6 @@ from .errors import (
     WorkerDrainingError,
     WorkerLostError,
 )
-from .codec import set_proxy_factory
 from .naming import NameServerClient, WorkerInfo
 from .security import open_connection
 from .wire import LimitedConnection, invoke
@@ -45,7 +46,7 @@ class SlotsBusy(CallTimeoutError):
 
 def _remote(exc: BaseException) -> bool:
     # Pyro5 marks exceptions raised by the remote method with their remote traceback
-    return hasattr(exc, "_pyroTraceback")
+    return remote_traceback(exc) is not None
 
 
 class Endpoint:
@@ -143,7 +144,7 @@ class Endpoint:
 
         With ``batch`` ``args`` is a list of argument tuples for ``method``, sent as one Pyro5 batch
         message: the worker runs them in order and stops at the first exception; the result is the list
-        of results so far (an exception as a ``Pyro5.core._ExceptionWrapper``). A batch refused whole by
+        of results so far (an exception as Pyro5's exception wrapper, see ``compat``). A batch refused whole by
         a draining worker raises NotSent."""
         conn = self._enter(method, timeout if wait is None else wait)
         failed = True
@@ -157,9 +158,9 @@ class Endpoint:
                 if batch:
                     result = invoke(conn, "<batch>", [(method, a, {}) for a in args], None,
                                     flags | protocol.FLAGS_BATCH)
-                    if result and isinstance(result[0], Pyro5.core._ExceptionWrapper) \
-                            and isinstance(result[0].exception, WorkerDrainingError):
-                        raise result[0].exception
+                    if result and is_exception_wrapper(result[0]) \
+                            and isinstance(unwrap_exception(result[0]), WorkerDrainingError):
+                        raise unwrap_exception(result[0])
                 else:
                     result = invoke(conn, method, args, kwargs or {}, flags)
             except WorkerDrainingError as exc:

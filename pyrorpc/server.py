@@ -262,7 +262,12 @@ class _Target:
         self.extra = extra
 
 
+_PLAIN = frozenset((type(None), int, str, bytes, float, bool, tuple, list, dict, set, frozenset))
+
+
 def _is_stream(value: Any) -> bool:
+    if type(value) in _PLAIN:
+        return False
     return isinstance(value, (types.GeneratorType, types.AsyncGeneratorType)) or (
         hasattr(value, "__next__") and hasattr(value, "__iter__") and not isinstance(value, (str, bytes)))
 

@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import Pyro5.server
 
+from .compat import is_oneway
+
 __all__ = ["idempotent", "oneway", "public_methods", "service", "service_name_of"]
 
 T = TypeVar("T", bound=type)
@@ -75,7 +77,7 @@ def public_methods(cls: type) -> dict[str, dict[str, bool]]:
         if not callable(func) or inspect.isclass(func):
             continue
         result[name] = {
-            "oneway": bool(getattr(func, "_pyroOneway", False)),
+            "oneway": is_oneway(func),
             "idempotent": bool(getattr(func, IDEMPOTENT_ATTR, False)),
         }
     return result

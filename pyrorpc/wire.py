@@ -22,6 +22,7 @@ _HEADER_START = 6  # recv_stub reads 'PYRO' + version first, then the rest of th
 _HEADER_REST = 34
 _SERPENT_ID = serializers.SerpentSerializer.serializer_id
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
+_CHUNK = 65536
 
 
 class LimitedConnection(socketutil.SocketConnection):
@@ -38,6 +39,7 @@ class LimitedConnection(socketutil.SocketConnection):
     seq = 0
     _state = 0
     _rest = b""
+    _buf = b""
     _timeout: float | None = None
     _tls = False
     poller: Any = None
@@ -102,24 +104,46 @@ class LimitedConnection(socketutil.SocketConnection):
         return self._read(size) if size else b""
 
     def _read(self, size: int) -> bytes:
-        """Exactly ``size`` bytes (timeouts and errors as Pyro5's CommunicationErrors)."""
+        """Exactly ``size`` bytes (timeouts and errors as Pyro5's CommunicationErrors). Small reads take
+        whatever has arrived (up to 64 KiB) and keep the rest, so a reply's header and payload usually
+        cost one system call together."""
+        buf = self._buf
+        if len(buf) >= size:
+            if len(buf) == size:
+                self._buf = b""
+                return buf
+            self._buf = buf[size:]
+            return buf[:size]
         sock = self.sock
         if sock.gettimeout() is not None:
-            return bytes(socketutil.receive_data(sock, size))
+            self._buf = b""
+            return buf + bytes(socketutil.receive_data(sock, size - len(buf)))
         try:
-            if self._tls:
-                data = b""
-            else:
-                data = sock.recv(size, _WAITALL)
-                if len(data) == size:
-                    return data
-            buf = bytearray(data)
-            while len(buf) < size:
-                chunk = sock.recv(min(size - len(buf), 1 << 20))
+            need = size - len(buf)
+            if need <= _CHUNK:
+                parts = [buf] if buf else []
+                have = len(buf)
+                while have < size:
+                    chunk = sock.recv(_CHUNK)
+                    if not chunk:
+                        raise Pyro5.errors.ConnectionClosedError("receiving: connection closed")
+                    parts.append(chunk)
+                    have += len(chunk)
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                self._buf = data[size:] if have > size else b""
+                return data[:size] if have > size else data
+            self._buf = b""
+            data = b"" if self._tls else sock.recv(need, _WAITALL)
+            if len(data) == need:
+                return buf + data if buf else data
+            more = bytearray(buf)
+            more += data
+            while len(more) < size:
+                chunk = sock.recv(min(size - len(more), 1 << 20))
                 if not chunk:
                     raise Pyro5.errors.ConnectionClosedError("receiving: connection closed")
-                buf += chunk
-            return bytes(buf)
+                more += chunk
+            return bytes(more)
         except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
             raise Pyro5.errors.TimeoutError("receiving: timeout") from None
         except OSError as exc:
@@ -127,6 +151,8 @@ class LimitedConnection(socketutil.SocketConnection):
 
     def idle_and_alive(self) -> bool:
         """For a connection at rest: nothing may be waiting to be read, so readable means closed."""
+        if self._buf:
+            return False  # bytes nobody asked for: the stream is out of step
         poller = self.poller
         if poller is None:
             poller = self.poller = select.poll()
