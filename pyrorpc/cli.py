@@ -235,7 +235,12 @@ def load_class(spec: str) -> type:
 @click.option("--service", default=None, help="service name (default: the class's @service name)")
 @click.option("--processes", type=click.IntRange(1, 256), default=1, show_default=True,
               help="worker processes, supervised and restarted on crash")
-@click.option("--threads", type=click.IntRange(1, 4096), default=None, help="connection threads per worker")
+@click.option("--threads", type=click.IntRange(1, 4096), default=None,
+              help="calls a worker runs at once (default 64; idle connections hold no thread)")
+@click.option("--max-connections", type=click.IntRange(1, 1_000_000), default=None,
+              help="client connections a worker keeps open (default 4096); more are refused")
+@click.option("--idle-timeout", type=click.FloatRange(0.001), default=None,
+              help="seconds before a worker closes an idle connection (default 300)")
 @click.option("--host", default=None, help="interface to bind (default 127.0.0.1)")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, help="port (0 = any; needs --processes 1)")
 @click.option("--instance-mode", type=click.Choice(["single", "session", "percall"]), default="single",
@@ -245,12 +250,14 @@ def load_class(spec: str) -> type:
 @click.option("--drain-timeout", type=click.FloatRange(0), default=None, help="seconds to finish calls on stop")
 @ns_option
 @user_errors
-def worker_start(spec: str, service: str | None, processes: int, threads: int | None, host: str | None,
+def worker_start(spec: str, service: str | None, processes: int, threads: int | None,
+                 max_connections: int | None, idle_timeout: float | None, host: str | None,
                  port: int, instance_mode: str, lease_ttl: float | None, drain_timeout: float | None,
                  ns: Address | None) -> None:
     """Serve MODULE:CLASS as a service until SIGTERM/SIGINT (which drains calls first)."""
     cls = load_class(spec)
-    settings = settings_for(ns, host=host, threads=threads, lease_ttl=lease_ttl, drain_timeout=drain_timeout)
+    settings = settings_for(ns, host=host, threads=threads, max_connections=max_connections,
+                            idle_timeout=idle_timeout, lease_ttl=lease_ttl, drain_timeout=drain_timeout)
     # a service that calls other services (Pool/connect inside a method) finds the same name server and
     # credentials through the environment, as if they had been given as PYRORPC_* variables
     for key, value in (("NS", str(settings.ns)), ("SECRET", settings.secret), ("TLS_CERT", settings.tls_cert),
@@ -263,6 +270,7 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
         from .supervisor import Supervisor
         argv = [sys.executable, "-m", "pyrorpc", "worker", "start", spec, "--ns", str(settings.ns),
                 "--instance-mode", instance_mode, "--threads", str(settings.threads),
+                "--max-connections", str(settings.max_connections), "--idle-timeout", str(settings.idle_timeout),
                 "--host", settings.host, "--drain-timeout", str(settings.drain_timeout)]
         if service:
             argv += ["--service", service]

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,7 @@ class Endpoint:
         self.idempotent: frozenset[str] = frozenset()
         self.oneway: frozenset[str] = frozenset()
         self.methods: frozenset[str] | None = None
+        self.max_idle = float("inf")  # seconds a connection may rest before we retire it
         self._idle: list[LimitedConnection] = []
         self._busy: set[Any] = set()  # sockets with a call in flight (abort() shuts them down)
         self._lock = threading.Lock()
@@ -86,8 +88,12 @@ class Endpoint:
             raise
         except Pyro5.errors.PyroError as exc:
             raise NotSent(exc) from exc
+        info = meta.get("pyrorpc") or {}
+        idle = info.get("idle_timeout")
+        if isinstance(idle, (int, float)) and idle > 0:
+            # the worker closes connections idle that long: retire ours well before it can race a call
+            self.max_idle = idle / 2
         if self.methods is None:
-            info = meta.get("pyrorpc") or {}
             self.idempotent = frozenset(info.get("idempotent", ()))
             self.oneway = frozenset(meta.get("oneway", ()))
             self.methods = frozenset(meta.get("methods", ()))
@@ -119,6 +125,7 @@ class Endpoint:
             if conn is not None:
                 self._busy.discard(conn.sock)
                 if keep and not self._closed:
+                    conn.last_used = time.monotonic()
                     self._idle.append(conn)
                     conn = None
             if self._waiting:
@@ -131,7 +138,8 @@ class Endpoint:
         while conn is not None:
             # An idle connection never has data waiting: readable means the worker closed it (died or
             # stopped). Dropping it here is what keeps a call to a dead worker from being "sent" at all.
-            if conn.idle_and_alive():
+            # One idle for half the worker's idle_timeout is retired before the worker closes it.
+            if conn.idle_and_alive() and time.monotonic() - conn.last_used < self.max_idle:
                 return conn
             conn.close()
             with self._lock:

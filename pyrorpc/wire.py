@@ -40,6 +40,7 @@ class LimitedConnection(socketutil.SocketConnection):
     _state = 0
     _rest = b""
     _buf = b""
+    last_used = 0.0  # monotonic time this connection went back to rest (set by its owner)
     _timeout: float | None = None
     _tls = False
     poller: Any = None
