@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import gc
 import math
 import os
@@ -98,21 +101,6 @@ def children(pids: list[int]) -> Iterator[Callable[[list[str], str | None], Chil
             child.stop()
 
 
-# timing -----------------------------------------------------------------------------------------------
-
-def percentile(sorted_values: list[int], q: float) -> float:
-    """Nearest-rank percentile of a sorted sample."""
-    rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
-    return float(sorted_values[rank - 1])
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads) used so far by process ``pid``; Linux only."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def thread_count(pid: int) -> int:
     """Threads of process ``pid`` (entries of /proc/PID/task); Linux only."""
     return len(os.listdir(f"/proc/{pid}/task"))
@@ -123,9 +111,67 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@contextmanager
+def idle_connections(helper: Child, n: int, server_pid: int) -> Iterator[float]:
+    """``n`` idle connections to a server, opened for the block by ``helper`` (a ``servers.py idle``
+    child): yields the seconds opening them took, once the server process ``server_pid`` holds all of
+    them; then closes them and waits until the server has closed its side too, so that the next measure
+    does not pay for it."""
+    fds0 = fd_count(server_pid)
+    reply = helper.ask(f"open {n}", 300)
+    try:
+        if reply[0] != "opened" or int(reply[1]) != n:
+            raise RuntimeError(f"idle helper could not open {n} connections: {' '.join(reply)}")
+        held = fd_count(server_pid) - fds0
+        if held < n:
+            raise RuntimeError(f"the server holds {held} descriptors more, not the {n} idle connections")
+        yield float(reply[2])
+    finally:
+        helper.ask("close", 60)
+        deadline = time.monotonic() + 30
+        while (held := fd_count(server_pid) - fds0) > 8:  # a few may come and go meanwhile (lease renewals)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server still holds {held} of the idle connections 30 s after closing")
+            time.sleep(0.01)
+
+
+# timing -----------------------------------------------------------------------------------------------
+
+def percentile(sorted_values: list[int], q: float) -> float:
+    """Nearest-rank percentile of a sorted sample."""
+    rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
+    return float(sorted_values[rank - 1])
+
+
+@functools.cache
+def _cpu_clock(pid: int) -> int:
+    """The id of the kernel's CPU-time clock of process ``pid`` (POSIX ``clock_getcpuclockid``)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    clock = ctypes.c_int()
+    err = libc.clock_getcpuclockid(pid, ctypes.byref(clock))
+    if err:
+        raise OSError(err, os.strerror(err))
+    return clock.value
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by process ``pid``; Linux only.
+
+    Read from the process's CPU-time clock (nanoseconds, what the scheduler counted); /proc/PID/stat's
+    user + system time, sampled at clock ticks (10 ms) and so too coarse for a per-call figure, only
+    where that clock is not available."""
+    try:
+        return time.clock_gettime(_cpu_clock(pid))
+    except (OSError, AttributeError):
+        pass
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sync_loop(call: Callable[[], Any], n: int, warmup: int, server_pid: int | None = None) -> dict[str, float]:
     """Call ``n`` times back to back; calls/s, latency percentiles (each call timed end to end) and the CPU
-    time per call of this process and of the server process (clock-tick resolution: 10 ms per run)."""
+    time per call of this process and of the server process (both from CPU-time clocks)."""
     for _ in range(warmup):
         call()
     gc.collect()

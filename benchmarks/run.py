@@ -9,15 +9,18 @@ By default every process (this client, each server) is pinned to one CPU, becaus
 CPUs costs ~10x a same-CPU one on a small VM and would swamp the CPU-cost differences being measured;
 ``--unpinned`` leaves scheduling to the OS.
 
-    python benchmarks/run.py                                   # full run, ~2 minutes on 2 slow vCPUs
+    python benchmarks/run.py                                   # full run, ~2.5 minutes on 2 slow vCPUs
     python benchmarks/run.py --out docs/benchmarks.md --json docs/benchmarks.json --png docs/benchmarks.png
     python benchmarks/run.py --smoke                           # tiny run (< 30 s), what the test runs
     python benchmarks/run.py --only sync,oneway --rounds 3     # a subset
 
-Figures: ``sync`` (calls/s, p50/p99 latency of ``ping()``), ``oneway`` (``hit()`` calls executed by the
-worker per second), ``map`` (``Pool.echo.map`` vs a stock Pyro5 ``echo`` loop), ``sleep`` (10 ms calls as
-futures through pools of 1/2/4/8/16 workers vs the ideal) and ``ns`` (service lookup among 10,000
-registrations: runs ``benchmarks/ns_lookup.py`` and includes its rows).
+Figures: ``sync`` (calls/s, p50/p99 latency and client/server CPU per call of ``ping()``), ``oneway``
+(``hit()`` calls executed by the worker per second), ``map`` (``Pool.echo.map`` vs a stock Pyro5 ``echo``
+loop), ``threads`` (64 client threads sharing one Pool vs 64 threads with a stock Pyro5 proxy each: calls/s
+and errors), ``idle`` (a worker's sync calls/s with 1,000 idle connections open on it vs none, and its
+thread and descriptor counts), ``sleep`` (10 ms calls as futures through pools of 1/2/4/8/16 workers vs
+the ideal) and ``ns`` (service lookup among 10,000 registrations: runs ``benchmarks/ns_lookup.py`` and
+includes its rows).
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import functools
 import json
 import math
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -37,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,13 +48,26 @@ if HERE not in sys.path:
 
 import Pyro5  # noqa: E402
 import Pyro5.client  # noqa: E402
-from harness import ROOT, Child, children, futures_run, oneway_run, sync_loop, timed_map  # noqa: E402
+from harness import (  # noqa: E402
+    ROOT,
+    Child,
+    children,
+    fd_count,
+    futures_run,
+    idle_connections,
+    oneway_run,
+    sync_loop,
+    thread_count,
+    threaded_run,
+    timed_map,
+)
+from machine import have_rpyc, machine  # noqa: E402
 from report import Results, command_line, markdown_report  # noqa: E402
 from servers import FRAME  # noqa: E402
 
 import pyrorpc  # noqa: E402
 
-GROUPS = ("sync", "oneway", "map", "sleep", "ns")
+GROUPS = ("sync", "oneway", "map", "threads", "idle", "sleep", "ns")
 POOL_SIZES = (1, 2, 4, 8, 16)
 SMOKE_POOL_SIZES = (1, 2)
 
@@ -62,6 +77,8 @@ SMOKE_POOL_SIZES = (1, 2)
 SYNC_FIGURES = {"sync_calls": "calls_per_s", "sync_p50": "p50_us", "sync_p99": "p99_us",
                 "sync_cpu_client": "client_cpu_us", "sync_cpu_server": "server_cpu_us"}
 ONEWAY_FIGURES = {"oneway_executed": "executed_per_s", "oneway_sent": "sent_per_s"}
+THREADS_FIGURES = {"threads_calls": "calls_per_s", "threads_errors": "errors"}
+IDLE_FIGURES = {"idle_calls": "calls_per_s", "idle_threads": "threads", "idle_fds": "fds"}
 
 
 @dataclasses.dataclass
@@ -72,7 +89,7 @@ class Contender:
     cid: str
     label: str
     figures: dict[str, str]
-    run: Callable[[], dict[str, float]]
+    run: Callable[[], dict[str, Any]]
     ideal: float | None = None
 
 
@@ -97,8 +114,10 @@ class Bench:
         self.results = results
         self.cpus = None if args.unpinned else str(args.cpu)
         self.pool_sizes = SMOKE_POOL_SIZES if args.smoke else POOL_SIZES
-        self.rpyc = args.rpyc and _have_rpyc()
+        self.rpyc = args.rpyc and have_rpyc()
         self.pids: dict[str, int] = {}  # server name -> pid, for the CPU-per-call figures
+        # Pyro5's thread server refuses a connection once its pool is full (80 threads by default)
+        self.pyro_threadpool = max(128, 2 * args.threads)
         if args.rpyc and not self.rpyc and args.groups & {"sync", "oneway"}:
             results.notes.append("RPyC not measured: `pip install rpyc` (optional) to include it.")
 
@@ -110,33 +129,48 @@ class Bench:
     def start_servers(self) -> None:
         t0 = time.perf_counter()
         groups = self.args.groups
-        need_rpc = bool(groups & {"sync", "oneway", "map", "sleep"})
+        need_rpc = bool(groups & {"sync", "oneway", "map", "threads", "idle", "sleep"})
         ns = self.start(["ns"], self.cpus) if need_rpc else None
         raw = self.start(["raw"], self.cpus) if "sync" in groups else None
         pyro = self.start(["pyro"], self.cpus) if groups & {"sync", "oneway", "map"} else None
         rpyc = self.start(["rpyc"], self.cpus) if self.rpyc and groups & {"sync", "oneway"} else None
+        # its own stock server: every client thread's connection holds one of its threads for good
+        pyro_threads = self.start(["pyro", "--threadpool", str(self.pyro_threadpool)], self.cpus) \
+            if "threads" in groups else None
         timeout = 60.0
         if ns is not None:
             self.ns = ns.wait_ready(timeout)[1]
             # worker process i serves every service that needs more than i workers: "bench" (1 worker),
             # "bench2" (2 workers) and "sleepK" (K workers, one per process); sleep-bound pools never run
-            # while another figure does, so sharing processes costs them nothing
+            # while another figure does, so sharing processes costs them nothing. "idle" gets a process
+            # of its own, so its thread and descriptor counts are one server's.
             plan: list[list[str]] = []
             procs = max(self.pool_sizes) if "sleep" in groups else 2
             for i in range(procs):
                 services = []
-                if groups & {"sync", "oneway", "map"}:
-                    services += ["bench"] if i == 0 else []
-                    services += ["bench2"] if i < 2 else []
+                if groups & {"sync", "oneway", "map", "threads"} and i == 0:
+                    services.append("bench")
+                if groups & {"oneway", "map"} and i < 2:
+                    services.append("bench2")
                 if "sleep" in groups:
                     services += [f"sleep{k}" for k in self.pool_sizes if i < k]
                 if services:
                     plan.append(services)
+            if "idle" in groups:
+                plan.append(["idle"])
             workers = [self.start(["worker", "--ns", self.ns, *[a for s in svc for a in ("--service", s)]],
                                   self.cpus) for svc in plan]
-            for w in workers:
-                w.wait_ready(timeout)
-            self.pids["bench"] = workers[0].proc.pid
+            uris: dict[str, str] = {}  # service -> worker URI, from "READY worker SERVICE=URI ..."
+            for svc, w in zip(plan, workers, strict=True):
+                uris.update(kv.partition("=")[::2] for kv in w.wait_ready(timeout)[1:])
+                self.pids.update({s: w.proc.pid for s in svc if s in ("bench", "idle")})
+            if "idle" in groups:
+                self.idle_helper = self.start(["idle", "--uri", uris["idle"]], self.cpus)
+                self.idle_helper.wait_ready(timeout)
+        if pyro_threads is not None:
+            ready = pyro_threads.wait_ready(timeout)
+            self.pyro_threads_uri = ready[1]
+            self.results.meta["pyro_threadpool"] = int(ready[2].split("=", 1)[1])
         self.pids.update({name: c.proc.pid for name, c in (("raw", raw), ("pyro", pyro), ("rpyc", rpyc)) if c})
         if raw is not None:
             host, port = raw.wait_ready(timeout)[1].split(":")
@@ -149,9 +183,14 @@ class Bench:
         self.log(f"servers up in {time.perf_counter() - t0:.1f}s")
 
     # clients (made once, reused in every round: steady state is what is measured)
-    def pyro_proxy(self) -> Any:
-        proxy = Pyro5.client.Proxy(self.pyro_uri)
-        self.stack.callback(proxy._pyroRelease)
+    def pyro_proxy(self, uri: str | None = None) -> Any:
+        proxy = Pyro5.client.Proxy(uri or self.pyro_uri)
+
+        def release() -> None:
+            proxy._pyroClaimOwnership()  # it may belong to a client thread of the threads figure
+            proxy._pyroRelease()
+
+        self.stack.callback(release)
         return proxy
 
     def pool(self, service: str, **kwargs: Any) -> pyrorpc.Pool:
@@ -184,7 +223,7 @@ class Bench:
         """Per group, the contenders in a fixed order (rotated per round). Each group is built by its own
         method, so no closure can see another group's clients."""
         makers = {"sync": self._sync_group, "oneway": self._oneway_group, "map": self._map_group,
-                  "sleep": self._sleep_group}
+                  "threads": self._threads_group, "idle": self._idle_group, "sleep": self._sleep_group}
         return {group: make() for group, make in makers.items() if group in self.args.groups}
 
     def _sync_group(self) -> list[Contender]:
@@ -251,6 +290,46 @@ class Bench:
             mapped("pool2", "pyrorpc Pool.map (2 workers)", pool_map(self.pool("bench2"))),
         ]
 
+    def _threads_group(self) -> list[Contender]:
+        a = self.args
+        n, warmup = a.thread_calls, max(2, a.thread_calls // 20)
+        pool = self.pool("bench")
+        proxies = [self.pyro_proxy(self.pyro_threads_uri) for _ in range(a.threads)]
+
+        def stock(i: int) -> Callable[[], Any]:
+            proxy = proxies[i]
+            proxy._pyroClaimOwnership()  # a Pyro5 proxy serves the one thread that owns it
+            return lambda: proxy.ping()
+
+        def shared(_i: int) -> Callable[[], Any]:
+            return lambda: pool.ping()
+
+        def threaded(cid: str, label: str, prepare: Callable[[int], Callable[[], Any]]) -> Contender:
+            return Contender(cid, label, THREADS_FIGURES, lambda: threaded_run(prepare, a.threads, n, warmup))
+
+        return [
+            threaded("pyro", f"stock Pyro5 thread server, {a.threads} threads × own proxy", stock),
+            threaded("pool", f"pyrorpc Pool (1 worker), shared by {a.threads} threads", shared),
+        ]
+
+    def _idle_group(self) -> list[Contender]:
+        a = self.args
+        pid, helper, idle = self.pids["idle"], self.idle_helper, a.idle_connections
+        proxy = self.connect("idle")
+        proxy.ping()  # its own connection is open before any descriptor is counted
+
+        def measure(with_idle: bool) -> dict[str, Any]:
+            with idle_connections(helper, idle, pid) if with_idle else nullcontext(0.0) as opened_in:
+                out: dict[str, Any] = sync_loop(lambda: proxy.ping(), a.calls, a.warmup, pid)
+                out.update(threads=thread_count(pid), fds=fd_count(pid), idle_connections=idle if with_idle else 0,
+                           open_seconds=opened_in)
+            return out
+
+        return [Contender("none", "pyrorpc worker, no idle connections", IDLE_FIGURES,
+                          functools.partial(measure, False)),
+                Contender("idle", f"pyrorpc worker, {idle:,} idle connections open", IDLE_FIGURES,
+                          functools.partial(measure, True))]
+
     def _sleep_group(self) -> list[Contender]:
         group = []
         for k in self.pool_sizes:
@@ -275,7 +354,7 @@ class Bench:
                 shift = r % len(entries)
                 for c in entries[shift:] + entries[:shift]:
                     try:
-                        out: dict[str, float] | None = c.run()
+                        out: dict[str, Any] | None = c.run()
                     except Exception as exc:  # one failed contender must not sink the run: NaN for this round
                         if self.args.smoke:
                             raise
@@ -318,44 +397,6 @@ class Bench:
                     self.results.add(figure, label, label, float(rnd[key]))
 
 
-def _have_rpyc() -> bool:
-    try:
-        import rpyc  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _git_revision() -> str:
-    """The checked-out commit, with ``+dirty`` when pyrorpc/ or nameserver/ have uncommitted changes."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pyrorpc", "nameserver"], capture_output=True,
-                               text=True, cwd=ROOT, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return rev + ("+dirty" if rev and dirty else "")
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "pyro5": Pyro5.__version__,
-                "pyrorpc": getattr(pyrorpc, "__version__", ""), "git": _git_revision()}
-    try:
-        import rpyc
-        versions["rpyc"] = rpyc.__version__ if isinstance(rpyc.__version__, str) else \
-            ".".join(map(str, rpyc.__version__))
-    except ImportError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "versions": versions}
-
-
 # command line -----------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -364,7 +405,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; smoke 1)")
     parser.add_argument("--calls", type=int, default=None,
-                        help="calls per contender per round for sync/oneway/map (default 5000; smoke 200)")
+                        help="calls per contender per round for sync/oneway/map/idle (default 5000; smoke 200)")
+    parser.add_argument("--threads", type=int, default=64, help="client threads of the threads figure (default 64)")
+    parser.add_argument("--thread-calls", type=int, default=None,
+                        help="calls per client thread per round in the threads figure (default: --calls / 10)")
+    parser.add_argument("--idle-connections", type=int, default=1000,
+                        help="idle connections held open in the idle figure (default 1000, smoke too)")
     parser.add_argument("--sleep-seconds", type=float, default=None,
                         help="ideal duration of each sleep-bound measure (default 2; smoke 0.3)")
     parser.add_argument("--only", default=None, metavar="NAME[,NAME]", help=f"run a subset of: {', '.join(GROUPS)}")
@@ -372,7 +418,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu", type=int, default=0, help="the CPU to pin every process to (default 0)")
     parser.add_argument("--no-rpyc", dest="rpyc", action="store_false", help="skip RPyC even if installed")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny run: 200 calls, 1 round, pools of 1/2, small name-server registry (< 30 s)")
+                        help="tiny run: 200 calls (20 per client thread), 1 round, pools of 1/2, small "
+                             "name-server registry (< 30 s)")
     parser.add_argument("--json", metavar="PATH", help="write every raw number as JSON")
     parser.add_argument("--out", metavar="PATH", help="write the markdown report (e.g. docs/benchmarks.md)")
     parser.add_argument("--png", metavar="PATH", help="write a chart (needs matplotlib)")
@@ -384,10 +431,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.calls = args.calls if args.calls is not None else (200 if args.smoke else 5000)
     args.sleep_seconds = args.sleep_seconds if args.sleep_seconds is not None else (0.3 if args.smoke else 2.0)
     args.warmup = max(10, args.calls // 20)
+    args.thread_calls = args.thread_calls if args.thread_calls is not None else max(10, args.calls // 10)
     if args.rounds < 1:
         parser.error("`--rounds` must be at least 1 (3 or more for a meaningful spread)")
     if args.calls < 10:
         parser.error("`--calls` must be at least 10")
+    if args.threads < 1:
+        parser.error("`--threads` must be at least 1")
+    if args.thread_calls < 1:
+        parser.error("`--thread-calls` must be at least 1")
+    if args.idle_connections < 1:
+        parser.error("`--idle-connections` must be at least 1")
     if args.sleep_seconds <= 0:
         parser.error("`--sleep-seconds` must be positive")
     names = [n.strip() for n in (args.only or ",".join(GROUPS)).split(",") if n.strip()]
@@ -415,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     results = Results({"command": command_line(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                        "pinned": not args.unpinned, "cpu": args.cpu, "rounds": args.rounds, "calls": args.calls,
                        "sleep_seconds": args.sleep_seconds, "smoke": args.smoke, "groups": sorted(args.groups),
+                       "threads": args.threads, "thread_calls": args.thread_calls,
+                       "idle_connections": args.idle_connections,
                        "pool_sizes": list(SMOKE_POOL_SIZES if args.smoke else POOL_SIZES),
                        "machine": machine(), "server_pids": []})
     t0 = time.perf_counter()

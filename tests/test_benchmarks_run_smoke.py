@@ -22,6 +22,11 @@ FIGURES = {
     "oneway_executed": {"pyro", "connect", "pool", "pool2"},
     "oneway_sent": {"pyro", "connect", "pool", "pool2"},
     "map": {"pyro_loop", "pool", "pool2"},
+    "threads_calls": {"pyro", "pool"},
+    "threads_errors": {"pyro", "pool"},
+    "idle_calls": {"none", "idle"},
+    "idle_threads": {"none", "idle"},
+    "idle_fds": {"none", "idle"},
     "sleep": {"pool_k1", "pool_k2"},
 }
 NS_FIGURES = {"ns_lookup_p50", "ns_lookup_p99"}
@@ -62,9 +67,16 @@ def test_smoke_run_measures_every_figure(tmp_path):
             assert all(v is not None and math.isfinite(v) and v >= 0 for v in row["values"]), (fig, contender, row)
     for k in (1, 2):
         assert figures["sleep"][f"pool_k{k}"]["ideal"] == k * 100
+    # the idle figure ran with its connections really open on the worker, and only then
+    meta = data["meta"]
+    assert meta["idle_connections"] == 1000 and meta["threads"] == 64
+    idle_fds = figures["idle_fds"]
+    assert idle_fds["idle"]["median"] >= idle_fds["none"]["median"] + 1000, idle_fds
+    assert [d["idle_connections"] for d in figures["idle_calls"]["idle"]["details"]] == [1000]
+    assert figures["threads_calls"]["pool"]["details"][0]["calls"] == 64 * meta["thread_calls"]
 
     statuses = {t["target"]: t["status"] for t in data["targets"]}
-    assert len(statuses) == 8
+    assert len(statuses) == 14
     assert set(statuses.values()) <= {"pass", "miss", "n/a"}
     assert data["meta"]["pinned"] is True and data["meta"]["smoke"] is True
 
