@@ -113,14 +113,18 @@ def _encode(obj: Any, out: list[str], depth: int) -> None:
         raise _Fallback
 
 
-_TOKENS = re.compile(r"""
+_NUM = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_TOKENS = re.compile(rf"""
     (?P<str>'[^'\\\n]*'|"[^"\\\n]*")
-  | (?P<num>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)(?![\w.+\-])
-  | (?P<punct>[()\[\]{},:])
+  | (?P<num>{_NUM})(?![\w.+\-])
+  | (?P<punct>[()\[\]{{}},:])
   | (?P<name>True|False|None)(?!\w)
-  | (?P<esc>b?'(?:[^'\\\n]|\\.)*'|b?"(?:[^"\\\n]|\\.)*")
+  | (?P<esc>b?['"])
   | (?P<other>\S)
 """, re.VERBOSE)
+# serpent writes a complex number as (REAL+IMAGj); checked before the tokens, at an opening parenthesis
+_COMPLEX = re.compile(rf"\((?P<re>{_NUM})(?P<sign>[+-])(?P<im>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)j\)")
+_AST_LIMIT = 64 * 1024  # larger input the fast path refuses is never handed to ast (memory: ~1 KB a node)
 _HEADER = "# serpent utf-8 python3.2\n"
 _NAMES = {"True": True, "False": False, "None": None}
 
@@ -129,8 +133,13 @@ class _Fallback(Exception):
     pass
 
 
-def loads(data: bytes | bytearray | memoryview) -> Any:
+def loads(data: bytes | bytearray | memoryview, *, fallback: bool = True) -> Any:
     """Decode serpent bytes (what ``SerpentSerializer.loads`` returns, classes recreated).
+
+    With ``fallback`` (the default) input the fast path does not handle is handed to ``serpent.loads``,
+    but only up to 64 KiB: ``ast`` needs about a kilobyte per element, so a large malformed message is
+    refused instead of costing gigabytes. Without ``fallback`` only the fast path runs (bounded work;
+    for input from unauthenticated peers).
 
     Raises:
         ValueError / SyntaxError: not a serpent literal (as ``serpent.loads`` raises).
@@ -138,18 +147,19 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
     try:
         text = bytes(data).decode("utf-8")
     except UnicodeDecodeError:
-        return _recreate(serpent.loads(data))
+        raise ValueError("serpent data is not valid UTF-8") from None
     if text.startswith(_HEADER):
-        body = text[len(_HEADER):]
         try:
-            value, classes = _parse(body)
+            value, classes = _parse(text, len(_HEADER))
+            return _recreate(value) if classes else value
         except (_Fallback, TypeError, ValueError, SyntaxError, IndexError, MemoryError, RecursionError):
-            return _recreate(serpent.loads(data))
-        return _recreate(value) if classes else value
+            pass
+    if not fallback or len(text) > _AST_LIMIT:
+        raise ValueError(f"malformed or unsupported serpent data ({len(text):,} bytes)")
     return _recreate(serpent.loads(data))
 
 
-def _parse(text: str) -> tuple[Any, bool]:
+def _parse(text: str, start: int) -> tuple[Any, bool]:
     """(value, whether a dict with ``__class__`` was seen); raises _Fallback for anything unusual."""
     if "\x00" in text:
         raise _Fallback
@@ -157,9 +167,22 @@ def _parse(text: str) -> tuple[Any, bool]:
     top: list[Any] | None = None
     result: Any = _Fallback
     classes = False
-    for m in _TOKENS.finditer(text):
+    pos = start
+    value: Any
+    match = _TOKENS.search
+    while True:
+        m = match(text, pos)
+        if m is None:
+            break
+        pos = m.end()
         kind = m.lastgroup
         tok = m.group(kind)  # type: ignore[arg-type]
+        if kind == "punct" and tok == "(" and "j" in text[pos:pos + 64]:
+            c = _COMPLEX.match(text, m.start())
+            if c is not None:
+                pos = c.end()
+                real, imag = float(c.group("re")), complex(0.0, float(c.group("im")))
+                kind, tok, value = "value", "", (real + imag if c.group("sign") == "+" else real - imag)
         if kind == "punct":
             if tok == ",":
                 # a comma follows an item (in a dict: a value), never another comma
@@ -192,7 +215,7 @@ def _parse(text: str) -> tuple[Any, bool]:
             if opener == "(":
                 if tok != ")" or not (commas == n or (commas == n - 1 and n != 1)):
                     raise _Fallback
-                value: Any = tuple(items)
+                value = tuple(items)
             elif opener == "[":
                 if tok != "]" or not (commas == n or commas == n - 1):
                     raise _Fallback
@@ -220,7 +243,27 @@ def _parse(text: str) -> tuple[Any, bool]:
             value = float(tok) if ("." in tok or "e" in tok or "E" in tok) else int(tok)
         elif kind == "name":
             value = _NAMES[tok]
+        elif kind == "value":
+            pass
         elif kind == "esc":
+            # a string or bytes literal with escapes (or a bytes literal): find its end with str.find,
+            # then let ast read that one literal (no per-character regex work on big payloads)
+            quote = tok[-1]
+            close = m.end()
+            while True:
+                close = text.find(quote, close)
+                if close < 0:
+                    raise _Fallback
+                slashes = 0
+                while text[close - 1 - slashes] == "\\":
+                    slashes += 1
+                if not slashes % 2:
+                    break
+                close += 1
+            tok = text[m.start():close + 1]
+            pos = close + 1
+            if "\n" in tok:
+                raise _Fallback
             if tok[0] == "b" and "\\" not in tok:
                 value = tok[2:-1].encode("ascii")
             else:

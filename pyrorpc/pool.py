@@ -175,7 +175,7 @@ class Pool(Dispatcher):
             for info in infos:
                 seen.add(info.name)
                 member = self._members.get(info.name)
-                if member is None or member.info.uri != info.uri:
+                if member is None or member.info.uri != info.uri or member.endpoint.closed:
                     capacity = min(self._settings.max_in_flight, info.threads or self._settings.max_in_flight)
                     if member is not None:
                         member.endpoint.close()

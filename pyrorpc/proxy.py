@@ -172,7 +172,9 @@ class Endpoint:
                 else:
                     result = invoke(conn, method, args, kwargs or {}, flags)
             except WorkerDrainingError as exc:
-                keep = True
+                # the worker is stopping: no further call goes there (it closes its connections soon, and
+                # a call sent just then would be lost), the pool sends this one elsewhere
+                self.close()
                 raise NotSent(exc) from exc
             except Pyro5.errors.TimeoutError as exc:
                 if _remote(exc):
@@ -198,6 +200,11 @@ class Endpoint:
             return result
         finally:
             self._leave(conn, failed, keep)
+
+    @property
+    def closed(self) -> bool:
+        """Closed by ``close()`` or because the worker said it is draining: no further call goes out."""
+        return self._closed
 
     def close(self, *, abort: bool = False) -> None:
         """Close idle connections (busy ones close as their calls end). With ``abort`` the calls in flight

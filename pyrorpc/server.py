@@ -43,16 +43,13 @@ from .protocol import (
     FLAGS_CORR_ID,
     FLAGS_EXCEPTION,
     FLAGS_ONEWAY,
-    HEADER,
     HEADER_SIZE,
-    MAGIC,
     MSG_CONNECT,
     MSG_CONNECTFAIL,
     MSG_CONNECTOK,
     MSG_INVOKE,
     MSG_PING,
     MSG_RESULT,
-    PROTOCOL_VERSION,
     SERPENT_ID,
     ProtocolViolation,
     decompress,
@@ -80,7 +77,11 @@ _NO_CORR = b"\0" * 16
 _PONG = b"pong"
 
 # connection states
-HANDSHAKE, IDLE, BUSY, REFUSED, CLOSED = "handshake", "idle", "busy", "refused", "closed"
+HANDSHAKE, IDLE, BUSY, WRITING, REFUSED, CLOSED = "handshake", "idle", "busy", "writing", "refused", "closed"
+_PENDING = 2  # _reply: the rest of the reply is left to the I/O thread
+_HANDSHAKE_MAX = 16 * 1024  # bytes a connect message may have (a token and an object id)
+_BUDGET = 32  # requests a call thread serves on one connection before it lets others go first
+_THREAD_IDLE = 30.0  # seconds an idle call thread waits for work before it exits (one always stays)
 
 
 def _raise_fd_limit() -> None:
@@ -144,7 +145,7 @@ class Connection:
     """One client connection: its socket, what has arrived of the next frame, and per-connection state."""
 
     __slots__ = ("sock", "fd", "peer", "tls", "state", "chunks", "size", "header", "deadline", "last_active",
-                 "started", "instances", "tls_done")
+                 "started", "instances", "tls_done", "out", "out_failed")
 
     def __init__(self, sock: socket.socket, peer: Any, tls: bool) -> None:
         self.sock = sock
@@ -160,6 +161,8 @@ class Connection:
         self.started = 0.0  # when the first bytes of the frame now arriving came
         self.instances: dict[type, Any] | None = None  # instance_mode="session"
         self.tls_done = not tls
+        self.out: memoryview | None = None  # the rest of a reply the I/O thread is writing (WRITING)
+        self.out_failed: bool | None = False  # that reply's call failed? (None: no call, nothing to count)
 
     def __repr__(self) -> str:
         return f"<Connection {self.peer} {self.state}>"
@@ -326,6 +329,12 @@ class Server:
         self.connections: dict[int, Connection] = {}  # fd -> connection, every state
         self._conn_lock = threading.Lock()
         self._refused = 0  # of self.connections, those only kept to deliver a refusal
+        # connections still in their handshake, oldest first: at the limit the oldest is evicted, so silent
+        # or slow peers cannot hold the slots that clients completing a handshake in a millisecond need
+        self._handshaking: dict[int, Connection] = {}
+        self.max_handshaking = max(16, min(1024, max_connections // 4))
+        self._refused_oneways = 0
+        self._last_refusal = 0.0  # monotonic time of the last request refused while draining
         self._epoll = select.epoll()
         self._epoll.register(sock.fileno(), _EPOLLIN)
         self._wake_r, self._wake_w = os.pipe()
@@ -391,6 +400,9 @@ class Server:
         self._running = True
         self._io_thread = threading.Thread(target=self._io_loop, name=f"{self.name}-io", daemon=True)
         self._io_thread.start()
+        with self._pool_lock:  # one call thread ready before the first request
+            self._workers += 1
+        threading.Thread(target=self._worker, name=f"{self.name}-call-1", daemon=True).start()
         return self
 
     def stop_accepting(self) -> None:
@@ -399,8 +411,18 @@ class Server:
         self._wake()
 
     def drain(self, timeout: float) -> bool:
-        """Refuse new requests (WorkerDrainingError) and wait for the calls in flight, replies included."""
-        return self.stats.drain(timeout)
+        """Refuse new requests (WorkerDrainingError) and wait for the calls in flight, replies included.
+
+        Then, while requests still come in (callers that have not heard yet), keep refusing them until
+        none came for 0.1 s (at most one second more): a request sent just as the connections close would
+        be lost to its caller, one that is refused is resent elsewhere."""
+        drained = self.stats.drain(timeout)
+        settle_until = time.monotonic() + 1.0
+        while True:
+            quiet = time.monotonic() - self._last_refusal
+            if quiet >= 0.1 or time.monotonic() >= settle_until:
+                return drained
+            time.sleep(0.1 - quiet)
 
     def close(self) -> None:
         """Close every connection and stop the threads; calls still running are abandoned (and logged)."""
@@ -416,6 +438,7 @@ class Server:
         with self._conn_lock:
             conns, self.connections = list(self.connections.values()), {}
             self._refused = 0
+            self._handshaking = {}
         for conn in conns:
             self._shut(conn)
         with self._pool_lock:
@@ -437,6 +460,9 @@ class Server:
         busy = self.stats.in_flight
         if busy:
             log.warning("%s: closed with %d calls still running; they are abandoned", self.name, busy)
+        if self._refused_oneways:
+            log.warning("%s: refused %d oneway calls while draining (oneway is at-most-once)", self.name,
+                        self._refused_oneways)
 
     def __enter__(self) -> "Server":
         if self._io_thread is None:
@@ -527,9 +553,15 @@ class Server:
         except OSError:
             client.close()
             return
+        if len(self._handshaking) >= self.max_handshaking \
+                or (len(self.connections) - self._refused >= self.max_connections and self._handshaking):
+            # evict the oldest connection still handshaking rather than refuse one that may be a client
+            oldest = next(iter(self._handshaking.values()))
+            log.info("%s: closed %s: still handshaking while others wait", self.name, oldest.peer)
+            self._drop(oldest)
         if len(self.connections) - self._refused >= self.max_connections:
             self._refuse(client, addr, f"{self.name} at capacity: {self.max_connections} connections "
-                                       "(max_connections); try another worker")
+                                       "(max_connections)")
             return
         tls = self.ssl_context is not None
         if tls:
@@ -544,6 +576,7 @@ class Server:
         conn.deadline = time.monotonic() + self.handshake_timeout
         with self._conn_lock:
             self.connections[conn.fd] = conn
+            self._handshaking[conn.fd] = conn
         self._epoll.register(conn.fd, _EPOLLIN | _ONESHOT)
         if tls:
             self._tls_step(conn)
@@ -577,7 +610,7 @@ class Server:
             state = conn.state
             if state == BUSY:
                 continue
-            if state in (HANDSHAKE, REFUSED):
+            if state in (HANDSHAKE, REFUSED, WRITING):
                 if now >= conn.deadline:
                     expired.append(conn)
             elif conn.pending:
@@ -586,7 +619,9 @@ class Server:
             elif state == IDLE and conn.last_active < idle_limit:
                 expired.append(conn)
         for conn in expired:
-            if conn.state == HANDSHAKE:
+            if conn.state == WRITING:
+                log.warning("%s: dropped %s: reply not taken within %gs", self.name, conn.peer, self.send_timeout)
+            elif conn.state == HANDSHAKE:
                 log.info("%s: closed %s: no handshake within %gs", self.name, conn.peer, self.handshake_timeout)
             elif conn.pending and conn.state == IDLE:
                 log.info("%s: closed %s: request not complete within %gs", self.name, conn.peer,
@@ -609,6 +644,9 @@ class Server:
             return
         if not conn.tls_done:
             self._tls_step(conn)
+            return
+        if state == WRITING:
+            self._write_more(conn)
             return
         # read what has arrived (never blocking)
         if not self._read_available(conn):
@@ -704,7 +742,7 @@ class Server:
 
     def _handshake(self, conn: Connection) -> None:
         try:
-            frame = conn.next_frame(min(self.max_message_size, 1 << 20))
+            frame = conn.next_frame(min(self.max_message_size, _HANDSHAKE_MAX))
         except ProtocolViolation as exc:
             self._violation(conn, exc)
             return
@@ -720,7 +758,7 @@ class Server:
             reason = f"serializer id {header.serializer_id} refused: only serpent is accepted"
         else:
             try:
-                data = loads(payload[header.ann_size:])
+                data = loads(payload[header.ann_size:], fallback=False)  # bounded work before authentication
                 if not isinstance(data, dict) or not isinstance(data.get("object"), str):
                     raise ValueError("malformed handshake")
                 token = data.get("handshake")
@@ -742,6 +780,8 @@ class Server:
             self._drop(conn)
             return
         self._send_quietly(conn, pack(MSG_CONNECTOK, 0, header.seq, data))
+        with self._conn_lock:
+            self._handshaking.pop(conn.fd, None)
         conn.state = IDLE
         conn.last_active = time.monotonic()
         if conn.pending:  # a pipelining client sent its first request along
@@ -753,6 +793,12 @@ class Server:
         with self._conn_lock:
             if self.connections.pop(conn.fd, None) is conn and conn.state == REFUSED:
                 self._refused -= 1
+            if self._handshaking.get(conn.fd) is conn:
+                del self._handshaking[conn.fd]
+        if conn.state == WRITING and conn.out is not None:
+            conn.out = None
+            if conn.out_failed is not None:
+                self.stats.leave(True)  # the call ran but its reply never got out
         self._shut(conn)
 
     def _shut(self, conn: Connection) -> None:
@@ -792,7 +838,15 @@ class Server:
         while True:
             with lock:
                 self._idle_workers += 1
-            job = jobs.get()
+            try:
+                job = jobs.get(timeout=_THREAD_IDLE)
+            except queue.Empty:
+                with lock:
+                    self._idle_workers -= 1
+                    if self._workers > 1:
+                        self._workers -= 1
+                        return
+                continue
             with lock:
                 self._idle_workers -= 1
                 self._queued -= 1
@@ -802,32 +856,47 @@ class Server:
                 return
             try:
                 if type(job) is Connection:
-                    self._serve(job)
+                    # a fresh frame per batch of requests keeps the interpreter's specialized code in use
+                    while self._serve(job):
+                        pass
                 else:
                     self._run_oneway(*job)
             except Exception:  # pragma: no cover - a bug must not cost a call thread
                 log.exception("%s: unexpected error in a call thread", self.name)
 
-    def _serve(self, conn: Connection) -> None:
-        """Serve ``conn`` while requests keep coming; hand it back to the I/O thread when it goes quiet."""
+    def _serve(self, conn: Connection) -> bool:
+        """Serve ``conn`` while requests keep coming, up to a budget; True to be called again at once.
+
+        When it goes quiet (or a slow peer sends a partial frame) the connection goes back to the I/O
+        thread: only the I/O thread waits on quiet or slow sockets. When other work is queued after the
+        budget, the connection goes to the back of the queue."""
         sock = conn.sock
         max_size = self.max_message_size
         tls = conn.tls
+        budget = _BUDGET
         while True:
             if conn.state != BUSY:
-                return
+                return False
             try:
                 frame = conn.next_frame(max_size)
             except ProtocolViolation as exc:
                 self._violation(conn, exc)
-                return
+                return False
             if frame is not None:
-                if not self._handle(conn, frame[0], frame[1]):
+                status = self._handle(conn, frame[0], frame[1])
+                if status is _PENDING:
+                    return False  # the I/O thread writes the rest of the reply, then serves on
+                if not status:
                     self._drop(conn)
-                    return
+                    return False
+                budget -= 1
+                if budget <= 0:
+                    if self._queued:
+                        self._submit(conn)  # others first
+                        return False
+                    return True
                 continue
-            # wait a moment for more; if nothing comes (or a slow peer sends a partial frame), give the
-            # connection back: only the I/O thread waits on quiet or slow sockets
+            # wait a moment for more; if nothing comes, give the connection back
             if self._queued and not conn.pending:
                 data = None  # threads are wanted elsewhere: no lingering
             else:
@@ -845,30 +914,79 @@ class Server:
                 conn.last_active = time.monotonic()
                 if not self._running:
                     self._drop(conn)
-                    return
+                    return False
                 self._rearm(conn)
-                return
+                return False
             if not data:
                 self._drop(conn)
-                return
+                return False
             conn.feed(data)
 
-    def _reply(self, conn: Connection, data: bytes) -> bool:
+    def _reply(self, conn: Connection, data: bytes) -> Any:
+        """Send a reply without waiting on the peer: True when it is out, ``_PENDING`` when the I/O thread
+        is to write the rest (a peer that reads slowly holds no call thread), False when the connection
+        failed."""
+        sock = conn.sock
         try:
-            if conn.tls:
-                _send_tls(conn.sock, data, self.send_timeout)
-            else:
-                conn.sock.sendall(data)
-            return True
+            sent = sock.send(data) if conn.tls else sock.send(data, _DONTWAIT)
+        except _NOT_READY:
+            sent = 0
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.info("%s: could not send a reply to %s: %s", self.name, conn.peer, exc)
             return False
+        if sent == len(data):
+            return True
+        conn.out = memoryview(data)[sent:]
+        return _PENDING
 
-    def _handle(self, conn: Connection, header: Any, payload: bytes) -> bool:
-        """Run one request and write its reply; False if the connection must be closed."""
+    def _hand_over_write(self, conn: Connection, failed: bool | None) -> None:
+        """The call thread leaves the rest of a reply to the I/O thread (the call stays in flight)."""
+        conn.out_failed = failed
+        conn.state = WRITING
+        conn.deadline = time.monotonic() + self.send_timeout
+        self._rearm(conn, _EPOLLOUT | (_EPOLLIN if conn.tls else 0))
+
+    def _write_more(self, conn: Connection) -> None:
+        out = conn.out
+        if out is None:  # pragma: no cover - defensive
+            self._drop(conn)
+            return
+        sock = conn.sock
+        try:
+            while out:
+                sent = sock.send(out[:1 << 20]) if conn.tls else sock.send(out[:1 << 20], _DONTWAIT)
+                out = out[sent:]
+        except _NOT_READY:
+            conn.out = out
+            self._rearm(conn, _EPOLLOUT | (_EPOLLIN if conn.tls else 0))
+            return
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.info("%s: could not send a reply to %s: %s", self.name, conn.peer, exc)
+            self._drop(conn)
+            return
+        conn.out = None
+        if conn.out_failed is not None:
+            self.stats.leave(conn.out_failed)
+        conn.state = IDLE
+        conn.last_active = time.monotonic()
+        try:
+            ready = conn.size >= HEADER_SIZE and self._frame_complete(conn)
+        except ProtocolViolation as exc:
+            self._violation(conn, exc)
+            return
+        if ready:
+            conn.state = BUSY
+            self._dispatch(conn)
+        else:
+            self._rearm(conn)
+
+    def _handle(self, conn: Connection, header: Any, payload: bytes) -> Any:
+        """Run one request and write its reply: True when done, ``_PENDING`` when the I/O thread writes
+        the rest of the reply (the call counts as in flight until then), False to close the connection."""
         msg_type, flags, seq = header.msg_type, header.flags, header.seq
         if msg_type == MSG_PING:
-            return self._reply(conn, pack(MSG_PING, 0, seq, _PONG, serializer_id=header.serializer_id))
+            return self._uncounted(conn, self._reply(conn, pack(MSG_PING, 0, seq, _PONG,
+                                                                serializer_id=header.serializer_id)))
         oneway = flags & FLAGS_ONEWAY
         if msg_type != MSG_INVOKE or header.serializer_id != SERPENT_ID:
             exc: BaseException = Pyro5.errors.ProtocolError(
@@ -879,13 +997,15 @@ class Server:
             return False
         stats = self.stats
         if not stats.enter():
+            self._last_refusal = time.monotonic()
             if not oneway:
-                return self._reply(conn, self._error_frame(
-                    WorkerDrainingError(f"{self.name} is shutting down; the call did not run"), seq, None))
-            log.warning("%s: oneway call refused while draining", self.name)
+                return self._uncounted(conn, self._reply(conn, self._error_frame(
+                    WorkerDrainingError(f"{self.name} is shutting down; the call did not run"), seq, None)))
+            self._refused_oneways += 1  # summed up in one log line at close
             return True
         failed = True
         counted = True
+        status: Any = True
         try:
             ann_size = header.ann_size
             if ann_size:
@@ -911,6 +1031,7 @@ class Server:
             if flags & FLAGS_BATCH:
                 obj = self._instance(target, conn)
                 results: list[Any] = []
+                failed_batch = False
                 for call in vargs:
                     name, a, kw = call
                     fn = self._method(target, obj, name)
@@ -919,18 +1040,16 @@ class Server:
                     except Exception as exc:
                         self._note_remote(exc)
                         results.append(compat.wrap_exception(exc))
+                        failed_batch = True
                         break
                 if len(results) > 1:
                     stats.add(len(results) - 1, 0)
-                if results and isinstance(results[-1], dict) and "exception" in results[-1]:
-                    failed_batch = True
-                else:
-                    failed_batch = False
                 failed = failed_batch
                 if oneway:
                     return True
                 data = SERIALIZER.dumps(results)
-                return self._reply(conn, pack(MSG_RESULT, FLAGS_BATCH, seq, data))
+                status = self._reply(conn, pack(MSG_RESULT, FLAGS_BATCH, seq, data))
+                return status
             if method == "__getattr__" or method == "__setattr__":
                 result = self._attribute(target, conn, method, vargs)
             else:
@@ -964,15 +1083,28 @@ class Server:
                     f"reply of {len(data):,} bytes exceeds the worker's max_message_size of "
                     f"{self.max_message_size:,}; the call ran but its result cannot be sent")
             failed = False
-            return self._reply(conn, pack(MSG_RESULT, 0, seq, data))
+            status = self._reply(conn, pack(MSG_RESULT, 0, seq, data))
+            return status
         except Exception as exc:
             if oneway:
                 log.warning("%s: oneway call failed: %s: %s", self.name, type(exc).__name__, exc)
                 return True
-            return self._reply(conn, self._error_frame(exc, seq, exc.__traceback__))
+            if isinstance(exc, ProtocolViolation):  # bad annotations or compressed payload: Pyro5's own error
+                exc = Pyro5.errors.ProtocolError(str(exc))
+            status = self._reply(conn, self._error_frame(exc, seq, exc.__traceback__))
+            return status
         finally:
             if counted:
-                stats.leave(failed)
+                if status is _PENDING:
+                    self._hand_over_write(conn, failed)
+                else:
+                    stats.leave(failed)
+
+    def _uncounted(self, conn: Connection, status: Any) -> Any:
+        """For replies that are no call (pings, refusals): a pending rest is written without counting."""
+        if status is _PENDING:
+            self._hand_over_write(conn, None)
+        return status
 
     def _note_remote(self, exc: BaseException) -> None:
         make_portable(type(exc))
@@ -1052,28 +1184,3 @@ def _readable(sock: Any, timeout: float) -> bool:
         return True
     r, _w, _x = select.select([sock], [], [], timeout)
     return bool(r)
-
-
-def _send_tls(sock: Any, data: bytes, timeout: float) -> None:
-    """Write all of ``data`` on a non-blocking TLS socket within ``timeout`` seconds."""
-    view = memoryview(data)
-    deadline = time.monotonic() + timeout
-    while view:
-        try:
-            sent = sock.send(view[:1 << 20])
-            view = view[sent:]
-            continue
-        except ssl.SSLWantWriteError:
-            wait_write = True
-        except ssl.SSLWantReadError:
-            wait_write = False
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("sending the reply timed out")
-        if wait_write:
-            select.select([], [sock], [], left)
-        else:
-            select.select([sock], [], [], left)
-
-
-_unused = (HEADER, MAGIC, PROTOCOL_VERSION, _NO_CORR)

@@ -101,6 +101,7 @@ class WorkerHost:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+        self._drained = True
 
     def __repr__(self) -> str:
         return f"<WorkerHost {self.name} {self.uri or 'not started'}>"
@@ -203,31 +204,40 @@ class WorkerHost:
     def stop(self) -> bool:
         """Deregister, stop accepting, drain in-flight calls (replies included), close.
 
-        Returns within ``drain_timeout`` plus a moment whatever the calls do; False if the drain timed out
-        (calls still running are abandoned and logged)."""
+        Returns within ``drain_timeout`` plus a second or two whatever the calls and the name server do;
+        False if the drain timed out (calls still running are abandoned and logged). A second call
+        returns the first one's result."""
         with self._stop_lock:
             if self._stopped.is_set() or self.server is None:
                 self._stopped.set()
-                return True
+                return self._drained
             self._stopping.set()
             server = self.server
-            if self._heartbeat_thread is not None:
-                # a renewal still under way would register us again right after we deregister
-                self._heartbeat_thread.join(self.settings.connect_timeout + 1)
-            if self.register:
-                try:
-                    self._naming.remove(self.name)
-                except Exception as exc:  # the lease will expire anyway
-                    log.warning("worker %s: could not deregister: %s", self.name, exc)
+            # leave the registry first, without letting an unreachable name server hold up the drain
+            leaving = threading.Thread(target=self._deregister, name=f"{self.name}-deregister", daemon=True)
+            leaving.start()
+            leaving.join(min(1.0, self.settings.drain_timeout))
             server.stop_accepting()
             drained = server.drain(self.settings.drain_timeout)
             if not drained:
                 log.warning("worker %s: drain timeout after %gs, %d calls still in flight are abandoned",
                             self.name, self.settings.drain_timeout, self.stats.in_flight)
             server.close()
+            leaving.join(0.5)
+            self._drained = drained
             self._stopped.set()
             log.info("worker %s stopped (drained=%s)", self.name, drained)
             return drained
+
+    def _deregister(self) -> None:
+        if self._heartbeat_thread is not None:
+            # a renewal still under way would register us again right after we deregister
+            self._heartbeat_thread.join(self.settings.connect_timeout + 1)
+        if self.register:
+            try:
+                self._naming.remove(self.name)
+            except Exception as exc:  # the lease will expire anyway
+                log.warning("worker %s: could not deregister: %s", self.name, exc)
 
     def __enter__(self) -> "WorkerHost":
         if self.server is None:
