@@ -107,8 +107,8 @@ def test_exception_wrapper_is_what_pyro5_batches_use():
     assert wrapped[0] == 1 and isinstance(wrapped[1], Pyro5.core._ExceptionWrapper)
     assert compat.is_exception_wrapper(wrapped[1])
     assert isinstance(compat.unwrap_exception(wrapped[1]), KeyError)
-    assert compat.EXCEPTION_WRAPPER == "{}.{}".format(Pyro5.core._ExceptionWrapper.__module__,
-                                                      Pyro5.core._ExceptionWrapper.__name__)
+    wrapper = Pyro5.core._ExceptionWrapper
+    assert compat.EXCEPTION_WRAPPER == f"{wrapper.__module__}.{wrapper.__name__}"
 
 
 def test_proxy_reference_state_is_pyro5_proxy_state():

@@ -60,8 +60,9 @@ def test_unknown_override():
 
 
 def test_library_never_touches_global_pyro_config(ns_addr):
-    import pyrorpc
     from services import Calculator
+
+    import pyrorpc
     before = {k: getattr(Pyro5.config, k) for k in Pyro5.config.__slots__}
     with pyrorpc.WorkerHost(Calculator, ns=ns_addr, threads=5):
         with pyrorpc.Pool("calc", ns=ns_addr, timeout=3) as pool:

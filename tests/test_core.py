@@ -13,10 +13,10 @@ import time
 import Pyro5.api
 import Pyro5.errors
 import pytest
+from services import Calculator, CustomError, Plain
 
 import pyrorpc
 from pyrorpc.testing import NameServerProcess, wait_for
-from services import Calculator, CustomError, Plain
 
 
 @pytest.fixture

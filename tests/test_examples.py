@@ -67,7 +67,8 @@ class Example:
         self.worker_procs += procs
         return procs
 
-    def start(self, *argv: str, ready: str | None = None, timeout: float = 15.0) -> tuple[ChildProcess, re.Match[str] | None]:
+    def start(self, *argv: str, ready: str | None = None,
+              timeout: float = 15.0) -> tuple[ChildProcess, re.Match[str] | None]:
         """``python ARGV...`` in the background from the example's folder; waits for a ``ready`` line."""
         child = ChildProcess([sys.executable, *argv], env=self.env, cwd=self.dir)
         self.children.append(child)

@@ -18,7 +18,6 @@ import uuid
 
 import pytest
 
-
 PREFIX = "prp" + uuid.uuid4().hex[:5]
 SUBNET = "10.213.77"
 HOSTS = {"ns": 1, "w1": 2, "w2": 3, "cl": 4}

@@ -10,10 +10,10 @@ import threading
 import time
 
 import pytest
+from services import Calculator
 
 import pyrorpc
 from pyrorpc.testing import wait_for
-from services import Calculator
 
 
 def start_workers(worker_factory, ns, n, spec="services:Calculator", **kwargs):

@@ -8,11 +8,11 @@ import Pyro5.api
 import Pyro5.errors
 import pytest
 from Pyro5 import protocol, serializers
+from services import Calculator
 
 import pyrorpc
 from nameserver import NameServerDaemon
 from pyrorpc.security import HandshakeVerifier, make_token
-from services import Calculator
 
 SECRET = "s3cr3t-for-tests"
 
