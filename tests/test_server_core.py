@@ -419,7 +419,7 @@ def test_slow_loris_does_not_delay_calls_or_lease_renewals(nameserver, worker_fa
     w_host, w_port = address(worker.uri)
     half_worker = connect_frame(object_id(worker.uri))[:20].hex()
     half_ns = connect_frame(Pyro5.core.NAMESERVER_NAME)[:20].hex()
-    hold = 8.0
+    hold = float(os.environ.get("LORIS_HOLD_SECONDS", "8"))  # the issue says 20 s; 8 keeps the suite short
     loris = children([sys.executable, "-c", LORIS, str(hold), "300",
                       f"{w_host},{w_port},{half_worker}", f"{ns.address.host},{ns.address.port},{half_ns}"])
     loris.expect("^READY", 30)
