@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import Pyro5.core
+import Pyro5.errors
 import Pyro5.nameserver
 
 from pyrorpc.config import Settings
@@ -109,7 +110,12 @@ class NameServerDaemon:
                 log.exception("lease sweep failed")
 
     def start(self) -> "NameServerDaemon":
-        """Serve in a background thread; returns at once (the socket is already bound)."""
+        """Serve in a background thread; returns at once (the socket is already bound).
+
+        Raises:
+            Pyro5.errors.PyroError: the daemon was closed (like Pyro5's, it cannot be reused)."""
+        if self._closed:
+            raise Pyro5.errors.PyroError("cannot reuse this object")
         if not self._started:
             self._started = True
             self.server.start()
@@ -150,6 +156,8 @@ class NameServerDaemon:
             ns.storage.close()
 
     def __enter__(self) -> "NameServerDaemon":
+        if self._closed:
+            raise Pyro5.errors.PyroError("cannot reuse this object")
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:

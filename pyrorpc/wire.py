@@ -6,7 +6,6 @@ import select
 import socket
 import ssl
 import struct
-import zlib
 from typing import Any
 
 import Pyro5.errors
@@ -198,7 +197,10 @@ def invoke(conn: LimitedConnection, method: str, args: Any, kwargs: Any, flags: 
     payload = conn._read(ann_size + data_size) if ann_size + data_size else b""
     body = payload[ann_size:] if ann_size else payload
     if rflags & protocol.FLAGS_COMPRESSED:
-        body = zlib.decompress(body)
+        try:
+            body = wire_protocol.decompress(body, conn.max_size)
+        except wire_protocol.ProtocolViolation as exc:
+            raise Pyro5.errors.ProtocolError(f"bad reply: {exc}") from None
     if rflags & protocol.FLAGS_ITEMSTREAMRESULT:
         raise Pyro5.errors.ProtocolError(f"{method} returned an iterator: streaming results are not supported")
     result = SERIALIZER.loads(body)

@@ -1,0 +1,410 @@
+"""The server core's call half: the objects a server serves, and running one request against them.
+
+``CallHandler`` is a mixin of ``Server``: it registers objects (an instance, or a class instantiated per
+session or per call), answers ``Pyro.Daemon`` like every Pyro5 daemon, and runs a request: decode,
+check that the method is exposed, call it, encode the result or the exception (with its remote
+traceback) and write the reply. A call counts as in flight in ``ServerStats`` from its request to its
+reply; a request that arrives while draining is answered with ``WorkerDrainingError``. Whatever a request
+does wrong costs that request only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import types
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import Pyro5.errors
+from Pyro5.callcontext import current_context
+
+from . import compat
+from .errors import WorkerDrainingError, make_portable
+from .ioloop import Connection
+from .protocol import (
+    FLAGS_BATCH,
+    FLAGS_COMPRESSED,
+    FLAGS_CORR_ID,
+    FLAGS_EXCEPTION,
+    FLAGS_ONEWAY,
+    MSG_INVOKE,
+    MSG_PING,
+    MSG_RESULT,
+    SERPENT_ID,
+    ProtocolViolation,
+    decompress,
+    pack,
+    parse_annotations,
+)
+from .wire import SERIALIZER, loads
+
+__all__ = ["DAEMON_NAME", "INSTANCE_MODES", "PENDING", "CallHandler", "DaemonObject", "ServerStats"]
+
+log = logging.getLogger("pyrorpc.server")
+
+DAEMON_NAME = "Pyro.Daemon"
+INSTANCE_MODES = ("single", "session", "percall")
+PENDING = 2  # a reply whose rest the I/O thread writes (the call stays in flight until then)
+_PONG = b"pong"
+
+
+class ServerStats:
+    """Calls in flight (request read .. reply written), completed and failed; refuses calls once draining."""
+
+    __slots__ = ("_lock", "_idle", "in_flight", "calls", "errors", "draining")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.in_flight = 0
+        self.calls = 0
+        self.errors = 0
+        self.draining = False
+
+    def enter(self) -> bool:
+        """Count a call in; False once draining (the call must be refused)."""
+        with self._lock:
+            if self.draining:
+                return False
+            self.in_flight += 1
+            return True
+
+    def leave(self, failed: bool) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.calls += 1
+            if failed:
+                self.errors += 1
+            if self.draining and not self.in_flight:
+                self._idle.notify_all()
+
+    def add(self, calls: int, errors: int) -> None:
+        """Count calls that ran inside one request (a batch) besides the request itself."""
+        with self._lock:
+            self.calls += calls
+            self.errors += errors
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new calls and wait until none is in flight; False if ``timeout`` ran out first."""
+        with self._idle:
+            self.draining = True
+            return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"in_flight": self.in_flight, "calls": self.calls, "errors": self.errors}
+
+
+class DaemonObject:
+    """The ``Pyro.Daemon`` object every Pyro5 daemon serves: what stock clients ask for metadata and pings."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server  # the Server
+
+    def registered(self) -> list[str]:
+        """Names of every object served here."""
+        return list(self._server.objects)
+
+    def ping(self) -> None:
+        """Does nothing: for testing the connection."""
+
+    def info(self) -> str:
+        s = self._server
+        return (f"{DAEMON_NAME} bound on {s.location}, NAT None, {len(s.objects)} objects registered. "
+                f"Servertype: pyrorpc.server (epoll, {s.threads} call threads)")
+
+    def get_metadata(self, objectId: str) -> dict[str, Any]:  # noqa: N803 - Pyro5's name
+        """Exposed methods, oneway methods and attributes of an object (plus pyrorpc's own extras)."""
+        return self._server.metadata(objectId)
+
+    def get_next_stream_item(self, streamId: str) -> Any:  # noqa: N803 - Pyro5's name
+        raise Pyro5.errors.PyroError("item stream terminated")
+
+    def close_stream(self, streamId: str) -> None:  # noqa: N803 - Pyro5's name
+        pass
+
+
+for _name in ("registered", "ping", "info", "get_metadata", "get_next_stream_item", "close_stream"):
+    setattr(getattr(DaemonObject, _name), compat.EXPOSED_ATTR, True)
+
+
+class _Target:
+    """An object served under an id: an instance, or a class instantiated per session or per call."""
+
+    __slots__ = ("obj", "cls", "mode", "methods", "oneway", "attrs", "extra")
+
+    def __init__(self, obj: Any, mode: str, only_exposed: bool, extra: dict[str, Any] | None) -> None:
+        self.obj = obj
+        self.cls = obj if isinstance(obj, type) else type(obj)
+        self.mode = mode
+        members = compat.exposed_members(self.cls, only_exposed)
+        self.methods = members["methods"]
+        self.oneway = members["oneway"]
+        self.attrs = members["attrs"]
+        self.extra = extra
+
+
+_PLAIN = frozenset((type(None), int, str, bytes, float, bool, tuple, list, dict, set, frozenset))
+
+
+def _is_stream(value: Any) -> bool:
+    if type(value) in _PLAIN:
+        return False
+    return isinstance(value, (types.GeneratorType, types.AsyncGeneratorType)) or (
+        hasattr(value, "__next__") and hasattr(value, "__iter__") and not isinstance(value, (str, bytes)))
+
+
+class CallHandler:
+    """Objects and request handling of a ``Server`` (a mixin: the attributes below are the server's)."""
+
+    name: str
+    location: str
+    stats: ServerStats
+    objects: dict[str, _Target]
+    metadata_extra: dict[str, Any] | None
+    max_message_size: int
+    idle_timeout: float
+    threads: int
+    _queued: int
+    _oneway_limit: int
+    _refused_oneways: int
+    _last_refusal: float
+
+    if TYPE_CHECKING:  # provided by the Server (declared here for the type checker only)
+        def _reply(self, conn: Connection, data: bytes) -> Any: ...
+
+        def _hand_over_write(self, conn: Connection, failed: bool | None) -> None: ...
+
+        def _submit(self, job: Any) -> None: ...
+
+    # objects ------------------------------------------------------------------------------------
+    def register(self, obj: Any, object_id: str | None = None, *, instance_mode: str = "single",
+                 only_exposed: bool = True, extra: dict[str, Any] | None = None) -> str:
+        """Serve ``obj`` (an instance, or a class with ``instance_mode`` ``session``/``percall``) under
+        ``object_id`` (default: a unique one); returns its ``PYRO:`` URI."""
+        if instance_mode not in INSTANCE_MODES:
+            raise ValueError(f"`instance_mode` must be one of {', '.join(INSTANCE_MODES)}, got {instance_mode!r}")
+        if instance_mode != "single" and not isinstance(obj, type):
+            raise ValueError("instance_mode session/percall needs a class")
+        if instance_mode == "single" and isinstance(obj, type):
+            obj = obj()
+        object_id = object_id or f"obj_{uuid.uuid4().hex}"
+        if object_id in self.objects:
+            raise ValueError(f"object id {object_id!r} is already registered")
+        self.objects[object_id] = _Target(obj, instance_mode, only_exposed, extra)
+        return self.uri_for(object_id)
+
+    def unregister(self, object_id: str) -> None:
+        if object_id != DAEMON_NAME:
+            self.objects.pop(object_id, None)
+
+    def uri_for(self, object_id: str) -> str:
+        return f"PYRO:{object_id}@{self.location}"
+
+    def metadata(self, object_id: str) -> dict[str, Any]:
+        target = self.objects.get(object_id)
+        if target is None:
+            raise Pyro5.errors.DaemonError("unknown object")
+        meta: dict[str, Any] = {"methods": set(target.methods), "oneway": set(target.oneway),
+                                "attrs": set(target.attrs)}
+        extra = target.extra or self.metadata_extra
+        if extra is not None:
+            meta["pyrorpc"] = dict(extra, idle_timeout=self.idle_timeout)
+        return meta
+
+    def _handle(self, conn: Connection, header: Any, payload: bytes) -> Any:
+        """Run one request and write its reply: True when done, ``PENDING`` when the I/O thread writes
+        the rest of the reply (the call counts as in flight until then), False to close the connection."""
+        msg_type, flags, seq = header.msg_type, header.flags, header.seq
+        if msg_type == MSG_PING:
+            return self._uncounted(conn, self._reply(conn, pack(MSG_PING, 0, seq, _PONG,
+                                                                serializer_id=header.serializer_id)))
+        oneway = flags & FLAGS_ONEWAY
+        if msg_type != MSG_INVOKE or header.serializer_id != SERPENT_ID:
+            exc: BaseException = Pyro5.errors.ProtocolError(
+                f"message type {msg_type} / serializer {header.serializer_id} refused: "
+                "only serpent invocations are accepted")
+            if not oneway:
+                self._reply(conn, pack(MSG_RESULT, FLAGS_EXCEPTION, seq, SERIALIZER.dumps(exc)))
+            return False
+        stats = self.stats
+        if not stats.enter():
+            self._last_refusal = time.monotonic()
+            if not oneway:
+                return self._uncounted(conn, self._reply(conn, self._error_frame(
+                    WorkerDrainingError(f"{self.name} is shutting down; the call did not run"), seq, None)))
+            self._refused_oneways += 1  # summed up in one log line at close
+            return True
+        failed = True
+        counted = True
+        status: Any = True
+        try:
+            ann_size = header.ann_size
+            if ann_size:
+                annotations = parse_annotations(payload[:ann_size])
+                body = payload[ann_size:]
+            else:
+                annotations = None
+                body = payload
+            if flags & FLAGS_COMPRESSED:
+                body = decompress(body, self.max_message_size)
+            try:
+                object_id, method, vargs, kwargs = loads(body)
+            except Exception as exc:
+                raise Pyro5.errors.SerializeError(f"cannot decode the request: {exc}") from None
+            target = self.objects.get(object_id)
+            if target is None:
+                raise Pyro5.errors.DaemonError("unknown object")
+            context = current_context
+            context.client = conn  # like Pyro5: .sock is the connection's socket
+            context.client_sock_addr = conn.peer
+            context.correlation_id = uuid.UUID(bytes=header.corr_id) if flags & FLAGS_CORR_ID else None
+            context.annotations = annotations or {}
+            if flags & FLAGS_BATCH:
+                obj = self._instance(target, conn)
+                results: list[Any] = []
+                failed_batch = False
+                for call in vargs:
+                    name, a, kw = call
+                    fn = self._method(target, obj, name)
+                    try:
+                        results.append(fn(*a, **kw))
+                    except Exception as exc:
+                        self._note_remote(exc)
+                        results.append(compat.wrap_exception(exc))
+                        failed_batch = True
+                        break
+                if len(results) > 1:
+                    stats.add(len(results) - 1, 0)
+                failed = failed_batch
+                if oneway:
+                    return True
+                data = SERIALIZER.dumps(results)
+                status = self._reply(conn, pack(MSG_RESULT, FLAGS_BATCH, seq, data))
+                return status
+            if method == "__getattr__" or method == "__setattr__":
+                result = self._attribute(target, conn, method, vargs)
+            else:
+                obj = self._instance(target, conn)
+                fn = self._method(target, obj, method)
+                if oneway:
+                    counted = False  # the oneway run counts itself out
+                    self._oneway(fn, vargs, kwargs, conn.peer)
+                    return True
+                result = fn(*vargs, **kwargs)
+            if oneway:
+                failed = False
+                return True
+            if _is_stream(result):
+                close = getattr(result, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:
+                        pass
+                raise Pyro5.errors.SerializeError(
+                    f"{method} returned an iterator or generator: streaming results are not supported by this "
+                    "worker; return a list")
+            try:
+                data = SERIALIZER.dumps(result)
+            except Exception as exc:
+                raise Pyro5.errors.SerializeError(
+                    f"cannot serialize the result of {method} ({type(result).__name__}): {exc}") from None
+            if len(data) > self.max_message_size:
+                raise Pyro5.errors.MessageTooLargeError(
+                    f"reply of {len(data):,} bytes exceeds the worker's max_message_size of "
+                    f"{self.max_message_size:,}; the call ran but its result cannot be sent")
+            failed = False
+            status = self._reply(conn, pack(MSG_RESULT, 0, seq, data))
+            return status
+        except Exception as exc:
+            if oneway:
+                log.warning("%s: oneway call failed: %s: %s", self.name, type(exc).__name__, exc)
+                return True
+            if isinstance(exc, ProtocolViolation):  # bad annotations or compressed payload: Pyro5's own error
+                exc = Pyro5.errors.ProtocolError(str(exc))
+            status = self._reply(conn, self._error_frame(exc, seq, exc.__traceback__))
+            return status
+        finally:
+            if counted:
+                if status is PENDING:
+                    self._hand_over_write(conn, failed)
+                else:
+                    stats.leave(failed)
+
+    def _uncounted(self, conn: Connection, status: Any) -> Any:
+        """For replies that are no call (pings, refusals): a pending rest is written without counting."""
+        if status is PENDING:
+            self._hand_over_write(conn, None)
+        return status
+
+    def _note_remote(self, exc: BaseException) -> None:
+        make_portable(type(exc))
+        compat.set_remote_traceback(exc, compat.format_traceback())
+
+    def _error_frame(self, exc: BaseException, seq: int, tb: Any) -> bytes:
+        make_portable(type(exc))
+        if tb is not None:
+            compat.set_remote_traceback(exc, compat.format_traceback())
+        try:
+            data = SERIALIZER.dumps(exc)
+        except Exception as err:
+            data = SERIALIZER.dumps(Pyro5.errors.SerializeError(
+                f"the method raised {type(exc).__name__}, which cannot be serialized: {err}"))
+        return pack(MSG_RESULT, FLAGS_EXCEPTION, seq, data)
+
+    def _instance(self, target: _Target, conn: Connection) -> Any:
+        mode = target.mode
+        if mode == "single":
+            return target.obj
+        if mode == "percall":
+            return target.cls()
+        instances = conn.instances
+        if instances is None:
+            instances = conn.instances = {}
+        obj = instances.get(target.cls)
+        if obj is None:
+            obj = instances[target.cls] = target.cls()
+        return obj
+
+    def _method(self, target: _Target, obj: Any, name: Any) -> Any:
+        if type(name) is not str or name not in target.methods:
+            if isinstance(name, str) and not compat.is_private(name) and hasattr(target.cls, name):
+                raise AttributeError(f"attempt to access unexposed attribute '{name}'")
+            raise AttributeError(f"remote object has no exposed method {name!r}")
+        return getattr(obj, name)
+
+    def _attribute(self, target: _Target, conn: Connection, method: str, vargs: Any) -> Any:
+        name = vargs[0] if vargs else None
+        if type(name) is not str or name not in target.attrs:
+            raise AttributeError(f"attempt to access unexposed or unknown remote attribute '{name}'")
+        obj = self._instance(target, conn)
+        if method == "__getattr__":
+            return getattr(obj, name)
+        setattr(obj, name, vargs[1])
+        return None
+
+    # oneway calls -------------------------------------------------------------------------------
+    def _oneway(self, fn: Any, vargs: Any, kwargs: Any, peer: Any) -> None:
+        """Queue a oneway call for the pool (counted in flight until it ran); with the queue full the
+        connection's own thread runs it, which stops reading that connection: TCP backpressure."""
+        if self._queued >= self._oneway_limit:
+            self._run_oneway(fn, vargs, kwargs, peer)
+        else:
+            self._submit((fn, vargs, kwargs, peer))
+
+    def _run_oneway(self, fn: Any, vargs: Any, kwargs: Any, peer: Any) -> None:
+        failed = True
+        try:
+            current_context.client_sock_addr = peer
+            fn(*vargs, **kwargs)
+            failed = False
+        except Exception as exc:
+            log.warning("%s: oneway call %s from %s failed: %s: %s", self.name, getattr(fn, "__name__", fn), peer,
+                        type(exc).__name__, exc)
+        finally:
+            self.stats.leave(failed)
+
+

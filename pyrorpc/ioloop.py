@@ -1,0 +1,560 @@
+"""The server core's transport half: connections, and the epoll I/O thread that accepts, handshakes and
+buffers them, so that a silent or slow peer costs a buffer and never a thread (see ``server.py``).
+
+``IOLoop`` is a mixin of ``Server``: it owns the listening socket and every connection that is not in
+the middle of a call. It accepts, runs the TLS and Pyro5 handshakes (authentication included, with
+bounded work: nothing is decoded before the size and type of the connect message are checked), reads
+requests as they arrive and hands a connection with a whole request to the call pool. It also finishes
+writing replies that a slow reader did not take at once, and closes connections past their deadlines.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import Pyro5.errors
+
+from .errors import AuthenticationError
+from .protocol import (
+    FLAGS_EXCEPTION,
+    HEADER_SIZE,
+    MSG_CONNECT,
+    MSG_CONNECTFAIL,
+    MSG_CONNECTOK,
+    MSG_RESULT,
+    SERPENT_ID,
+    ProtocolViolation,
+    pack,
+    parse_header,
+)
+from .wire import SERIALIZER, loads
+
+__all__ = ["BUSY", "CLOSED", "HANDSHAKE", "IDLE", "REFUSED", "WRITING", "Connection", "IOLoop"]
+
+log = logging.getLogger("pyrorpc.server")
+
+_RECV = 256 * 1024
+_LINGER = 0.005  # seconds a call thread waits for the next request before handing the connection back
+_REFUSED_LINGER = 1.0  # seconds a refused socket is kept to let the refusal reach the peer
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+_ONESHOT = select.EPOLLONESHOT
+_DONTWAIT = socket.MSG_DONTWAIT
+_NOT_READY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_HANDSHAKE_MAX = 16 * 1024  # bytes a connect message may have (a token and an object id)
+
+# connection states
+HANDSHAKE, IDLE, BUSY, WRITING, REFUSED, CLOSED = "handshake", "idle", "busy", "writing", "refused", "closed"
+
+
+def _raise_fd_limit() -> None:
+    """A server of thousands of connections needs as many descriptors as the hard limit allows."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+    except (ValueError, OSError):  # pragma: no cover - not permitted here
+        pass
+
+
+class Connection:
+    """One client connection: its socket, what has arrived of the next frame, and per-connection state."""
+
+    __slots__ = ("sock", "fd", "peer", "tls", "state", "chunks", "size", "header", "deadline", "last_active",
+                 "started", "instances", "tls_done", "out", "out_failed")
+
+    def __init__(self, sock: socket.socket, peer: Any, tls: bool) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.tls = tls
+        self.state = HANDSHAKE
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.header: Any = None
+        self.deadline = 0.0
+        self.last_active = time.monotonic()
+        self.started = 0.0  # when the first bytes of the frame now arriving came
+        self.instances: dict[type, Any] | None = None  # instance_mode="session"
+        self.tls_done = not tls
+        self.out: memoryview | None = None  # the rest of a reply the I/O thread is writing (WRITING)
+        self.out_failed: bool | None = False  # that reply's call failed? (None: no call, nothing to count)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.peer} {self.state}>"
+
+    # frames -----------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if not self.size:
+            self.started = time.monotonic()
+        self.chunks.append(data)
+        self.size += len(data)
+
+    def next_frame(self, max_size: int) -> tuple[Any, bytes] | None:
+        """The next whole frame ``(header, payload)`` if it has arrived, else None.
+
+        Raises:
+            ProtocolViolation: the bytes are not a Pyro5 frame, or it is too large.
+        """
+        if self.header is None:
+            if self.size < HEADER_SIZE:
+                return None
+            buf = self._joined()
+            self.header = parse_header(buf, max_size)
+        header = self.header
+        total = header.total
+        if self.size < total:
+            return None
+        buf = self._joined()
+        if self.size == total:
+            payload = buf[HEADER_SIZE:]
+            self.chunks = []
+            self.size = 0
+        else:
+            payload = buf[HEADER_SIZE:total]
+            rest = buf[total:]
+            self.chunks = [rest]
+            self.size = len(rest)
+            self.started = time.monotonic()
+        self.header = None
+        return header, payload
+
+    def _joined(self) -> bytes:
+        chunks = self.chunks
+        if len(chunks) == 1:
+            return chunks[0]
+        buf = b"".join(chunks)
+        self.chunks = [buf]
+        return buf
+
+    @property
+    def pending(self) -> bool:
+        return self.size > 0
+
+
+class IOLoop:
+    """The I/O thread of a ``Server`` (a mixin: the attributes below are the server's)."""
+
+    name: str
+    sock: socket.socket | None
+    connections: dict[int, Connection]
+    max_connections: int
+    max_handshaking: int
+    max_message_size: int
+    handshake_timeout: float
+    idle_timeout: float
+    send_timeout: float
+    ssl_context: ssl.SSLContext | None
+    verify: Callable[[Any], Any] | None
+    stats: Any
+    _conn_lock: threading.Lock
+    _handshaking: dict[int, Connection]
+    _refused: int
+    _epoll: Any
+    _wake_r: int
+    _wake_w: int
+    _running: bool
+    _accepting: bool
+
+    if TYPE_CHECKING:  # provided by the Server (declared here for the type checker only)
+        def metadata(self, object_id: str) -> dict[str, Any]: ...
+
+        def _dispatch(self, conn: Connection) -> None: ...
+
+    # the I/O thread -----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _io_loop(self) -> None:
+        epoll = self._epoll
+        listen_fd = self.sock.fileno() if self.sock is not None else -1
+        next_sweep = time.monotonic() + 0.25
+        try:
+            while self._running:
+                try:
+                    events = epoll.poll(0.25)
+                except InterruptedError:
+                    continue
+                except (OSError, ValueError):
+                    break
+                for fd, ev in events:
+                    if fd == listen_fd:
+                        self._accept()
+                    elif fd == self._wake_r:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except OSError:
+                            pass
+                    else:
+                        conn = self.connections.get(fd)
+                        if conn is not None:
+                            self._on_event(conn, ev)
+                if not self._accepting and self.sock is not None:
+                    self._close_listener()
+                    listen_fd = -1
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + 0.25
+        except Exception:  # pragma: no cover - a bug here must be visible, not a silent dead server
+            log.exception("%s: I/O loop crashed", self.name)
+
+    def _close_listener(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        try:
+            self._epoll.unregister(sock.fileno())
+        except (OSError, ValueError):
+            pass
+        sock.close()
+
+    def _accept(self) -> None:
+        sock = self.sock
+        if sock is None or not self._accepting:
+            return
+        for _ in range(64):
+            try:
+                client, addr = sock.accept()
+            except _NOT_READY:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("%s: cannot accept: %s", self.name, exc)
+                return
+            self._admit(client, addr)
+
+    def _admit(self, client: socket.socket, addr: Any) -> None:
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setblocking(True)
+            # call threads read with a short kernel timeout (the linger) and write with a long one; the
+            # I/O thread only ever reads with MSG_DONTWAIT
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_LINGER))
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.send_timeout))
+        except OSError:
+            client.close()
+            return
+        if len(self._handshaking) >= self.max_handshaking \
+                or (len(self.connections) - self._refused >= self.max_connections and self._handshaking):
+            # evict the oldest connection still handshaking rather than refuse one that may be a client
+            oldest = next(iter(self._handshaking.values()))
+            log.info("%s: closed %s: still handshaking while others wait", self.name, oldest.peer)
+            self._drop(oldest)
+        if len(self.connections) - self._refused >= self.max_connections:
+            self._refuse(client, addr, f"{self.name} at capacity: {self.max_connections} connections "
+                                       "(max_connections)")
+            return
+        tls = self.ssl_context is not None
+        if tls:
+            try:
+                client.setblocking(False)
+                client = self.ssl_context.wrap_socket(client, server_side=True,  # type: ignore[union-attr]
+                                                      do_handshake_on_connect=False)
+            except (OSError, ssl.SSLError):
+                client.close()
+                return
+        conn = Connection(client, addr, tls)
+        conn.deadline = time.monotonic() + self.handshake_timeout
+        with self._conn_lock:
+            self.connections[conn.fd] = conn
+            self._handshaking[conn.fd] = conn
+        self._epoll.register(conn.fd, _EPOLLIN | _ONESHOT)
+        if tls:
+            self._tls_step(conn)
+
+    def _refuse(self, client: socket.socket, addr: Any, reason: str) -> None:
+        """Answer a connection we will not serve with CONNECTFAIL at once, without reading its handshake
+        (the client reads our answer after sending its own). Kept a moment so the answer is not lost."""
+        log.warning("%s: refused connection from %s: %s", self.name, addr, reason)
+        try:
+            if self.ssl_context is not None or self._refused > 1024:
+                client.close()
+                return
+            client.send(pack(MSG_CONNECTFAIL, 0, 0, SERIALIZER.dumps(reason)), _DONTWAIT)
+            client.shutdown(socket.SHUT_WR)
+        except OSError:
+            client.close()
+            return
+        conn = Connection(client, addr, False)
+        conn.state = REFUSED
+        conn.deadline = time.monotonic() + _REFUSED_LINGER
+        with self._conn_lock:
+            self.connections[conn.fd] = conn
+            self._refused += 1
+        self._epoll.register(conn.fd, _EPOLLIN | _ONESHOT)
+
+    def _sweep(self, now: float) -> None:
+        """Close connections past their deadline: unfinished handshakes and requests, idle ones."""
+        idle_limit = now - self.idle_timeout
+        expired = []
+        for conn in list(self.connections.values()):
+            state = conn.state
+            if state == BUSY:
+                continue
+            if state in (HANDSHAKE, REFUSED, WRITING):
+                if now >= conn.deadline:
+                    expired.append(conn)
+            elif conn.pending:
+                if now - conn.started > self.handshake_timeout:
+                    expired.append(conn)
+            elif state == IDLE and conn.last_active < idle_limit:
+                expired.append(conn)
+        for conn in expired:
+            if conn.state == WRITING:
+                log.warning("%s: dropped %s: reply not taken within %gs", self.name, conn.peer, self.send_timeout)
+            elif conn.state == HANDSHAKE:
+                log.info("%s: closed %s: no handshake within %gs", self.name, conn.peer, self.handshake_timeout)
+            elif conn.pending and conn.state == IDLE:
+                log.info("%s: closed %s: request not complete within %gs", self.name, conn.peer,
+                         self.handshake_timeout)
+            self._drop(conn)
+
+    def _on_event(self, conn: Connection, ev: int) -> None:
+        state = conn.state
+        if state == REFUSED:
+            try:
+                data = conn.sock.recv(4096, _DONTWAIT)
+            except _NOT_READY:
+                data = b"x"
+            except OSError:
+                data = b""
+            if data:
+                self._rearm(conn)
+            else:
+                self._drop(conn)
+            return
+        if not conn.tls_done:
+            self._tls_step(conn)
+            return
+        if state == WRITING:
+            self._write_more(conn)
+            return
+        # read what has arrived (never blocking)
+        if not self._read_available(conn):
+            self._drop(conn)
+            return
+        if state == HANDSHAKE:
+            self._handshake(conn)
+            return
+        if state != IDLE:
+            return
+        try:
+            frame_ready = conn.size >= HEADER_SIZE and self._frame_complete(conn)
+        except ProtocolViolation as exc:
+            self._violation(conn, exc)
+            return
+        if frame_ready:
+            conn.state = BUSY
+            self._dispatch(conn)
+        else:
+            self._rearm(conn)
+
+    def _frame_complete(self, conn: Connection) -> bool:
+        if conn.header is None:
+            conn.header = parse_header(conn._joined(), self.max_message_size)
+        return conn.size >= conn.header.total
+
+    def _read_available(self, conn: Connection) -> bool:
+        """Read what the socket holds without blocking; False on EOF or a socket error."""
+        sock = conn.sock
+        try:
+            if conn.tls:
+                while True:
+                    try:
+                        data = sock.recv(_RECV)
+                    except _NOT_READY:
+                        break
+                    if not data:
+                        return False
+                    conn.feed(data)
+            else:
+                while True:
+                    try:
+                        data = sock.recv(_RECV, _DONTWAIT)
+                    except _NOT_READY:
+                        break
+                    if not data:
+                        return False
+                    conn.feed(data)
+                    if len(data) < _RECV:
+                        break
+        except (OSError, ssl.SSLError):
+            return False
+        if conn.size:
+            conn.last_active = time.monotonic()
+        return True
+
+    def _rearm(self, conn: Connection, events: int = _EPOLLIN) -> None:
+        try:
+            self._epoll.modify(conn.fd, events | _ONESHOT)
+        except (OSError, ValueError):
+            self._drop(conn)
+
+    def _tls_step(self, conn: Connection) -> None:
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self._rearm(conn, _EPOLLIN)
+            return
+        except ssl.SSLWantWriteError:
+            self._rearm(conn, _EPOLLOUT)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("%s: TLS handshake with %s failed: %s", self.name, conn.peer, exc)
+            self._drop(conn)
+            return
+        conn.tls_done = True
+        self._rearm(conn)
+
+    def _violation(self, conn: Connection, exc: Exception) -> None:
+        log.warning("%s: dropped %s: %s", self.name, conn.peer, exc)
+        self._send_quietly(conn, pack(MSG_RESULT, FLAGS_EXCEPTION, 0,
+                                      SERIALIZER.dumps(Pyro5.errors.ProtocolError(str(exc)))))
+        self._drop(conn)
+
+    def _send_quietly(self, conn: Connection, data: bytes) -> None:
+        try:
+            if conn.tls:
+                conn.sock.send(data)
+            else:
+                conn.sock.send(data, _DONTWAIT)
+        except (OSError, ssl.SSLError, ValueError):
+            pass
+
+    def _handshake(self, conn: Connection) -> None:
+        try:
+            frame = conn.next_frame(min(self.max_message_size, _HANDSHAKE_MAX))
+        except ProtocolViolation as exc:
+            self._violation(conn, exc)
+            return
+        if frame is None:
+            self._rearm(conn)
+            return
+        header, payload = frame
+        reason = None
+        reply: Any = None
+        if header.msg_type != MSG_CONNECT:
+            reason = f"expected a connect message, got type {header.msg_type}"
+        elif header.serializer_id != SERPENT_ID:
+            reason = f"serializer id {header.serializer_id} refused: only serpent is accepted"
+        else:
+            try:
+                data = loads(payload[header.ann_size:], fallback=False)  # bounded work before authentication
+                if not isinstance(data, dict) or not isinstance(data.get("object"), str):
+                    raise ValueError("malformed handshake")
+                token = data.get("handshake")
+                response = self.verify(token) if self.verify is not None else "hello"
+                reply = {"handshake": response, "meta": self.metadata(data["object"])}
+            except AuthenticationError as exc:
+                reason = str(exc)
+                log.warning("%s: refused connection from %s: %s", self.name, conn.peer, exc)
+            except Exception as exc:
+                reason = f"handshake failed: {exc}"
+        if reason is not None:
+            self._send_quietly(conn, pack(MSG_CONNECTFAIL, 0, header.seq, SERIALIZER.dumps(reason)))
+            self._drop(conn)
+            return
+        try:
+            data = SERIALIZER.dumps(reply)
+        except Exception as exc:  # pragma: no cover - our own metadata always serializes
+            log.error("%s: cannot encode handshake reply: %s", self.name, exc)
+            self._drop(conn)
+            return
+        self._send_quietly(conn, pack(MSG_CONNECTOK, 0, header.seq, data))
+        with self._conn_lock:
+            self._handshaking.pop(conn.fd, None)
+        conn.state = IDLE
+        conn.last_active = time.monotonic()
+        if conn.pending:  # a pipelining client sent its first request along
+            self._on_event(conn, _EPOLLIN)
+        else:
+            self._rearm(conn)
+
+    def _drop(self, conn: Connection) -> None:
+        with self._conn_lock:
+            if self.connections.pop(conn.fd, None) is conn and conn.state == REFUSED:
+                self._refused -= 1
+            if self._handshaking.get(conn.fd) is conn:
+                del self._handshaking[conn.fd]
+        if conn.state == WRITING and conn.out is not None:
+            conn.out = None
+            if conn.out_failed is not None:
+                self.stats.leave(True)  # the call ran but its reply never got out
+        self._shut(conn)
+
+    def _shut(self, conn: Connection) -> None:
+        if conn.state == CLOSED:
+            return
+        conn.state = CLOSED
+        try:
+            self._epoll.unregister(conn.fd)
+        except (OSError, ValueError):
+            pass
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _write_more(self, conn: Connection) -> None:
+        out = conn.out
+        if out is None:  # pragma: no cover - defensive
+            self._drop(conn)
+            return
+        sock = conn.sock
+        try:
+            while out:
+                sent = sock.send(out[:1 << 20]) if conn.tls else sock.send(out[:1 << 20], _DONTWAIT)
+                out = out[sent:]
+        except _NOT_READY:
+            conn.out = out
+            self._rearm(conn, _EPOLLOUT | (_EPOLLIN if conn.tls else 0))
+            return
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.info("%s: could not send a reply to %s: %s", self.name, conn.peer, exc)
+            self._drop(conn)
+            return
+        conn.out = None
+        if conn.out_failed is not None:
+            self.stats.leave(conn.out_failed)
+        conn.state = IDLE
+        conn.last_active = time.monotonic()
+        try:
+            ready = conn.size >= HEADER_SIZE and self._frame_complete(conn)
+        except ProtocolViolation as exc:
+            self._violation(conn, exc)
+            return
+        if ready:
+            conn.state = BUSY
+            self._dispatch(conn)
+        else:
+            self._rearm(conn)
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
+def _readable(sock: Any, timeout: float) -> bool:
+    if sock.pending():
+        return True
+    r, _w, _x = select.select([sock], [], [], timeout)
+    return bool(r)
