@@ -9,6 +9,10 @@ from typing import Any, NamedTuple
 
 DEFAULT_NS = "127.0.0.1:9090"
 ENV_PREFIX = "PYRORPC_"
+# every timeout is a kernel timeout in the end: below a millisecond it would round to 0 (= forever), above
+# about a year it is not a timeout (and overflows the kernel's struct)
+MIN_TIMEOUT = 0.001
+MAX_TIMEOUT = 3e7
 
 
 class Address(NamedTuple):
@@ -99,7 +103,7 @@ class Settings:
     max_in_flight: int = 16
     refresh: float = 2.0
     max_message_size: int = 64 * 1024 * 1024
-    secret: str | None = None
+    secret: str | None = dataclasses.field(default=None, repr=False)  # never shown in logs or reprs
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -111,11 +115,13 @@ class Settings:
             value = getattr(self, name)
             if value is None and name == "lease_ttl":
                 continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"`{name}` must be a positive number of seconds, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not MIN_TIMEOUT <= value <= MAX_TIMEOUT:
+                raise ValueError(f"`{name}` must be {MIN_TIMEOUT:g}-{MAX_TIMEOUT:g} seconds, got {value!r}")
             object.__setattr__(self, name, float(value))
-        if not isinstance(self.drain_timeout, (int, float)) or self.drain_timeout < 0:
-            raise ValueError(f"`drain_timeout` must be non-negative, got {self.drain_timeout!r}")
+        if not isinstance(self.drain_timeout, (int, float)) or isinstance(self.drain_timeout, bool) \
+                or not 0 <= self.drain_timeout <= MAX_TIMEOUT:
+            raise ValueError(f"`drain_timeout` must be 0-{MAX_TIMEOUT:g} seconds, got {self.drain_timeout!r}")
         for name in ("threads", "max_in_flight", "max_message_size", "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -17,7 +17,7 @@ from Pyro5.serializers import SerializerBase
 
 from .codec import set_proxy_factory
 from .compat import is_exception_wrapper, remote_traceback, unwrap_exception
-from .config import Settings, resolve
+from .config import MAX_TIMEOUT, MIN_TIMEOUT, Settings, resolve
 from .errors import (
     AuthenticationError,
     CallTimeoutError,
@@ -192,8 +192,13 @@ class Endpoint:
                     raise
                 raise WorkerLostError(f"{self.name}.{method}: connection lost after the call was sent ({exc})") \
                     from exc
+            except Exception:
+                keep = True  # the method's own exception: the connection is in step
+                raise
             except BaseException:
-                keep = True
+                # KeyboardInterrupt and the like, mid-call: a reply may still arrive on this connection,
+                # so it must never be used again
+                keep = False
                 raise
             keep = True
             failed = False
@@ -256,8 +261,9 @@ class RemoteMethod:
 
     def with_timeout(self, seconds: float) -> "RemoteMethod":
         """The same method with its own call timeout."""
-        if not isinstance(seconds, (int, float)) or not seconds > 0:
-            raise ValueError(f"`seconds` must be positive, got {seconds!r}")
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) \
+                or not MIN_TIMEOUT <= seconds <= MAX_TIMEOUT:
+            raise ConfigurationError(f"`seconds` must be {MIN_TIMEOUT:g}-{MAX_TIMEOUT:g} seconds, got {seconds!r}")
         return type(self)(self._client, self._name, float(seconds))
 
 

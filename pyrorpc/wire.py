@@ -46,6 +46,8 @@ class LimitedConnection(socketutil.SocketConnection):
 
     def set_timeout(self, seconds: float) -> None:
         """Kernel timeouts for every send and receive; a change under 5% is not worth a system call."""
+        # a call's remaining time can get tiny but never "no timeout" (SO_RCVTIMEO 0 blocks forever)
+        seconds = min(max(seconds, 0.001), 3e7)
         current = self._timeout
         if current is not None and abs(current - seconds) <= 0.05 * current:
             return

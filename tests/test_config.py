@@ -5,6 +5,7 @@ from __future__ import annotations
 import Pyro5
 import pytest
 
+import pyrorpc
 from pyrorpc import Address, Settings
 from pyrorpc.config import resolve
 
@@ -71,3 +72,28 @@ def test_library_never_touches_global_pyro_config(ns_addr):
             assert p.add(1, 2) == 3
     after = {k: getattr(Pyro5.config, k) for k in Pyro5.config.__slots__}
     assert before == after
+
+
+def test_secret_never_shows_in_repr():
+    settings = pyrorpc.Settings(secret="s3cr3t-value")
+    assert "s3cr3t-value" not in repr(settings) and settings.secret == "s3cr3t-value"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e19, 1e-7, 0.0, -1.0])
+def test_every_timeout_is_a_real_timeout_or_refused(value):
+    """Below a millisecond a kernel timeout rounds to 0 (= forever); inf or 1e19 overflow: refused up front."""
+    for name in ("timeout", "connect_timeout", "refresh", "idle_timeout"):
+        with pytest.raises(ValueError, match=name):
+            pyrorpc.Settings(**{name: value})
+    if value != value or value < 0 or value > 1e9:  # nan, negative, absurd: a drain must end
+        with pytest.raises(ValueError, match="drain_timeout"):
+            pyrorpc.Settings(drain_timeout=value)
+
+
+def test_with_timeout_refuses_what_cannot_be_a_timeout():
+    from pyrorpc.proxy import RemoteMethod
+    method = RemoteMethod(None, "m")  # type: ignore[arg-type]
+    for bad in (float("inf"), 1e19, 1e-9, 0, -1, True):
+        with pytest.raises(pyrorpc.ConfigurationError, match="seconds"):
+            method.with_timeout(bad)
+    assert method.with_timeout(0.5)._timeout == 0.5

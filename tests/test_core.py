@@ -336,3 +336,24 @@ def test_bytes_arrive_as_bytes(calc_host, ns_addr):
         with pytest.raises(ValueError) as info:
             calc.fail(b"\xff")
         assert info.value.args == (b"\xff",)
+
+
+def test_interrupted_call_never_leaves_its_reply_to_the_next_call():
+    """A KeyboardInterrupt mid-call (Ctrl-C) must close that connection: its late reply would otherwise be
+    read as the reply of the next call on the same proxy."""
+    import os
+
+    with pyrorpc.WorkerHost(Calculator, register=False) as host:
+        proxy = pyrorpc.connect(host.uri)
+        try:
+            assert proxy.add(1, 1) == 2  # one connection, now idle
+            timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C: EINTR
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                proxy.slow(0.6)
+            timer.join()
+            for i in range(5):  # the interrupted call's reply arrives during these
+                assert proxy.add(i, 10) == i + 10
+                time.sleep(0.1)
+        finally:
+            proxy.close()
