@@ -21,7 +21,7 @@ import Pyro5.errors
 from Pyro5.callcontext import current_context
 
 from . import compat
-from .errors import WorkerDrainingError, make_portable
+from .errors import RemoteError, WorkerDrainingError, make_portable
 from .ioloop import Connection
 from .protocol import (
     FLAGS_BATCH,
@@ -154,6 +154,21 @@ def _is_stream(value: Any) -> bool:
         return False
     return isinstance(value, (types.GeneratorType, types.AsyncGeneratorType)) or (
         hasattr(value, "__next__") and hasattr(value, "__iter__") and not isinstance(value, (str, bytes)))
+
+
+def _unencodable(exc: BaseException) -> BaseException:
+    """A stand-in for an exception that cannot be serialized: RemoteError naming its type and message."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = repr(exc.args)
+    err = RemoteError(message)
+    err.remote_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    err.args_lost = True  # type: ignore[attr-defined]  # the caller must not rebuild the original class
+    tb = compat.remote_traceback(exc)
+    if tb is not None:
+        compat.set_remote_traceback(err, [str(line) for line in tb])
+    return err
 
 
 class CallHandler:
@@ -350,9 +365,9 @@ class CallHandler:
             compat.set_remote_traceback(exc, compat.format_traceback())
         try:
             data = SERIALIZER.dumps(exc)
-        except Exception as err:
-            data = SERIALIZER.dumps(Pyro5.errors.SerializeError(
-                f"the method raised {type(exc).__name__}, which cannot be serialized: {err}"))
+        except Exception:
+            # arguments serpent cannot encode: the caller still learns the type and the message
+            data = SERIALIZER.dumps(_unencodable(exc))
         return pack(MSG_RESULT, FLAGS_EXCEPTION, seq, data)
 
     def _instance(self, target: _Target, conn: Connection) -> Any:

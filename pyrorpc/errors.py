@@ -69,6 +69,10 @@ class RemoteError(RpcError):
 
     remote_type: str = ""
 
+    def __str__(self) -> str:
+        text = ", ".join(str(a) for a in self.args) if len(self.args) != 1 else str(self.args[0])
+        return f"{self.remote_type}: {text}" if self.remote_type else text
+
 
 class NameServerUnavailableError(RpcError, Pyro5.errors.CommunicationError):
     """The name server could not be reached (down, wrong address, or timed out)."""
@@ -117,7 +121,8 @@ def _rebuild_remote(_classname: str, data: dict[str, Any]) -> BaseException:
     import sys
     remote_type = str((data.get("attributes") or {}).get("remote_type", ""))
     module_name, _, qualname = remote_type.rpartition(".")
-    cls: Any = sys.modules.get(module_name)  # only classes the caller has imported: no import by name
+    # only classes the caller has imported (no import by name), and only when the arguments came along
+    cls: Any = sys.modules.get(module_name) if not (data.get("attributes") or {}).get("args_lost") else None
     for part in qualname.split(".") if cls is not None else ():
         cls = getattr(cls, part, None)
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):

@@ -52,11 +52,16 @@ class WorkerInfo:
 
     @classmethod
     def from_record(cls, name: str, uri: str, metadata: Any, load: dict[str, Any] | None = None,
-                    age: float | None = None, ttl: float | None = None) -> "WorkerInfo":
+                    age: float | None = None, ttl: float | None = None,
+                    service: str | None = None) -> "WorkerInfo":
         tags = _tags(metadata)
         load = load or {}
+        # a service name may have dots ("reports.daily"): the tag or the caller knows it, the name does not
+        # worker names are SERVICE.host.pid.id
+        service = service or tags.get("service") or (name.rsplit(".", 3)[0] if name.count(".") >= 3
+                                                      else name.split(".")[0])
         return cls(
-            name=name, uri=str(uri), service=tags.get("service", name.split(".")[0]),
+            name=name, uri=str(uri), service=service,
             host=str(load.get("host", tags.get("host", ""))),
             pid=_int(load.get("pid", tags.get("pid"))),
             threads=_int(load.get("threads", tags.get("threads"))),
@@ -181,9 +186,9 @@ class NameServerClient:
         if self.leasing:
             records = self._call("service_workers", service, with_metadata)
             return [WorkerInfo.from_record(r["name"], r["uri"], r.get("metadata"), r.get("load"), r.get("age"),
-                                           r.get("ttl")) for r in records]
+                                           r.get("ttl"), service=service) for r in records]
         found = self._call("yplookup", meta_all=[SERVICE_TAG + service], return_metadata=True)
-        return [WorkerInfo.from_record(name, uri, meta) for name, (uri, meta) in found.items()]
+        return [WorkerInfo.from_record(name, uri, meta, service=service) for name, (uri, meta) in found.items()]
 
     def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
         """Take or renew the named lock for ``owner`` (pyrorpc's name server only); False if held by
