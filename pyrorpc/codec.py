@@ -124,6 +124,7 @@ _TOKENS = re.compile(rf"""
 """, re.VERBOSE)
 # serpent writes a complex number as (REAL+IMAGj); checked before the tokens, at an opening parenthesis
 _COMPLEX = re.compile(rf"\((?P<re>{_NUM})(?P<sign>[+-])(?P<im>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)j\)")
+_MAX_NESTING = 100  # Python's own parser gives up near 200 nested brackets
 _AST_LIMIT = 64 * 1024  # larger input the fast path refuses is never handed to ast (memory: ~1 KB a node)
 _HEADER = "# serpent utf-8 python3.2\n"
 _NAMES = {"True": True, "False": False, "None": None}
@@ -204,6 +205,8 @@ def _parse(text: str, start: int) -> tuple[Any, bool]:
                 top[3] += 1
                 continue
             if tok in "([{":
+                if len(stack) >= _MAX_NESTING:  # serpent (ast) cannot read deeper either: refuse early
+                    raise _Fallback
                 top = [tok, [], 0, 0]
                 stack.append(top)
                 continue

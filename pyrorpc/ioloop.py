@@ -53,6 +53,7 @@ _ONESHOT = select.EPOLLONESHOT
 _DONTWAIT = socket.MSG_DONTWAIT
 _NOT_READY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _HANDSHAKE_MAX = 16 * 1024  # bytes a connect message may have (a token and an object id)
+_TLS_CHUNK = 1 << 20  # bytes per TLS send: a retry after SSLWantWrite must repeat the same length
 
 # connection states
 HANDSHAKE, IDLE, BUSY, WRITING, REFUSED, CLOSED = "handshake", "idle", "busy", "writing", "refused", "closed"
@@ -156,7 +157,7 @@ class IOLoop:
     idle_timeout: float
     send_timeout: float
     ssl_context: ssl.SSLContext | None
-    verify: Callable[[Any], Any] | None
+    verify: Callable[..., Any] | None
     stats: Any
     _conn_lock: threading.Lock
     _handshaking: dict[int, Connection]
@@ -458,7 +459,7 @@ class IOLoop:
                 if not isinstance(data, dict) or not isinstance(data.get("object"), str):
                     raise ValueError("malformed handshake")
                 token = data.get("handshake")
-                response = self.verify(token) if self.verify is not None else "hello"
+                response = self.verify(token, target=data["object"]) if self.verify is not None else "hello"
                 reply = {"handshake": response, "meta": self.metadata(data["object"])}
             except AuthenticationError as exc:
                 reason = str(exc)
@@ -522,7 +523,7 @@ class IOLoop:
         sock = conn.sock
         try:
             while out:
-                sent = sock.send(out[:1 << 20]) if conn.tls else sock.send(out[:1 << 20], _DONTWAIT)
+                sent = sock.send(out[:_TLS_CHUNK]) if conn.tls else sock.send(out[:1 << 20], _DONTWAIT)
                 out = out[sent:]
         except _NOT_READY:
             conn.out = out

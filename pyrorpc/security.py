@@ -49,11 +49,12 @@ def _mac(secret: str, *parts: str) -> str:
     return hmac.new(secret.encode(), ":".join(("pyrorpc1",) + parts).encode(), hashlib.sha256).hexdigest()
 
 
-def make_token(secret: str, now: float | None = None) -> dict[str, Any]:
-    """A fresh handshake token for ``secret``."""
+def make_token(secret: str, now: float | None = None, target: str = "") -> dict[str, Any]:
+    """A fresh handshake token for ``secret``, good only for the object ``target`` (the id the client
+    connects to: a worker's name, ``Pyro.NameServer``...), so it cannot be replayed to another server."""
     ts = f"{time.time() if now is None else now:.6f}"
     nonce = secrets.token_hex(16)
-    return {"ts": ts, "nonce": nonce, "mac": _mac(secret, ts, nonce)}
+    return {"ts": ts, "nonce": nonce, "mac": _mac(secret, ts, nonce, target)}
 
 
 class HandshakeVerifier:
@@ -66,7 +67,7 @@ class HandshakeVerifier:
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
 
-    def verify(self, data: Any, now: float | None = None) -> dict[str, str]:
+    def verify(self, data: Any, now: float | None = None, target: str = "") -> dict[str, str]:
         """Check a client token; returns the server's proof. Raises AuthenticationError."""
         now = time.time() if now is None else now
         if not isinstance(data, dict):
@@ -75,8 +76,8 @@ class HandshakeVerifier:
         if not (isinstance(ts, str) and isinstance(nonce, str) and isinstance(mac, str)) \
                 or len(nonce) > 128 or len(mac) != 64 or len(ts) > 32:
             raise AuthenticationError(f"{AUTH_FAILED}: malformed token")
-        if not hmac.compare_digest(mac, _mac(self.secret, ts, nonce)):
-            raise AuthenticationError(f"{AUTH_FAILED}: wrong secret")
+        if not hmac.compare_digest(mac, _mac(self.secret, ts, nonce, target)):
+            raise AuthenticationError(f"{AUTH_FAILED}: wrong secret (or a token made for another object)")
         try:
             stamp = float(ts)
         except ValueError:
@@ -131,8 +132,8 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def server_verifier(settings: Settings) -> Any:
-    """The handshake check a server runs for these settings: None without a secret, else a callable that
-    returns the server's proof or raises AuthenticationError."""
+    """The handshake check a server runs for these settings: None without a secret, else a callable
+    ``verify(token, target=object_id)`` that returns the server's proof or raises AuthenticationError."""
     if not settings.secret:
         return None
     return HandshakeVerifier(settings.secret).verify
@@ -165,7 +166,7 @@ def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedCon
                     from None
         conn = limit_connection(socketutil.SocketConnection(sock, uri.object), settings.max_message_size)
         conn.set_timeout(timeout)
-        token = make_token(settings.secret) if settings.secret else "hello"
+        token = make_token(settings.secret, target=uri.object) if settings.secret else "hello"
         data = SERIALIZER.dumps({"handshake": token, "object": uri.object})
         conn.send(wire_protocol.pack(wire_protocol.MSG_CONNECT, 0, 0, data))
         header = wire_protocol.parse_header(conn.read_header(), settings.max_message_size)

@@ -35,6 +35,7 @@ from .ioloop import (
     _LINGER,
     _NOT_READY,
     _RECV,
+    _TLS_CHUNK,
     BUSY,
     IDLE,
     WRITING,
@@ -65,8 +66,8 @@ class Server(IOLoop, CallHandler):
             started request to arrive whole.
         max_message_size: largest request accepted (checked on the header, before the payload is read).
         ssl_context: a server-side TLS context, or None.
-        verify: called with the client's handshake data; returns the handshake reply or raises
-            AuthenticationError (the connection is refused and logged).
+        verify: ``verify(token, target=object_id)`` with the client's handshake token; returns the
+            handshake reply or raises AuthenticationError (the connection is refused and logged).
         send_timeout: seconds a reply may take to be written before the connection is dropped.
         name: for log lines and refusals.
     """
@@ -74,7 +75,7 @@ class Server(IOLoop, CallHandler):
     def __init__(self, host: str, port: int, *, threads: int = 64, max_connections: int = 4096,
                  idle_timeout: float = 600.0, handshake_timeout: float = 5.0,
                  max_message_size: int = 64 * 1024 * 1024, ssl_context: ssl.SSLContext | None = None,
-                 verify: Callable[[Any], Any] | None = None, send_timeout: float = 30.0,
+                 verify: Callable[..., Any] | None = None, send_timeout: float = 30.0,
                  name: str = "server", oneway_queue: int | None = None, stats: ServerStats | None = None) -> None:
         self.threads = threads
         self.max_connections = max_connections
@@ -329,7 +330,8 @@ class Server(IOLoop, CallHandler):
         failed."""
         sock = conn.sock
         try:
-            sent = sock.send(data) if conn.tls else sock.send(data, _DONTWAIT)
+            # TLS: at most the slice _write_more retries with (OpenSSL wants a retry of the same length)
+            sent = sock.send(data[:_TLS_CHUNK]) if conn.tls else sock.send(data, _DONTWAIT)
         except _NOT_READY:
             sent = 0
         except (OSError, ssl.SSLError, ValueError) as exc:

@@ -97,13 +97,31 @@ def test_plain_pyro5_client_cannot_do_anything(secure_ns):
 
 def test_replayed_handshake_is_refused(secure_ns):
     host, port = secure_ns.rsplit(":", 1)
-    token = make_token(SECRET)
+    token = make_token(SECRET, target="Pyro.NameServer")
     ok, reply = raw_handshake(host, int(port), token)
     assert ok and "proof" in reply["handshake"]
     ok, reply = raw_handshake(host, int(port), token)
     assert not ok and "replayed" in reply
-    ok, reply = raw_handshake(host, int(port), make_token("wrong"))
+    ok, reply = raw_handshake(host, int(port), make_token("wrong", target="Pyro.NameServer"))
     assert not ok and "wrong secret" in reply
+
+
+def test_token_for_one_server_is_refused_by_another(secure_ns):
+    """Each server remembers the nonces it saw, so a token is bound to the object it was made for: one
+    sent to a worker cannot be replayed to the name server or to another worker."""
+    host, port = secure_ns.rsplit(":", 1)
+    with pyrorpc.WorkerHost(Calculator, ns=secure_ns, secret=SECRET) as a, \
+            pyrorpc.WorkerHost(Calculator, ns=secure_ns, secret=SECRET) as b:
+        token = make_token(SECRET, target=a.name)
+        a_host, a_port = a.uri.rsplit("@", 1)[1].rsplit(":", 1)
+        b_host, b_port = b.uri.rsplit("@", 1)[1].rsplit(":", 1)
+        ok, _reply = raw_handshake(a_host, int(a_port), token, obj=a.name)
+        assert ok
+        for target_host, target_port, obj in ((b_host, b_port, b.name), (host, port, "Pyro.NameServer")):
+            ok, reply = raw_handshake(target_host, int(target_port), token, obj=obj)
+            assert not ok and "authentication failed" in reply, (obj, reply)
+        ok, reply = raw_handshake(b_host, int(b_port), token, obj=a.name)  # B does not serve A's object
+        assert not ok and "unknown object" in reply
 
 
 def test_client_refuses_server_without_the_secret(ns_addr):
