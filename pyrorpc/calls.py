@@ -22,7 +22,7 @@ from Pyro5.callcontext import current_context
 
 from . import compat
 from .errors import RemoteError, WorkerDrainingError, make_portable
-from .ioloop import Connection
+from .ioloop import PENDING, Connection
 from .protocol import (
     FLAGS_BATCH,
     FLAGS_COMPRESSED,
@@ -46,7 +46,6 @@ log = logging.getLogger("pyrorpc.server")
 
 DAEMON_NAME = "Pyro.Daemon"
 INSTANCE_MODES = ("single", "session", "percall")
-PENDING = 2  # a reply whose rest the I/O thread writes (the call stays in flight until then)
 _PONG = b"pong"
 
 
@@ -286,7 +285,7 @@ class CallHandler:
                     fn = self._method(target, obj, name)
                     try:
                         results.append(fn(*a, **kw))
-                    except Exception as exc:
+                    except BaseException as exc:  # SystemExit too: the caller's error, not the thread's end
                         self._note_remote(exc)
                         results.append(compat.wrap_exception(exc))
                         failed_batch = True
@@ -306,7 +305,7 @@ class CallHandler:
                 fn = self._method(target, obj, method)
                 if oneway:
                     counted = False  # the oneway run counts itself out
-                    self._oneway(fn, vargs, kwargs, conn.peer)
+                    self._oneway((fn, vargs, kwargs, conn.peer, context.correlation_id, context.annotations))
                     return True
                 result = fn(*vargs, **kwargs)
             if oneway:
@@ -334,7 +333,7 @@ class CallHandler:
             failed = False
             status = self._reply(conn, pack(MSG_RESULT, 0, seq, data))
             return status
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt raised by a method: that call's error
             if oneway:
                 log.warning("%s: oneway call failed: %s: %s", self.name, type(exc).__name__, exc)
                 return True
@@ -402,21 +401,26 @@ class CallHandler:
         return None
 
     # oneway calls -------------------------------------------------------------------------------
-    def _oneway(self, fn: Any, vargs: Any, kwargs: Any, peer: Any) -> None:
+    def _oneway(self, job: tuple[Any, ...]) -> None:
         """Queue a oneway call for the pool (counted in flight until it ran); with the queue full the
         connection's own thread runs it, which stops reading that connection: TCP backpressure."""
         if self._queued >= self._oneway_limit:
-            self._run_oneway(fn, vargs, kwargs, peer)
+            self._run_oneway(*job)
         else:
-            self._submit((fn, vargs, kwargs, peer))
+            self._submit(job)
 
-    def _run_oneway(self, fn: Any, vargs: Any, kwargs: Any, peer: Any) -> None:
+    def _run_oneway(self, fn: Any, vargs: Any, kwargs: Any, peer: Any, correlation_id: Any,
+                    annotations: Any) -> None:
         failed = True
         try:
-            current_context.client_sock_addr = peer
+            context = current_context  # the call's own context, not what this thread ran before
+            context.client = None
+            context.client_sock_addr = peer
+            context.correlation_id = correlation_id
+            context.annotations = annotations
             fn(*vargs, **kwargs)
             failed = False
-        except Exception as exc:
+        except BaseException as exc:
             log.warning("%s: oneway call %s from %s failed: %s: %s", self.name, getattr(fn, "__name__", fn), peer,
                         type(exc).__name__, exc)
         finally:

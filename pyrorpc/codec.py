@@ -113,17 +113,20 @@ def _encode(obj: Any, out: list[str], depth: int) -> None:
         raise _Fallback
 
 
-_NUM = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+# ASCII digits only (\d would take other scripts' digits, which Python literals do not); an integer has
+# no leading zeros (007 is not a literal), a float may (00.5 is)
+_NUM = r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
 _TOKENS = re.compile(rf"""
-    (?P<str>'[^'\\\n]*'|"[^"\\\n]*")
+    (?P<str>'[^'\\\n\r]*'|"[^"\\\n\r]*")
   | (?P<num>{_NUM})(?![\w.+\-])
   | (?P<punct>[()\[\]{{}},:])
   | (?P<name>True|False|None)(?!\w)
   | (?P<esc>b?['"])
   | (?P<other>\S)
-""", re.VERBOSE)
+""", re.VERBOSE | re.ASCII)
 # serpent writes a complex number as (REAL+IMAGj); checked before the tokens, at an opening parenthesis
-_COMPLEX = re.compile(rf"\((?P<re>{_NUM})(?P<sign>[+-])(?P<im>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)j\)")
+_COMPLEX = re.compile(rf"\((?P<re>{_NUM})(?P<sign>[+-])(?P<im>[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)j\)",
+                      re.ASCII)
 _MAX_NESTING = 100  # Python's own parser gives up near 200 nested brackets
 _AST_LIMIT = 64 * 1024  # larger input the fast path refuses is never handed to ast (memory: ~1 KB a node)
 _HEADER = "# serpent utf-8 python3.2\n"
@@ -243,7 +246,13 @@ def _parse(text: str, start: int) -> tuple[Any, bool]:
         elif kind == "str":
             value = tok[1:-1]
         elif kind == "num":
-            value = float(tok) if ("." in tok or "e" in tok or "E" in tok) else int(tok)
+            if "." in tok or "e" in tok or "E" in tok:
+                value = float(tok)
+            else:
+                digits = tok.lstrip("-")
+                if len(digits) > 1 and digits[0] == "0" and digits.strip("0"):
+                    raise _Fallback  # 007: not a Python literal (00 is)
+                value = int(tok)
         elif kind == "name":
             value = _NAMES[tok]
         elif kind == "value":
@@ -265,7 +274,7 @@ def _parse(text: str, start: int) -> tuple[Any, bool]:
                 close += 1
             tok = text[m.start():close + 1]
             pos = close + 1
-            if "\n" in tok:
+            if "\n" in tok or "\r" in tok:
                 raise _Fallback
             if tok[0] == "b" and "\\" not in tok:
                 value = tok[2:-1].encode("ascii")

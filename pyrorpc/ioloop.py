@@ -40,7 +40,7 @@ from .protocol import (
 )
 from .wire import SERIALIZER, loads
 
-__all__ = ["BUSY", "CLOSED", "HANDSHAKE", "IDLE", "REFUSED", "WRITING", "Connection", "IOLoop"]
+__all__ = ["BUSY", "CLOSED", "HANDSHAKE", "IDLE", "PENDING", "REFUSED", "WRITING", "Connection", "IOLoop"]
 
 log = logging.getLogger("pyrorpc.server")
 
@@ -54,6 +54,7 @@ _DONTWAIT = socket.MSG_DONTWAIT
 _NOT_READY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _HANDSHAKE_MAX = 16 * 1024  # bytes a connect message may have (a token and an object id)
 _TLS_CHUNK = 1 << 20  # bytes per TLS send: a retry after SSLWantWrite must repeat the same length
+PENDING = 2  # a reply whose rest the I/O thread writes (the call stays in flight until then)
 
 # connection states
 HANDSHAKE, IDLE, BUSY, WRITING, REFUSED, CLOSED = "handshake", "idle", "busy", "writing", "refused", "closed"
@@ -168,10 +169,16 @@ class IOLoop:
     _running: bool
     _accepting: bool
 
+    _accept_paused_until: float
+
     if TYPE_CHECKING:  # provided by the Server (declared here for the type checker only)
         def metadata(self, object_id: str) -> dict[str, Any]: ...
 
         def _dispatch(self, conn: Connection) -> None: ...
+
+        def _reply(self, conn: Connection, data: bytes) -> Any: ...
+
+        def _hand_over_write(self, conn: Connection, failed: bool | None) -> None: ...
 
     # the I/O thread -----------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -193,21 +200,33 @@ class IOLoop:
                 except (OSError, ValueError):
                     break
                 for fd, ev in events:
-                    if fd == listen_fd:
-                        self._accept()
-                    elif fd == self._wake_r:
-                        try:
-                            os.read(self._wake_r, 4096)
-                        except OSError:
-                            pass
-                    else:
+                    try:
+                        if fd == listen_fd:
+                            self._accept()
+                        elif fd == self._wake_r:
+                            try:
+                                os.read(self._wake_r, 4096)
+                            except OSError:
+                                pass
+                        else:
+                            conn = self.connections.get(fd)
+                            if conn is not None:
+                                self._on_event(conn, ev)
+                    except Exception:  # one connection's trouble (even a bug) must not stop the others
+                        log.exception("%s: error handling an event", self.name)
                         conn = self.connections.get(fd)
                         if conn is not None:
-                            self._on_event(conn, ev)
+                            self._drop(conn)
                 if not self._accepting and self.sock is not None:
                     self._close_listener()
                     listen_fd = -1
                 now = time.monotonic()
+                if self._accept_paused_until and now >= self._accept_paused_until and self.sock is not None:
+                    self._accept_paused_until = 0.0
+                    try:
+                        epoll.modify(listen_fd, _EPOLLIN)
+                    except (OSError, ValueError):
+                        pass
                 if now >= next_sweep:
                     self._sweep(now)
                     next_sweep = now + 0.25
@@ -235,7 +254,14 @@ class IOLoop:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("%s: cannot accept: %s", self.name, exc)
+                    # out of descriptors or memory: stop watching the listener for a moment (it stays
+                    # readable, and polling it would spin), and say so once per pause
+                    log.warning("%s: cannot accept: %s (pausing accepts for 0.1 s)", self.name, exc)
+                    self._accept_paused_until = time.monotonic() + 0.1
+                    try:
+                        self._epoll.modify(sock.fileno(), 0)
+                    except (OSError, ValueError):
+                        pass
                 return
             self._admit(client, addr)
 
@@ -401,6 +427,8 @@ class IOLoop:
         return True
 
     def _rearm(self, conn: Connection, events: int = _EPOLLIN) -> None:
+        if conn.state == CLOSED:
+            return  # its fd may belong to another connection by now
         try:
             self._epoll.modify(conn.fd, events | _ONESHOT)
         except (OSError, ValueError):
@@ -476,9 +504,15 @@ class IOLoop:
             log.error("%s: cannot encode handshake reply: %s", self.name, exc)
             self._drop(conn)
             return
-        self._send_quietly(conn, pack(MSG_CONNECTOK, 0, header.seq, data))
+        status = self._reply(conn, pack(MSG_CONNECTOK, 0, header.seq, data))
+        if not status:
+            self._drop(conn)
+            return
         with self._conn_lock:
             self._handshaking.pop(conn.fd, None)
+        if status == PENDING:  # a slow TLS peer: the I/O thread finishes the reply, then serves on
+            self._hand_over_write(conn, None)
+            return
         conn.state = IDLE
         conn.last_active = time.monotonic()
         if conn.pending:  # a pipelining client sent its first request along
@@ -487,15 +521,19 @@ class IOLoop:
             self._rearm(conn)
 
     def _drop(self, conn: Connection) -> None:
-        with self._conn_lock:
-            if self.connections.pop(conn.fd, None) is conn and conn.state == REFUSED:
-                self._refused -= 1
+        with self._conn_lock:  # atomic: two threads may drop the same connection
+            if conn.state == CLOSED:
+                return
+            if self.connections.get(conn.fd) is conn:  # the fd may belong to a newer connection
+                del self.connections[conn.fd]
+                if conn.state == REFUSED:
+                    self._refused -= 1
             if self._handshaking.get(conn.fd) is conn:
                 del self._handshaking[conn.fd]
-        if conn.state == WRITING and conn.out is not None:
-            conn.out = None
-            if conn.out_failed is not None:
-                self.stats.leave(True)  # the call ran but its reply never got out
+            unsent, conn.out = conn.out, None
+            count = conn.state == WRITING and unsent is not None and conn.out_failed is not None
+        if count:
+            self.stats.leave(True)  # the call ran but its reply never got out
         self._shut(conn)
 
     def _shut(self, conn: Connection) -> None:
@@ -525,9 +563,13 @@ class IOLoop:
             while out:
                 sent = sock.send(out[:_TLS_CHUNK]) if conn.tls else sock.send(out[:1 << 20], _DONTWAIT)
                 out = out[sent:]
+        except ssl.SSLWantReadError:  # TLS wants to read first (renegotiation): wait for input, not output
+            conn.out = out
+            self._rearm(conn, _EPOLLIN)
+            return
         except _NOT_READY:
             conn.out = out
-            self._rearm(conn, _EPOLLOUT | (_EPOLLIN if conn.tls else 0))
+            self._rearm(conn, _EPOLLOUT)
             return
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.info("%s: could not send a reply to %s: %s", self.name, conn.peer, exc)

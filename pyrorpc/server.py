@@ -129,6 +129,8 @@ class Server(IOLoop, CallHandler):
         self._workers = 0
         self._idle_workers = 0
         self._queued = 0
+        self._queued_conns = 0
+        self._accept_paused_until = 0.0
         self._oneway_limit = oneway_queue if oneway_queue is not None else 4 * threads
         self._closed = False
         self._stuck_logged = False
@@ -160,7 +162,12 @@ class Server(IOLoop, CallHandler):
         Then, while requests still come in (callers that have not heard yet), keep refusing them until
         none came for 0.1 s (at most one second more): a request sent just as the connections close would
         be lost to its caller, one that is refused is resent elsewhere."""
+        start = time.monotonic()
         drained = self.stats.drain(timeout)
+        # requests already read but still queued for a call thread are not in flight yet: let them be
+        # answered (with WorkerDrainingError) before the connections close
+        while self._queued_conns and time.monotonic() < start + timeout + 1.0:
+            time.sleep(0.005)
         settle_until = time.monotonic() + 1.0
         while True:
             quiet = time.monotonic() - self._last_refusal
@@ -227,11 +234,19 @@ class Server(IOLoop, CallHandler):
     def _submit(self, job: Any) -> None:
         with self._pool_lock:
             self._queued += 1
+            if type(job) is Connection:
+                self._queued_conns += 1  # requests read but not yet counted in flight: drain waits for them
             spawn = self._idle_workers < self._queued and self._workers < self.threads
             if spawn:
                 self._workers += 1
         if spawn:
-            threading.Thread(target=self._worker, name=f"{self.name}-call-{self._workers}", daemon=True).start()
+            try:
+                threading.Thread(target=self._worker, name=f"{self.name}-call-{self._workers}",
+                                 daemon=True).start()
+            except RuntimeError as exc:  # can't start new thread: the threads there are will get to it
+                with self._pool_lock:
+                    self._workers -= 1
+                log.error("%s: cannot start a call thread: %s", self.name, exc)
         self._jobs.put(job)
 
     def _worker(self) -> None:
@@ -245,13 +260,16 @@ class Server(IOLoop, CallHandler):
             except queue.Empty:
                 with lock:
                     self._idle_workers -= 1
-                    if self._workers > 1:
+                    # leave only when no job is waiting (one may have been queued for us meanwhile)
+                    if self._workers > 1 and not self._queued:
                         self._workers -= 1
                         return
                 continue
             with lock:
                 self._idle_workers -= 1
                 self._queued -= 1
+                if type(job) is Connection:
+                    self._queued_conns -= 1
             if job is None:
                 with lock:
                     self._workers -= 1
@@ -263,8 +281,10 @@ class Server(IOLoop, CallHandler):
                         pass
                 else:
                     self._run_oneway(*job)
-            except Exception:  # pragma: no cover - a bug must not cost a call thread
+            except BaseException:  # pragma: no cover - a bug must not cost a call thread or a connection
                 log.exception("%s: unexpected error in a call thread", self.name)
+                if type(job) is Connection and job.state == BUSY:
+                    self._drop(job)
 
     def _serve(self, conn: Connection) -> bool:
         """Serve ``conn`` while requests keep coming, up to a budget; True to be called again at once.
@@ -276,6 +296,7 @@ class Server(IOLoop, CallHandler):
         max_size = self.max_message_size
         tls = conn.tls
         budget = _BUDGET
+        partial_read = False  # one short wait for the rest of a frame; a slower peer goes to the I/O thread
         while True:
             if conn.state != BUSY:
                 return False
@@ -285,6 +306,7 @@ class Server(IOLoop, CallHandler):
                 self._violation(conn, exc)
                 return False
             if frame is not None:
+                partial_read = False
                 status = self._handle(conn, frame[0], frame[1])
                 if status is PENDING:
                     return False  # the I/O thread writes the rest of the reply, then serves on
@@ -299,9 +321,10 @@ class Server(IOLoop, CallHandler):
                     return True
                 continue
             # wait a moment for more; if nothing comes, give the connection back
-            if self._queued and not conn.pending:
-                data = None  # threads are wanted elsewhere: no lingering
+            if (self._queued and not conn.pending) or partial_read:
+                data = None  # threads are wanted elsewhere, or the peer is slow: no lingering
             else:
+                partial_read = conn.pending
                 try:
                     if tls:
                         data = sock.recv(_RECV) if _readable(sock, _LINGER) else None
@@ -345,7 +368,7 @@ class Server(IOLoop, CallHandler):
     def _hand_over_write(self, conn: Connection, failed: bool | None) -> None:
         """The call thread leaves the rest of a reply to the I/O thread (the call stays in flight)."""
         conn.out_failed = failed
+        conn.deadline = time.monotonic() + self.send_timeout  # before the state: the sweep reads both
         conn.state = WRITING
-        conn.deadline = time.monotonic() + self.send_timeout
-        self._rearm(conn, _EPOLLOUT | (_EPOLLIN if conn.tls else 0))
+        self._rearm(conn, _EPOLLOUT)
 

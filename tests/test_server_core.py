@@ -103,6 +103,9 @@ class Core:
         _hanging.append(1)
         _HANG.wait(30)
 
+    def bye(self) -> None:
+        sys.exit(3)  # a method that ends "the program": the caller's error, never the server's thread
+
     def call_back(self, reporter: Any, n: int) -> int:
         for i in range(n):
             reporter.progress(i)
@@ -840,3 +843,79 @@ def test_oversized_request_header_is_refused_before_the_payload(nameserver, work
     with pyrorpc.connect(worker.uri, timeout=5) as calc:
         assert calc.add(1, 2) == 3
     assert pyrorpc.NameServerClient(pyrorpc.Settings(ns=ns.ns)).lookup(worker.name)[0] == worker.uri
+
+
+# found by review: a method raising SystemExit, a request trickling in, a large reply over TLS ----------
+
+def test_a_method_raising_system_exit_costs_only_its_call():
+    with pyrorpc.WorkerHost(Core, register=False, threads=2) as host, pyrorpc.connect(host.uri, timeout=5) as p:
+        for _ in range(5):  # more than the worker has call threads
+            with pytest.raises(SystemExit):
+                p.bye()
+        assert p.ok(1) == 1
+        futures = [p.ok.future(i) for i in range(8)]
+        assert [f.result(5) for f in futures] == list(range(8))
+
+
+def test_a_request_trickling_in_holds_no_call_thread():
+    """threads=1: a peer sending its request a byte every few milliseconds must not keep the only call
+    thread from serving another client."""
+    with pyrorpc.WorkerHost(Core, register=False, threads=1, connect_timeout=10) as host:
+        conn, _meta = open_connection(Pyro5.core.URI(host.uri), host.settings)
+        assert invoke(conn, "ok", (1,), {}) == 1  # the connection is served, then idle
+        # ~700 bytes at one per 4 ms: about 3 s of trickle, inside the 10 s request deadline
+        frame = protocol.pack(protocol.MSG_INVOKE, 0, 2, pyrorpc.codec.dumps((host.name, "ok", ("x" * 600,), {})))
+
+        def trickle() -> None:
+            for byte in frame[:-1]:
+                try:
+                    conn.sock.send(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.004)
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        try:
+            time.sleep(0.2)  # the trickle is under way
+            with pyrorpc.connect(host.uri, timeout=5) as other:
+                for i in range(5):
+                    started = time.monotonic()
+                    assert other.ok(i) == i
+                    assert time.monotonic() - started < 1.0
+        finally:
+            t.join(10)
+            conn.close()
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = {"ca": tmp_path / "ca.pem", "key": tmp_path / "key.pem", "cert": tmp_path / "cert.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    paths["cert"].write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+    return {k: str(v) for k, v in paths.items()}
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5])
+def test_large_replies_over_tls_arrive_whole(tls_files, delay):
+    """A reply larger than the socket buffers is finished by the I/O thread; over TLS each retry must
+    repeat the same length or OpenSSL refuses it (the reply used to be lost: BAD_LENGTH)."""
+    with pyrorpc.WorkerHost(Core, register=False, tls_cert=tls_files["cert"], tls_key=tls_files["key"]) as host:
+        conn, _meta = open_connection(Pyro5.core.URI(host.uri), pyrorpc.Settings(tls_ca=tls_files["ca"]))
+        try:
+            size = 12_000_000
+            frame = protocol.pack(protocol.MSG_INVOKE, 0, 1, pyrorpc.codec.dumps((host.name, "big", (size,), {})))
+            conn.send(frame)
+            time.sleep(delay)  # a reader that is late: the worker's first send fills the buffers
+            header = protocol.parse_header(conn.read_header(), 1 << 30)
+            payload = conn._read(header.ann_size + header.data_size)
+            assert header.flags & protocol.FLAGS_EXCEPTION == 0
+            assert wire_loads(payload[header.ann_size:]) == b"x" * size
+        finally:
+            conn.close()
+        with pyrorpc.connect(host.uri, tls_ca=tls_files["ca"]) as p:
+            assert len(p.big(3_000_000)) == 3_000_000
