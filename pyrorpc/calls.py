@@ -155,6 +155,13 @@ def _is_stream(value: Any) -> bool:
         hasattr(value, "__next__") and hasattr(value, "__iter__") and not isinstance(value, (str, bytes)))
 
 
+def _result(flags: int, header: Any, data: bytes) -> bytes:
+    """A result frame for a request: its sequence number, and its correlation id when it had one."""
+    if header.flags & FLAGS_CORR_ID:
+        return pack(MSG_RESULT, flags | FLAGS_CORR_ID, header.seq, data, corr_id=header.corr_id)
+    return pack(MSG_RESULT, flags, header.seq, data)
+
+
 def _unencodable(exc: BaseException) -> BaseException:
     """A stand-in for an exception that cannot be serialized: RemoteError naming its type and message."""
     try:
@@ -296,7 +303,7 @@ class CallHandler:
                 if oneway:
                     return True
                 data = SERIALIZER.dumps(results)
-                status = self._reply(conn, pack(MSG_RESULT, FLAGS_BATCH, seq, data))
+                status = self._reply(conn, _result(FLAGS_BATCH, header, data))
                 return status
             if method == "__getattr__" or method == "__setattr__":
                 result = self._attribute(target, conn, method, vargs)
@@ -331,7 +338,7 @@ class CallHandler:
                     f"reply of {len(data):,} bytes exceeds the worker's max_message_size of "
                     f"{self.max_message_size:,}; the call ran but its result cannot be sent")
             failed = False
-            status = self._reply(conn, pack(MSG_RESULT, 0, seq, data))
+            status = self._reply(conn, _result(0, header, data))
             return status
         except BaseException as exc:  # SystemExit, KeyboardInterrupt raised by a method: that call's error
             if oneway:
@@ -339,7 +346,7 @@ class CallHandler:
                 return True
             if isinstance(exc, ProtocolViolation):  # bad annotations or compressed payload: Pyro5's own error
                 exc = Pyro5.errors.ProtocolError(str(exc))
-            status = self._reply(conn, self._error_frame(exc, seq, exc.__traceback__))
+            status = self._reply(conn, self._error_frame(exc, seq, exc.__traceback__, header))
             return status
         finally:
             if counted:
@@ -358,7 +365,7 @@ class CallHandler:
         make_portable(type(exc))
         compat.set_remote_traceback(exc, compat.format_traceback())
 
-    def _error_frame(self, exc: BaseException, seq: int, tb: Any) -> bytes:
+    def _error_frame(self, exc: BaseException, seq: int, tb: Any, header: Any = None) -> bytes:
         make_portable(type(exc))
         if tb is not None:
             compat.set_remote_traceback(exc, compat.format_traceback())
@@ -367,6 +374,8 @@ class CallHandler:
         except Exception:
             # arguments serpent cannot encode: the caller still learns the type and the message
             data = SERIALIZER.dumps(_unencodable(exc))
+        if header is not None:
+            return _result(FLAGS_EXCEPTION, header, data)
         return pack(MSG_RESULT, FLAGS_EXCEPTION, seq, data)
 
     def _instance(self, target: _Target, conn: Connection) -> Any:

@@ -158,3 +158,45 @@ def _same(a, b):
     if isinstance(a, float):
         return repr(a) == repr(b)
     return a == b
+
+
+def test_correlation_id_and_annotations_reach_the_method_and_come_back():
+    """A stock Pyro5 client's correlation id and annotations are the method's current_context values, and
+    a reply carries the request's correlation id back."""
+    import uuid
+
+    import Pyro5.api
+    from Pyro5.callcontext import current_context
+
+    import pyrorpc
+    from pyrorpc.security import open_connection
+
+    seen = {}
+
+    @pyrorpc.service("ctx")
+    class Ctx:
+        def look(self):
+            seen["corr"] = current_context.correlation_id
+            seen["ann"] = dict(current_context.annotations)
+            return True
+
+    with pyrorpc.WorkerHost(Ctx, register=False) as host:
+        corr = uuid.uuid4()
+        current_context.correlation_id = corr
+        current_context.annotations = {"XTRA": b"hello"}
+        try:
+            with Pyro5.api.Proxy(host.uri) as proxy:
+                assert proxy.look() is True
+        finally:
+            current_context.correlation_id = None
+            current_context.annotations = {}
+        assert seen["corr"] == corr and seen["ann"].get("XTRA") == b"hello"
+        conn, _meta = open_connection(Pyro5.core.URI(host.uri), pyrorpc.Settings())
+        try:
+            conn.send(protocol.pack(protocol.MSG_INVOKE, protocol.FLAGS_CORR_ID, 5,
+                                    dumps((host.name, "look", (), {})), corr_id=corr.bytes))
+            header = protocol.parse_header(conn.read_header(), 1 << 20)
+            conn._read(header.ann_size + header.data_size)
+            assert header.seq == 5 and header.flags & protocol.FLAGS_CORR_ID and header.corr_id == corr.bytes
+        finally:
+            conn.close()
