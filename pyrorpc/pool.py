@@ -6,6 +6,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -22,7 +23,7 @@ from .errors import (
     WorkerLostError,
 )
 from .naming import NameServerClient, WorkerInfo
-from .proxy import Dispatcher, Endpoint, NotSent, RemoteMethod, SlotsBusy
+from .proxy import Abandoned, CallHandle, Dispatcher, Endpoint, NotSent, RemoteMethod, SlotsBusy
 from .service import check_service_name
 
 __all__ = ["Pool", "PoolMethod"]
@@ -153,7 +154,12 @@ class Pool(Dispatcher):
         self._stop = threading.Event()
         self.refreshed_at = 0.0
         self._refresh()  # raises NameServerUnavailableError at once if the name server is down
-        self._refresher = threading.Thread(target=self._refresh_loop, name=f"pool-{service}-refresh", daemon=True)
+        # The refresher holds the pool weakly, and a finalizer stops it: a pool dropped without close() is
+        # collected, and its thread and connections go with it.
+        self._finalizer = weakref.finalize(self, _release, self._stop, self._refresh_now, self._lock, self._members)
+        self._refresher = threading.Thread(
+            target=_refresh_loop, args=(weakref.ref(self), self._stop, self._refresh_now, self._settings.refresh),
+            name=f"pool-{service}-refresh", daemon=True)
         self._refresher.start()
 
     def __getattr__(self, name: str) -> PoolMethod:
@@ -171,6 +177,8 @@ class Pool(Dispatcher):
     def _refresh(self) -> None:
         infos = self._naming.service_workers(self._service)
         with self._lock:
+            if self._stop.is_set():
+                return  # closed (or collected) meanwhile: open nothing new
             seen = set()
             for info in infos:
                 seen.add(info.name)
@@ -194,21 +202,6 @@ class Pool(Dispatcher):
             self._invalidate()
             self._changed.notify_all()
         self._window.wake()
-
-    def _refresh_loop(self) -> None:
-        while not self._stop.is_set():
-            self._refresh_now.wait(self._settings.refresh)
-            if self._stop.is_set():
-                return
-            self._refresh_now.clear()
-            try:
-                self._refresh()
-            except NameServerUnavailableError as exc:
-                log.debug("pool %s: keeping %d known workers: %s", self._service, len(self._members), exc)
-                self._stop.wait(min(1.0, self._settings.refresh))
-            except Exception:  # pragma: no cover - never let the refresher die
-                log.exception("pool %s: membership refresh failed", self._service)
-                self._stop.wait(self._settings.refresh)
 
     def _capacity(self) -> int:
         return sum(m.endpoint.capacity for m in list(self._members.values()))
@@ -237,13 +230,17 @@ class Pool(Dispatcher):
     def _invalidate(self) -> None:
         self._healthy = ((), 0.0)
 
-    def _choose(self, exclude: set[str], deadline: float) -> _Member:
+    def _choose(self, exclude: set[str], deadline: float, handle: CallHandle | None = None) -> _Member:
         if not exclude:
             healthy = self._healthy_members()
             if healthy:
                 return self._strategy.choose(healthy)  # type: ignore[return-value]
         with self._lock:
             while True:
+                if self._closed:
+                    raise self._closed_error()
+                if handle is not None and handle.cancelled:
+                    raise Abandoned()
                 now = time.monotonic()
                 members = [m for m in self._members.values() if m.name not in exclude]
                 ready = [m for m in members if m.ejected_until <= now and not m.suspect]
@@ -260,22 +257,24 @@ class Pool(Dispatcher):
 
     # the one call path
     def _call(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float | None,
-              oneway: bool, batch: bool = False) -> Any:
+              oneway: bool, handle: CallHandle | None = None, batch: bool = False) -> Any:
         """Send one call (or one batch) to a worker chosen by the strategy, with failover and retries."""
         if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
+            raise self._closed_error()
         timeout = timeout or self._settings.timeout
         deadline = time.monotonic() + timeout
         tried: set[str] = set()
         retries = self._retries
         while True:
-            member = self._choose(tried, deadline)
+            member = self._choose(tried, deadline, handle)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CallTimeoutError(f"{self._service}.{method}: no reply within {timeout:g}s")
             try:
-                result = member.endpoint.call(method, args, kwargs, left, oneway, batch=batch)
+                result = member.endpoint.call(method, args, kwargs, left, oneway, batch=batch, handle=handle)
             except NotSent as exc:
+                if self._closed:  # close() closed the endpoint we were waiting for
+                    raise self._closed_error() from None
                 log.info("pool %s: %s unreachable (%s); trying another worker", self._service, member.name,
                          exc.cause)
                 self._eject(member)
@@ -308,7 +307,7 @@ class Pool(Dispatcher):
         todo = list(range(len(arg_tuples)))
         while todo:
             try:
-                out = self._call(method, [arg_tuples[i] for i in todo], None, timeout, False, batch=True)
+                out = self._call(method, [arg_tuples[i] for i in todo], None, timeout, False, None, batch=True)
             except Exception as exc:  # lost, timed out, no workers: every item not yet done fails so
                 for i in todo:
                     results[i] = _Failed(exc)
@@ -395,13 +394,60 @@ class Pool(Dispatcher):
             out.append(info)
         return sorted(out, key=lambda w: w.name)
 
+    def _closed_error(self) -> RuntimeError:
+        return RuntimeError(f"pool {self._service!r} is closed")
+
     def close(self) -> None:
-        """Stop refreshing, wait for submitted futures, close every connection."""
+        """Stop refreshing and close every connection; wait for submitted futures.
+
+        Calls waiting for a worker, a call slot or the in-flight window fail at once with RuntimeError
+        ("pool ... is closed"); calls already sent finish (their connections close after them)."""
+        self._shut()
+        with self._lock:
+            self._changed.notify_all()  # callers waiting for a worker to appear
+            members = list(self._members.values())
+        for m in members:
+            m.endpoint.close()  # callers waiting for a call slot
         self._stop.set()
         self._refresh_now.set()
-        super().close()
+        super().close()  # waits for futures in flight
+        self._finalizer()
         with self._lock:
-            members, self._members = list(self._members.values()), {}
             self._invalidate()
-        for m in members:
-            m.endpoint.close()
+
+
+def _refresh_loop(pool_ref: "weakref.ref[Pool]", stop: threading.Event, refresh_now: threading.Event,
+                  period: float) -> None:
+    """The refresher thread: holds its pool only while refreshing it, so an unreferenced pool is collected."""
+    while not stop.is_set():
+        refresh_now.wait(period)
+        if stop.is_set():
+            return
+        refresh_now.clear()
+        pool = pool_ref()
+        if pool is None:
+            return
+        pause = 0.0
+        try:
+            pool._refresh()
+        except NameServerUnavailableError as exc:
+            log.debug("pool %s: keeping %d known workers: %s", pool._service, len(pool._members), exc)
+            pause = min(1.0, period)
+        except Exception:  # pragma: no cover - never let the refresher die
+            log.exception("pool %s: membership refresh failed", pool._service)
+            pause = period
+        del pool
+        if pause:
+            stop.wait(pause)
+
+
+def _release(stop: threading.Event, refresh_now: threading.Event, lock: threading.Lock,
+             members: dict[str, _Member]) -> None:
+    """Finalizer of a Pool (close() or garbage collection): stop its refresher, close its connections."""
+    stop.set()
+    refresh_now.set()
+    with lock:
+        gone = list(members.values())
+        members.clear()
+    for m in gone:
+        m.endpoint.close()

@@ -1,232 +1,31 @@
-"""Proxy: a thread-safe client bound to one worker; Endpoint: pooled Pyro5 connections to one worker."""
+"""Proxy: a thread-safe client bound to one worker; RemoteMethod and Dispatcher, what Proxy and Pool share."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import socket
 import threading
-import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import Pyro5.core
 import Pyro5.errors
-from Pyro5 import protocol
 from Pyro5.serializers import SerializerBase
 
 from .codec import set_proxy_factory
-from .compat import is_exception_wrapper, remote_traceback, unwrap_exception
 from .config import MAX_TIMEOUT, MIN_TIMEOUT, Settings, resolve
+from .endpoint import Abandoned, CallHandle, Endpoint, NotSent, SlotsBusy
 from .errors import (
-    AuthenticationError,
     CallTimeoutError,
     ConfigurationError,
     NoWorkersError,
-    WorkerDrainingError,
     WorkerLostError,
 )
 from .naming import NameServerClient, WorkerInfo
-from .security import open_connection
-from .wire import LimitedConnection, invoke
 
-__all__ = ["Endpoint", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy", "connect", "set_callback_settings"]
-
-
-class NotSent(Exception):
-    """Internal: the call never reached the worker (connect failed, worker draining); safe to resend."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
-class SlotsBusy(CallTimeoutError):
-    """Every call slot of the worker stayed busy until the timeout (the worker is not at fault)."""
-
-
-def _remote(exc: BaseException) -> bool:
-    # Pyro5 marks exceptions raised by the remote method with their remote traceback
-    return remote_traceback(exc) is not None
-
-
-class Endpoint:
-    """Connections to one worker, reused across calls and threads, at most ``capacity`` at once.
-
-    ``call`` raises ``NotSent`` when the request never left (so any method may go elsewhere),
-    ``WorkerLostError`` when the connection broke after sending, ``CallTimeoutError`` on timeout, and the
-    remote method's own exception otherwise.
-    """
-
-    def __init__(self, uri: str, settings: Settings, name: str | None = None, capacity: int | None = None) -> None:
-        self.uri = Pyro5.core.URI(uri)
-        self.name = name or self.uri.object
-        self.settings = settings
-        self.capacity = capacity or settings.max_in_flight
-        self.in_flight = 0
-        self.calls = 0
-        self.errors = 0
-        self.idempotent: frozenset[str] = frozenset()
-        self.oneway: frozenset[str] = frozenset()
-        self.methods: frozenset[str] | None = None
-        self.max_idle = float("inf")  # seconds a connection may rest before we retire it
-        self._idle: list[LimitedConnection] = []
-        self._busy: set[Any] = set()  # sockets with a call in flight (abort() shuts them down)
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)  # for callers waiting for a free slot
-        self._waiting = 0
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"<Endpoint {self.name} in_flight={self.in_flight}>"
-
-    # connections
-    def _connect(self) -> LimitedConnection:
-        try:
-            conn, meta = open_connection(self.uri, self.settings)
-        except AuthenticationError:
-            raise
-        except Pyro5.errors.PyroError as exc:
-            raise NotSent(exc) from exc
-        info = meta.get("pyrorpc") or {}
-        idle = info.get("idle_timeout")
-        if isinstance(idle, (int, float)) and idle > 0:
-            # the worker closes connections idle that long: retire ours well before it can race a call
-            self.max_idle = idle / 2
-        if self.methods is None:
-            self.idempotent = frozenset(info.get("idempotent", ()))
-            self.oneway = frozenset(meta.get("oneway", ()))
-            self.methods = frozenset(meta.get("methods", ()))
-        return conn
-
-    def _enter(self, method: str, wait: float) -> LimitedConnection | None:
-        """Take a call slot (waiting up to ``wait``) and an idle connection if there is one."""
-        with self._lock:
-            if self.in_flight < self.capacity and not self._closed:
-                self.in_flight += 1
-                return self._idle.pop() if self._idle else None
-        with self._cond:
-            self._waiting += 1
-            try:
-                if not self._cond.wait_for(lambda: self.in_flight < self.capacity or self._closed, wait):
-                    raise SlotsBusy(f"{self.name}.{method}: all {self.capacity} call slots busy for {wait:g}s")
-            finally:
-                self._waiting -= 1
-            if self._closed:
-                raise NotSent(Pyro5.errors.CommunicationError(f"{self.name}: endpoint closed"))
-            self.in_flight += 1
-            return self._idle.pop() if self._idle else None
-
-    def _leave(self, conn: LimitedConnection | None, failed: bool, keep: bool) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            self.calls += 1
-            self.errors += failed
-            if conn is not None:
-                self._busy.discard(conn.sock)
-                if keep and not self._closed:
-                    conn.last_used = time.monotonic()
-                    self._idle.append(conn)
-                    conn = None
-            if self._waiting:
-                self._cond.notify()
-        if conn is not None:
-            conn.close()
-
-    def _ready(self, conn: LimitedConnection | None) -> LimitedConnection:
-        """A live connection: ``conn`` if it still is one, another idle one, or a new one (NotSent)."""
-        while conn is not None:
-            # An idle connection never has data waiting: readable means the worker closed it (died or
-            # stopped). Dropping it here is what keeps a call to a dead worker from being "sent" at all.
-            # One idle for half the worker's idle_timeout is retired before the worker closes it.
-            if conn.idle_and_alive() and time.monotonic() - conn.last_used < self.max_idle:
-                return conn
-            conn.close()
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-        return self._connect()
-
-    def call(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float,
-             oneway: bool = False, wait: float | None = None, batch: bool = False) -> Any:
-        """One call: take a slot (waiting up to ``wait``, default ``timeout``) and a connection, invoke.
-
-        With ``batch`` ``args`` is a list of argument tuples for ``method``, sent as one Pyro5 batch
-        message: the worker runs them in order and stops at the first exception; the result is the list
-        of results so far (an exception as Pyro5's exception wrapper, see ``compat``). A batch refused whole by
-        a draining worker raises NotSent."""
-        conn = self._enter(method, timeout if wait is None else wait)
-        failed = True
-        keep = False
-        try:
-            conn = self._ready(conn)
-            conn.set_timeout(timeout)
-            self._busy.add(conn.sock)
-            flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
-            try:
-                if batch:
-                    result = invoke(conn, "<batch>", [(method, a, {}) for a in args], None,
-                                    flags | protocol.FLAGS_BATCH)
-                    if result and is_exception_wrapper(result[0]) \
-                            and isinstance(unwrap_exception(result[0]), WorkerDrainingError):
-                        raise unwrap_exception(result[0])
-                else:
-                    result = invoke(conn, method, args, kwargs or {}, flags)
-            except WorkerDrainingError as exc:
-                # the worker is stopping: no further call goes there (it closes its connections soon, and
-                # a call sent just then would be lost), the pool sends this one elsewhere
-                self.close()
-                raise NotSent(exc) from exc
-            except Pyro5.errors.TimeoutError as exc:
-                if _remote(exc):
-                    keep = True
-                    raise
-                raise CallTimeoutError(f"{self.name}.{method}: no reply within {timeout:g}s") from exc
-            except Pyro5.errors.SerializeError as exc:
-                # our arguments could not be encoded (nothing sent), or the reply could not be decoded
-                # (the call ran): either way not a lost worker
-                keep = _remote(exc)
-                raise
-            except Pyro5.errors.CommunicationError as exc:
-                if _remote(exc):
-                    keep = True
-                    raise
-                raise WorkerLostError(f"{self.name}.{method}: connection lost after the call was sent ({exc})") \
-                    from exc
-            except Exception:
-                keep = True  # the method's own exception: the connection is in step
-                raise
-            except BaseException:
-                # KeyboardInterrupt and the like, mid-call: a reply may still arrive on this connection,
-                # so it must never be used again
-                keep = False
-                raise
-            keep = True
-            failed = False
-            return result
-        finally:
-            self._leave(conn, failed, keep)
-
-    @property
-    def closed(self) -> bool:
-        """Closed by ``close()`` or because the worker said it is draining: no further call goes out."""
-        return self._closed
-
-    def close(self, *, abort: bool = False) -> None:
-        """Close idle connections (busy ones close as their calls end). With ``abort`` the calls in flight
-        are cut off too: they fail with WorkerLostError (retried elsewhere when idempotent). For a worker
-        known to be gone (lease expired), where waiting for them would only wait for the timeout."""
-        with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            busy = list(self._busy) if abort else []
-            self._cond.notify_all()
-        for conn in idle:
-            conn.close()
-        for sock in busy:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+__all__ = ["Abandoned", "CallHandle", "Endpoint", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy", "connect",
+           "set_callback_settings"]
 
 
 class RemoteMethod:
@@ -254,10 +53,10 @@ class RemoteMethod:
         return self._client._submit(self._name, args, kwargs, self._timeout)
 
     async def aio(self, *args: Any, **kwargs: Any) -> Any:
-        """Awaitable form of the call."""
-        loop = asyncio.get_running_loop()
-        fut = await loop.run_in_executor(None, lambda: self.future(*args, **kwargs))
-        return await asyncio.wrap_future(fut)
+        """Awaitable form of the call. Waiting for room in the in-flight window takes no thread; cancelling
+        the await (``asyncio.wait_for``, task cancel) gives up the call: its slot is free at once and its
+        connection is closed (the call may still run on the worker)."""
+        return await self._client._aio(self._name, args, kwargs, self._timeout)
 
     def with_timeout(self, seconds: float) -> "RemoteMethod":
         """The same method with its own call timeout."""
@@ -267,30 +66,86 @@ class RemoteMethod:
         return type(self)(self._client, self._name, float(seconds))
 
 
+def _set_done(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Window:
-    """Counts calls submitted but not finished, and makes submitters wait while ``limit()`` are out."""
+    """Counts calls submitted but not finished, and makes submitters wait while ``limit()`` are out:
+    threads in ``acquire``, coroutines in ``acquire_async`` (which holds no thread). After ``close()``
+    every acquire fails at once."""
 
     def __init__(self, limit: Callable[[], int]) -> None:
         self.limit = limit
         self.outstanding = 0
+        self.closed = False
         self._cond = threading.Condition(threading.Lock())
+        self._async_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
 
     def acquire(self, timeout: float) -> bool:
+        """Take a place, waiting up to ``timeout``; False on timeout or once closed."""
         with self._cond:
-            ok = self._cond.wait_for(lambda: self.outstanding < max(1, self.limit()), timeout)
-            if ok:
+            ok = self._cond.wait_for(lambda: self.closed or self.outstanding < max(1, self.limit()), timeout)
+            if ok and not self.closed:
                 self.outstanding += 1
-            return ok
+                return True
+            return False
+
+    async def acquire_async(self, timeout: float) -> bool:
+        """``acquire`` for a coroutine: waits on its event loop, not in a thread."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            with self._cond:
+                if self.closed:
+                    return False
+                if self.outstanding < max(1, self.limit()):
+                    self.outstanding += 1
+                    return True
+                waiter: asyncio.Future[None] = loop.create_future()
+                entry = (loop, waiter)
+                self._async_waiters.append(entry)
+            try:
+                await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+            except BaseException as exc:  # timed out or cancelled
+                with self._cond:
+                    if entry in self._async_waiters:
+                        self._async_waiters.remove(entry)
+                    else:  # a release chose us: hand its wake-up on
+                        self._wake_async(1)
+                if isinstance(exc, asyncio.TimeoutError):
+                    return False
+                raise
+
+    def _wake_async(self, n: int) -> None:
+        """Wake up to ``n`` waiting coroutines (lock held); each checks again."""
+        while n > 0 and self._async_waiters:
+            loop, waiter = self._async_waiters.popleft()
+            try:
+                loop.call_soon_threadsafe(_set_done, waiter)
+            except RuntimeError:  # its event loop is closed: nobody waits there
+                continue
+            n -= 1
 
     def release(self) -> None:
         with self._cond:
             self.outstanding -= 1
             self._cond.notify()
+            self._wake_async(1)
 
     def wake(self) -> None:
         """Re-check waiters (after the limit grew)."""
         with self._cond:
             self._cond.notify_all()
+            self._wake_async(len(self._async_waiters))
+
+    def close(self) -> None:
+        """Fail every waiting and future acquire."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+            self._wake_async(len(self._async_waiters))
 
 
 class Dispatcher:
@@ -327,29 +182,40 @@ class Dispatcher:
             return m
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
-              oneway: bool) -> Any:
+              oneway: bool, handle: CallHandle | None = None) -> Any:
         raise NotImplementedError
 
     def _capacity(self) -> int:
         """How many calls may be in flight at once (the futures window)."""
         raise NotImplementedError
 
-    def _submit(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float | None,
-                call: Callable[..., Any] | None = None) -> concurrent.futures.Future:  # type: ignore[type-arg]
-        """Run ``call`` (default ``self._call``) in the background once the in-flight window has room."""
-        if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
-        wait = timeout or self._settings.timeout
-        if not self._window.acquire(timeout=wait):
-            raise CallTimeoutError(f"{method}: in-flight window full for {wait:g}s")
+    def _closed_error(self) -> RuntimeError:
+        return RuntimeError(f"{self!r} is closed")
+
+    def _get_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         executor = self._executor
         if executor is None:
             with self._executor_lock:
+                if self._closed:
+                    raise self._closed_error()
                 if self._executor is None:
                     self._executor = concurrent.futures.ThreadPoolExecutor(
                         self._max_threads, thread_name_prefix="pyrorpc-call")
                 executor = self._executor
+        return executor
+
+    def _submit(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float | None,
+                call: Callable[..., Any] | None = None) -> concurrent.futures.Future:  # type: ignore[type-arg]
+        """Run ``call`` (default ``self._call``) in the background once the in-flight window has room."""
+        if self._closed:
+            raise self._closed_error()
+        wait = timeout or self._settings.timeout
+        if not self._window.acquire(timeout=wait):
+            if self._closed:
+                raise self._closed_error()
+            raise CallTimeoutError(f"{method}: in-flight window full for {wait:g}s")
         try:
+            executor = self._get_executor()
             if call is None:
                 fut = executor.submit(self._call, method, args, kwargs or {}, timeout, False)
             else:
@@ -360,10 +226,47 @@ class Dispatcher:
         fut.add_done_callback(lambda _f: self._window.release())
         return fut
 
+    async def _aio(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        """The call as a coroutine: waits for the window on the event loop (no thread), runs in this
+        object's own threads (never the loop's default executor), and gives the call up when cancelled."""
+        if self._closed:
+            raise self._closed_error()
+        wait = timeout or self._settings.timeout
+        if not await self._window.acquire_async(wait):
+            if self._closed:
+                raise self._closed_error()
+            raise CallTimeoutError(f"{method}: in-flight window full for {wait:g}s")
+        window = self._window
+        once = threading.Lock()
+
+        def release(_fut: Any = None) -> None:
+            if once.acquire(blocking=False):
+                window.release()
+
+        handle = CallHandle()
+        try:
+            fut = self._get_executor().submit(self._call, method, args, kwargs, timeout, False, handle)
+        except BaseException:
+            release()
+            raise
+        fut.add_done_callback(release)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            handle.cancel()  # the endpoint's slot and the connection...
+            release()  # ...then the window: the next call finds both free
+            raise
+
+    def _shut(self) -> None:
+        """First step of close(): no new calls, and calls waiting for the window fail at once."""
+        self._closed = True
+        self._window.close()
+
     def close(self) -> None:
         """Release connections and background threads; waits for submitted futures."""
-        self._closed = True
-        executor, self._executor = self._executor, None
+        self._shut()
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
 
@@ -395,9 +298,11 @@ class Proxy(Dispatcher):
         self._lock = threading.Lock()
         if target.startswith("PYRO:"):
             try:
-                Pyro5.core.URI(target)
+                uri = Pyro5.core.URI(target)
             except Pyro5.errors.PyroError as exc:
                 raise ConfigurationError(f"bad PYRO: URI {target!r}: {exc}") from None
+            if uri.sockname is None and not 0 < uri.port <= 65535:  # (the resolver would use port % 65536)
+                raise ConfigurationError(f"bad PYRO: URI {target!r}: port must be 1-65535")
             self._endpoint = Endpoint(target, settings)
         else:
             self._naming = NameServerClient(settings)
@@ -427,12 +332,16 @@ class Proxy(Dispatcher):
         return self._endpoint.capacity
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
-              oneway: bool) -> Any:
+              oneway: bool, handle: CallHandle | None = None) -> Any:
+        if self._closed:
+            raise self._closed_error()
         timeout = timeout or self._settings.timeout
         endpoint = self._endpoint
         try:
-            return endpoint.call(method, args, kwargs, timeout, oneway)
+            return endpoint.call(method, args, kwargs, timeout, oneway, handle=handle)
         except NotSent as exc:
+            if self._closed:
+                raise self._closed_error() from None
             if self._service is None:
                 raise WorkerLostError(f"cannot reach {endpoint.name}: {exc.cause}") from exc.cause
         with self._lock:  # the call never left: move to another worker of the service, once
@@ -440,13 +349,18 @@ class Proxy(Dispatcher):
                 self._endpoint = self._resolve(exclude=endpoint.name)
                 endpoint.close()
         try:
-            return self._endpoint.call(method, args, kwargs, timeout, oneway)
+            return self._endpoint.call(method, args, kwargs, timeout, oneway, handle=handle)
         except NotSent as exc:
+            if self._closed:
+                raise self._closed_error() from None
             raise WorkerLostError(f"cannot reach {self._endpoint.name}: {exc.cause}") from exc.cause
 
     def close(self) -> None:
-        super().close()
+        """Close the connections and threads: calls waiting for a slot fail at once ("is closed"), calls
+        in flight finish first."""
+        self._shut()
         self._endpoint.close()
+        super().close()
 
 
 def connect(target: str, *, ns: Any = None, timeout: float | None = None, settings: Settings | None = None,

@@ -50,6 +50,7 @@ __all__ = ["DAEMON_NAME", "INSTANCE_MODES", "Connection", "DaemonObject", "Serve
 
 log = logging.getLogger("pyrorpc.server")
 
+_SETTLE = 0.25  # seconds without a request to refuse before a drained server closes its connections
 _BUDGET = 32  # requests a call thread serves on one connection before it lets others go first
 _THREAD_IDLE = 30.0  # seconds an idle call thread waits for work before it exits (one always stays)
 
@@ -97,9 +98,13 @@ class Server(IOLoop, CallHandler):
             sock.bind((host, port))
             sock.listen(1024)
             sock.setblocking(False)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            reason = exc.strerror or str(exc)
+            if isinstance(exc, socket.gaierror):
+                reason = f"unknown host {host!r} ({reason})"
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise type(exc)(exc.errno, f"cannot listen on {where}: {reason}") from None
         self.sock: socket.socket | None = sock
         bound = sock.getsockname()
         self.host, self.port = bound[0], bound[1]
@@ -160,7 +165,7 @@ class Server(IOLoop, CallHandler):
         """Refuse new requests (WorkerDrainingError) and wait for the calls in flight, replies included.
 
         Then, while requests still come in (callers that have not heard yet), keep refusing them until
-        none came for 0.1 s (at most one second more): a request sent just as the connections close would
+        none came for 0.25 s (at most one second more): a request sent just as the connections close would
         be lost to its caller, one that is refused is resent elsewhere."""
         start = time.monotonic()
         drained = self.stats.drain(timeout)
@@ -171,9 +176,9 @@ class Server(IOLoop, CallHandler):
         settle_until = time.monotonic() + 1.0
         while True:
             quiet = time.monotonic() - self._last_refusal
-            if quiet >= 0.1 or time.monotonic() >= settle_until:
+            if quiet >= _SETTLE or time.monotonic() >= settle_until:
                 return drained
-            time.sleep(0.1 - quiet)
+            time.sleep(_SETTLE - quiet)
 
     def close(self) -> None:
         """Close every connection and stop the threads; calls still running are abandoned (and logged)."""

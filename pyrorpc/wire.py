@@ -13,6 +13,7 @@ from Pyro5 import protocol, serializers, socketutil
 
 from . import protocol as wire_protocol
 from .codec import SERIALIZER, BytesSerpent, loads
+from .compat import remote_traceback, set_remote_traceback
 from .errors import MessageTooLargeError
 
 __all__ = ["SERIALIZER", "BytesSerpent", "LimitedConnection", "invoke", "limit_connection", "loads"]
@@ -43,6 +44,7 @@ class LimitedConnection(socketutil.SocketConnection):
     _timeout: float | None = None
     _tls = False
     poller: Any = None
+    broken = False  # a message was refused mid-stream (or the peer dropped us): close, never reuse
 
     def set_timeout(self, seconds: float) -> None:
         """Kernel timeouts for every send and receive; a change under 5% is not worth a system call."""
@@ -179,21 +181,36 @@ def invoke(conn: LimitedConnection, method: str, args: Any, kwargs: Any, flags: 
     """One Pyro5 call on ``conn`` (what ``Proxy._pyroInvoke`` does, without its per-call overhead).
 
     Speaks Pyro5's protocol unchanged: a stock Pyro5 daemon serves it. With ``FLAGS_BATCH`` ``args`` is
-    the list of ``(method, args, kwargs)`` calls. Raises the remote exception (with ``_pyroTraceback``), or
-    a Pyro5 CommunicationError, after which the connection must be closed (its state is unknown).
+    the list of ``(method, args, kwargs)`` calls. Raises the remote exception (with ``_pyroTraceback``),
+    ``MessageTooLargeError`` for a request or reply over a ``max_message_size`` (ours or the worker's), or a
+    Pyro5 CommunicationError, after which the connection must be closed (its state is unknown). After a
+    MessageTooLargeError ``conn.broken`` says whether the connection must be closed too.
     """
     data = SERIALIZER.dumpsCall(conn.objectId, method, args, kwargs)
     seq = conn.seq = (conn.seq + 1) & 0xFFFF
-    conn.send(_HEADER.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_INVOKE, _SERPENT_ID, flags, seq,
-                           len(data), 0, _NO_CORRELATION, 0, wire_protocol.MAGIC) + data)
+    try:
+        conn.send(_HEADER.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_INVOKE, _SERPENT_ID, flags, seq,
+                               len(data), 0, _NO_CORRELATION, 0, wire_protocol.MAGIC) + data)
+    except Pyro5.errors.ConnectionClosedError:
+        # a server that refuses an oversized request says why, then drops the connection, which can cut
+        # our send short: its reason may be waiting to be read
+        refusal = _refusal(conn)
+        if refusal is not None:
+            raise refusal from None
+        raise
     if flags & protocol.FLAGS_ONEWAY:
         return None
-    header = conn.read_header()
+    try:
+        header = conn.read_header()
+    except Pyro5.errors.MessageTooLargeError as exc:
+        conn.broken = True  # the payload was never read
+        raise MessageTooLargeError(f"{method}: the reply is too large: {exc}; the call ran, its result is lost") \
+            from None
     tag, version, msg_type, serializer_id, rflags, rseq, data_size, ann_size, _corr, _res, magic = \
         _HEADER.unpack(header)
     if tag != b"PYRO" or version != protocol.PROTOCOL_VERSION or magic != wire_protocol.MAGIC:
         raise Pyro5.errors.ProtocolError("invalid message or protocol version in reply")
-    if msg_type != protocol.MSG_RESULT or rseq != seq or serializer_id != _SERPENT_ID:
+    if msg_type != protocol.MSG_RESULT or serializer_id != _SERPENT_ID:
         raise Pyro5.errors.ProtocolError(f"unexpected reply: type {msg_type}, seq {rseq} (wanted {seq}), "
                                          f"serializer {serializer_id}")
     payload = conn._read(ann_size + data_size) if ann_size + data_size else b""
@@ -205,7 +222,51 @@ def invoke(conn: LimitedConnection, method: str, args: Any, kwargs: Any, flags: 
             raise Pyro5.errors.ProtocolError(f"bad reply: {exc}") from None
     if rflags & protocol.FLAGS_ITEMSTREAMRESULT:
         raise Pyro5.errors.ProtocolError(f"{method} returned an iterator: streaming results are not supported")
+    if rseq != seq and not (rflags & protocol.FLAGS_EXCEPTION and not rseq):
+        raise Pyro5.errors.ProtocolError(f"unexpected reply: type {msg_type}, seq {rseq} (wanted {seq}), "
+                                         f"serializer {serializer_id}")
     result = SERIALIZER.loads(body)
     if rflags & protocol.FLAGS_EXCEPTION:
+        if not rseq and remote_traceback(result) is None:
+            # sequence 0 and no remote traceback: the server's account of why it drops the connection
+            refusal = _as_refusal(conn, result)
+            if refusal is not None:
+                raise refusal
+        if rseq != seq:
+            raise Pyro5.errors.ProtocolError(f"unexpected reply: type {msg_type}, seq {rseq} (wanted {seq}), "
+                                             f"serializer {serializer_id}")
+        if isinstance(result, Pyro5.errors.MessageTooLargeError):
+            # the worker's reply would exceed its own limit (the call ran): pyrorpc's type, remote traceback kept
+            mapped = MessageTooLargeError(*result.args)
+            set_remote_traceback(mapped, remote_traceback(result) or [])
+            raise mapped
         raise result
     return result
+
+
+def _refusal(conn: LimitedConnection) -> BaseException | None:
+    """After a send cut short: the server's refusal frame, if one arrived before it dropped us."""
+    conn.broken = True
+    try:
+        conn.set_timeout(0.5)  # the peer has closed: what it sent is here already, or never comes
+        header = conn.read_header()
+        tag, _v, msg_type, serializer_id, rflags, rseq, data_size, ann_size, _c, _r, _m = _HEADER.unpack(header)
+        if tag != b"PYRO" or msg_type != protocol.MSG_RESULT or rseq or not rflags & protocol.FLAGS_EXCEPTION \
+                or serializer_id != _SERPENT_ID:
+            return None
+        exc = SERIALIZER.loads(conn._read(ann_size + data_size)[ann_size:])
+    except Exception:
+        return None
+    return _as_refusal(conn, exc)
+
+
+def _as_refusal(conn: LimitedConnection, exc: Any) -> BaseException | None:
+    """The error a server sends (as Pyro5 does: a ProtocolError, sequence 0) before it drops a connection;
+    an oversized request becomes MessageTooLargeError. None if ``exc`` is something else."""
+    if not isinstance(exc, Pyro5.errors.ProtocolError):
+        return None
+    conn.broken = True
+    text = str(exc)
+    if "max_message_size" in text or "message size" in text:
+        return MessageTooLargeError(f"the worker refused the request: {text}")
+    return Pyro5.errors.ProtocolError(f"the worker dropped the connection: {text}")
