@@ -18,6 +18,10 @@ LOCK_TAG = "pyrorpc.lock:"
 LOCK_URI = "PYRO:pyrorpc.lock@localhost:1"  # locks point nowhere; the registry needs a valid URI
 MIN_TTL = 0.2
 MAX_TTL = 86400.0
+MAX_THREADS = 1_000_000
+MAX_COUNT = 2**63 - 1
+MAX_HOST_LENGTH = 255
+MAX_STARTED = 1e12  # a Unix time (year 33658): clients read anything later as "unknown"
 _MAX_LOAD_KEYS = 32
 
 Entry = tuple[str, frozenset[str]]
@@ -193,8 +197,13 @@ class NameServer(Pyro5.nameserver.NameServer):
         """Register ``name`` with a lease, or renew its lease; returns ``{"ttl": s, "created": bool}``.
 
         The entry is (re)written only when it is missing or its URI or metadata changed, so a renewal
-        costs no storage write. ``load`` is a small dict of numbers the worker reports (in_flight, calls,
-        errors, ...). Without ``ttl`` the server's default lease TTL applies.
+        costs no storage write. ``load`` is a small dict the worker reports; its known fields are checked
+        (see ``check_load``) and a lease carrying a bad one is refused whole, so no client ever sees
+        ``threads=-1``; other keys are kept only when they are short strings or numbers. Without ``ttl``
+        the server's default lease TTL applies.
+
+        Raises:
+            TypeError, ValueError: a bad argument, naming it; nothing is registered or renewed then.
         """
         if not isinstance(name, str) or not name or name == Pyro5.core.NAMESERVER_NAME:
             raise TypeError("name must be a non-empty str")
@@ -214,7 +223,7 @@ class NameServer(Pyro5.nameserver.NameServer):
             raise TypeError("metadata should not be a str, but another iterable (set, list, etc)")
         tags = {t for t in metadata if isinstance(t, str) and not t.startswith(LEASE_TAG)}
         tags.add(f"{LEASE_TAG}{ttl:g}")
-        clean_load = _clean_load(load)
+        clean_load = check_load(load)
         with self.lock:
             current = self.leases.get(name)
             try:
@@ -309,12 +318,68 @@ class NameServer(Pyro5.nameserver.NameServer):
         return dead
 
 
-def _clean_load(load: Any) -> dict[str, Any]:
-    if not isinstance(load, dict):
+def _count(key: str, low: int, high: int) -> Callable[[Any], Any]:
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"load[{key!r}] must be an integer {low}-{high}, got {value!r}")
+        return value
+    return check
+
+
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > MAX_HOST_LENGTH:
+        raise ValueError(f"load['host'] must be a str of at most {MAX_HOST_LENGTH} characters, got {value!r:.80}")
+    return value
+
+
+def _started(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < MAX_STARTED:
+        raise ValueError(f"load['started'] must be a Unix time (0 <= started < {MAX_STARTED:g}), got {value!r}")
+    return float(value)
+
+
+# The fields of a worker's load report that clients act on (Pool capacity, balancing, `pyrorpc workers`).
+LOAD_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "threads": _count("threads", 1, MAX_THREADS),
+    "in_flight": _count("in_flight", 0, MAX_COUNT),
+    "calls": _count("calls", 0, MAX_COUNT),
+    "errors": _count("errors", 0, MAX_COUNT),
+    "connections": _count("connections", 0, MAX_COUNT),
+    "pid": _count("pid", 0, 2**32 - 1),
+    "host": _host,
+    "started": _started,
+}
+
+
+def check_load(load: Any) -> dict[str, Any]:
+    """The load report a lease may carry: None (nothing) or a dict whose known fields are well formed.
+
+    Known fields: ``threads`` an int 1-MAX_THREADS; ``in_flight``, ``calls``, ``errors``, ``connections``
+    ints >= 0; ``pid`` an int 0-2**32-1; ``host`` a str of at most MAX_HOST_LENGTH characters; ``started``
+    a Unix time 0 <= started < MAX_STARTED (kept as a float). Any other key is kept when it is a str of at most 64
+    characters whose value is a number or a str of at most 256 characters, up to 32 keys; the rest is
+    dropped.
+
+    Raises:
+        TypeError: ``load`` is neither None nor a dict.
+        ValueError: a known field has the wrong type or is out of range (the message names it).
+    """
+    if load is None:
         return {}
+    if not isinstance(load, dict):
+        raise TypeError(f"load must be a dict or None, got {type(load).__name__}")
     clean: dict[str, Any] = {}
-    for key, value in list(load.items())[:_MAX_LOAD_KEYS]:
-        if isinstance(key, str) and len(key) <= 64 and isinstance(value, (int, float, str)) \
-                and not isinstance(value, bool) and (not isinstance(value, str) or len(value) <= 256):
+    for key, value in load.items():
+        check = LOAD_FIELDS.get(key) if isinstance(key, str) else None
+        if check is not None:
+            clean[key] = check(value)
+    extras = 0
+    for key, value in load.items():
+        if extras >= _MAX_LOAD_KEYS:
+            break
+        if isinstance(key, str) and key not in LOAD_FIELDS and len(key) <= 64 \
+                and isinstance(value, (int, float, str)) and not isinstance(value, bool) \
+                and (not isinstance(value, str) or len(value) <= 256):
             clean[key] = value
+            extras += 1
     return clean

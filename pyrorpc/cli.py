@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import base64
 import functools
 import json
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -13,7 +16,7 @@ from typing import Any
 
 import click
 
-from .config import Address, Settings
+from .config import MAX_TIMEOUT, MIN_TIMEOUT, Address, Settings
 
 NS_HELP = "name server HOST:PORT (env PYRORPC_NS, default 127.0.0.1:9090)"
 
@@ -33,6 +36,21 @@ class HostPort(click.ParamType):
 
 
 HOST_PORT = HostPort()
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds in a range (``inf`` and ``nan`` are refused, not passed on)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
+        return number
+
+
+TIMEOUT_SECONDS = Seconds(MIN_TIMEOUT, MAX_TIMEOUT)
 
 
 _SECURITY = ("secret", "tls_cert", "tls_key", "tls_ca", "tls_mutual")
@@ -67,8 +85,8 @@ def ns_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def timeout_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-                        help="seconds before giving up (env PYRORPC_TIMEOUT)")(func)
+    return click.option("--timeout", type=TIMEOUT_SECONDS, default=None,
+                        help=f"seconds before giving up, {MIN_TIMEOUT:g}-{MAX_TIMEOUT:g} (env PYRORPC_TIMEOUT)")(func)
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -84,6 +102,9 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        # the system's words without "[Errno 98]"; the class name (OSError, gaierror...) tells a user nothing
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     text = str(exc).strip().splitlines()
     msg = text[0] if text else ""
     name = type(exc).__name__
@@ -100,7 +121,26 @@ def settings_for(ns: Address | None = None, **overrides: Any) -> Settings:
 
 
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    """Print ``data`` as JSON: tuples and sets as lists (sets sorted when they can be), bytes as serpent
+    writes them (``{"data": BASE64, "encoding": "base64"}``), anything else JSON lacks as its ``str()``."""
+    click.echo(json.dumps(_jsonable(data), indent=2, sort_keys=True, default=str))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        items = [_jsonable(v) for v in value]
+        try:
+            return sorted(items)
+        except TypeError:
+            return sorted(items, key=repr)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): _jsonable(v)
+                for k, v in value.items()}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"data": base64.b64encode(bytes(value)).decode("ascii"), "encoding": "base64"}
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,7 +160,7 @@ def ns() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind")
 @click.option("--port", type=click.IntRange(0, 65535), default=9090, show_default=True, help="port (0 = any)")
 @click.option("--storage", default="memory", show_default=True, help="memory or PATH.sqlite")
-@click.option("--lease-ttl", type=click.FloatRange(0.2, 86400), default=10.0, show_default=True,
+@click.option("--lease-ttl", type=Seconds(0.2, 86400), default=10.0, show_default=True,
               help="seconds a worker's lease lives without renewal")
 @security_options
 @user_errors
@@ -162,8 +202,17 @@ def ns_list(service: str | None, as_json: bool, ns: Address | None) -> None:
 @user_errors
 def ns_lookup(name: str, as_json: bool, ns: Address | None) -> None:
     """Show the URI and metadata registered under NAME."""
+    import Pyro5.errors
+
     from .naming import NameServerClient
-    uri, meta = NameServerClient(settings_for(ns)).lookup(name)
+    client = NameServerClient(settings_for(ns))
+    try:
+        uri, meta = client.lookup(name)
+    except Pyro5.errors.NamingError:
+        if client.leasing and name in client.services():
+            raise click.ClickException(f"{name!r} is a service, not a registered name; list its workers with "
+                                       f"`pyrorpc workers {name}` (or `pyrorpc ns list {name}`)") from None
+        raise
     if as_json:
         emit_json({"name": name, "uri": uri, "metadata": sorted(meta)})
     else:
@@ -178,10 +227,23 @@ def ns_lookup(name: str, as_json: bool, ns: Address | None) -> None:
 @user_errors
 def ns_remove(name: str, ns: Address | None) -> None:
     """Remove the registration NAME."""
-    from .naming import NameServerClient
-    if not NameServerClient(settings_for(ns)).remove(name):
+    import Pyro5.errors
+
+    from .naming import SERVICE_TAG, NameServerClient
+    client = NameServerClient(settings_for(ns))
+    try:
+        _uri, meta = client.lookup(name)
+    except Pyro5.errors.NamingError:
+        meta = set()
+    service = next((tag[len(SERVICE_TAG):] for tag in sorted(meta) if tag.startswith(SERVICE_TAG)), None)
+    ttl = next((w.ttl for w in client.service_workers(service) if w.name == name), None) if service else None
+    if not client.remove(name):
         raise click.ClickException(f"unknown name: {name}")
     click.echo(f"removed {name}")
+    if service is not None:
+        when = f" (every {ttl / 3:g}s)" if ttl else ""
+        click.echo(f"note: {name} is a worker of service {service!r}: it registers again at its next lease "
+                   f"renewal{when} unless the worker is stopped")
 
 
 @ns.command("ping")
@@ -248,13 +310,27 @@ def load_class(spec: str) -> type:
 @click.option("--lease-ttl", type=click.FloatRange(0.2, 86400), default=None,
               help="lease TTL to ask for (default: the name server's)")
 @click.option("--drain-timeout", type=click.FloatRange(0), default=None, help="seconds to finish calls on stop")
+@click.option("--max-restarts", type=click.IntRange(0), default=5, show_default=True,
+              help="with --processes > 1: the supervisor gives up (stops the rest, exits 1) when worker "
+                   "processes exit more than this many times within --restart-window seconds")
+@click.option("--restart-window", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+              help="seconds over which --max-restarts counts worker exits")
+@click.option("--parent-fd", type=int, default=None, hidden=True,
+              help="set by the supervisor: a pipe whose end-of-file means the supervisor is gone")
 @ns_option
 @user_errors
 def worker_start(spec: str, service: str | None, processes: int, threads: int | None,
                  max_connections: int | None, idle_timeout: float | None, host: str | None,
                  port: int, instance_mode: str, lease_ttl: float | None, drain_timeout: float | None,
-                 ns: Address | None) -> None:
-    """Serve MODULE:CLASS as a service until SIGTERM/SIGINT (which drains calls first)."""
+                 max_restarts: int, restart_window: float, parent_fd: int | None, ns: Address | None) -> None:
+    """Serve MODULE:CLASS as a service until SIGTERM/SIGINT (which drains calls first).
+
+    With --processes N a supervisor runs N worker processes and restarts one that exits (after a backoff);
+    its workers drain and exit by themselves if the supervisor dies, even by SIGKILL. A worker that cannot
+    start (its class's __init__ raises) prints one Error line and exits 1; when workers keep failing the
+    supervisor gives up and exits 1 (see --max-restarts).
+    """
+    supervisor_pid = os.getppid()  # with --parent-fd: a later getppid() that differs means it died
     cls = load_class(spec)
     settings = settings_for(ns, host=host, threads=threads, max_connections=max_connections,
                             idle_timeout=idle_timeout, lease_ttl=lease_ttl, drain_timeout=drain_timeout)
@@ -272,7 +348,7 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
                 "--instance-mode", instance_mode, "--threads", str(settings.threads),
                 "--max-connections", str(settings.max_connections), "--idle-timeout", str(settings.idle_timeout),
                 "--host", settings.host, "--drain-timeout", str(settings.drain_timeout)]
-        if service:
+        if service is not None:
             argv += ["--service", service]
         if settings.lease_ttl:
             argv += ["--lease-ttl", str(settings.lease_ttl)]
@@ -285,15 +361,45 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
         env = dict(os.environ)
         if settings.secret:
             env["PYRORPC_SECRET"] = settings.secret  # not on the command line, where `ps` shows it
-        sup = Supervisor(argv, processes, grace=settings.drain_timeout + 10, env=env,
-                         echo=lambda line: click.echo(line, err=True))
+        sup = Supervisor(argv, processes, grace=settings.drain_timeout + 10, env=env, max_restarts=max_restarts,
+                         restart_window=restart_window, echo=lambda line: click.echo(line, err=True))
         click.echo(f"supervisor {os.getpid()}: starting {processes} workers of {spec}", err=True)
-        sys.exit(sup.run())
+        status = sup.run()
+        if sup.failure:
+            raise click.ClickException(f"{sup.failure} (--max-restarts {max_restarts}, "
+                                       f"--restart-window {restart_window:g}); giving up")
+        sys.exit(status)
+    import Pyro5.errors
+
     from .worker import WorkerHost
     host_obj = WorkerHost(cls, service=service, port=port, instance_mode=instance_mode, settings=settings)
-    host_obj.start()
+    try:
+        host_obj.start()
+    except (Pyro5.errors.PyroError, OSError):
+        raise  # the worker's own errors (name server, bind): user_errors words them
+    except Exception as exc:  # the service class's __init__ (instance_mode single) raised
+        raise click.ClickException(f"cannot start {spec}: {_one_line(exc)}") from None
     click.echo(f"worker {host_obj.name} serving {host_obj.service} on {host_obj.uri} (pid {os.getpid()})")
     sys.stdout.flush()
+    if parent_fd is not None:
+        # started by a supervisor: drain and exit when it dies, however it dies. Both only from here on, so a
+        # worker never dies half-registered: the pipe's end-of-file waits until now, and the kernel's SIGTERM
+        # (Linux) finds a draining handler (serve() installs the same one for good)
+        import signal
+        import threading
+
+        from .supervisor import set_parent_death_signal, watch_parent
+
+        def supervisor_gone() -> None:
+            try:
+                click.echo(f"worker {host_obj.name}: supervisor gone, draining")
+            except OSError:  # its terminal or pipe may have gone with it: drain all the same
+                pass
+            host_obj.stop()
+        watch_parent(parent_fd, supervisor_gone)
+        signal.signal(signal.SIGTERM, lambda _signo, _frame: threading.Thread(target=host_obj.stop,
+                                                                              daemon=True).start())
+        set_parent_death_signal(signal.SIGTERM, parent=supervisor_pid)
     host_obj.serve()
     drained = host_obj.stop()
     click.echo(f"worker {host_obj.name} stopped{'' if drained else ' (drain timeout)'}")
@@ -307,26 +413,40 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
 @ns_option
 @user_errors
 def workers_cmd(service: str | None, as_json: bool, watch: bool, ns: Address | None) -> None:
-    """Live table of workers (all services, or SERVICE) from their lease reports."""
+    """Table of workers (all services, or SERVICE) from their lease reports; --watch keeps it live."""
+    from .errors import NameServerUnavailableError
     from .naming import NameServerClient
     client = NameServerClient(settings_for(ns))
-    while True:
+
+    def fetch() -> list[Any]:
         services = [service] if service else sorted(client.services())
-        rows = [w for s in services for w in client.service_workers(s)]
+        return [w for s in services for w in client.service_workers(s)]
+
+    def show(rows: list[Any]) -> None:
         if as_json:
             emit_json([w.as_dict() for w in rows])
         else:
             if watch:
-                click.clear()
+                click.clear()  # (only on a terminal)
             click.echo(format_workers(rows))
-        if not watch:
-            if service and not rows:
-                raise click.ClickException(f"no live workers for service {service!r}")
-            return
-        try:
+
+    if not watch:
+        rows = fetch()
+        if service and not rows:
+            raise click.ClickException(f"no live workers for service {service!r}")
+        show(rows)
+        return
+    try:
+        while True:  # until Ctrl-C; a name server that does not answer is shown, and asked again
+            try:
+                rows = fetch()
+            except NameServerUnavailableError as exc:
+                click.echo(f"{time.strftime('%H:%M:%S')} {exc}; retrying every second (Ctrl-C to stop)", err=True)
+            else:
+                show(rows)
             time.sleep(1.0)
-        except KeyboardInterrupt:
-            return
+    except KeyboardInterrupt:
+        return
 
 
 def format_workers(rows: list[Any]) -> str:
@@ -350,11 +470,21 @@ def _duration(seconds: float) -> str:
 
 # calls -----------------------------------------------------------------------------------------------
 
+_LITERAL_START = re.compile(r"""\s*([\[({'"]|[+-]?\.?\d)""")  # what only a literal starts with
+
+
 def parse_literal(text: str) -> Any:
-    """A Python literal (``2``, ``'a'``, ``[1, 2]``, ``None``); a bare word that is not one is a string."""
+    """A Python literal (``2``, ``'a'``, ``[1, 2]``, ``None``); a bare word that is not one is a string.
+
+    Raises:
+        ValueError: ``text`` starts as a literal does (digit, sign, quote, bracket) but is not one
+            (``[1,``, ``{'a': x}``): a typo, not a string.
+    """
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
+        if _LITERAL_START.match(text):
+            raise ValueError(f"{text!r} is not a Python literal (for a string, quote it: \"'...'\")") from None
         return text
 
 
@@ -378,11 +508,19 @@ def call_cmd(target: str, method: str, args: tuple[str, ...], kwargs: tuple[str,
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise click.UsageError(f"--kw expects NAME=VALUE, got {item!r}")
-        kw[key] = parse_literal(value)
+        if key in kw:
+            raise click.UsageError(f"--kw {key} given more than once")
+        try:
+            kw[key] = parse_literal(value)
+        except ValueError as exc:
+            raise click.UsageError(f"--kw {key}: {exc}") from None
     if method.startswith("_"):
         raise click.UsageError(f"private methods cannot be called: {method!r}")
     settings = settings_for(ns, timeout=timeout)
-    arg_values = [parse_literal(a) for a in args]
+    try:
+        arg_values = [parse_literal(a) for a in args]
+    except ValueError as exc:
+        raise click.UsageError(f"argument {exc}") from None
     with connect(target, settings=settings) as proxy:
         remote = proxy.method(method)
         try:

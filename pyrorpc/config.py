@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -46,6 +47,8 @@ class Address(NamedTuple):
             host, sep, port_text = raw.rpartition(":")
             if not sep:
                 raise ValueError(f"{what} must be HOST:PORT, got {text!r}")
+            if ":" in host and not _is_ipv6(host):  # "127.0.0.1:9090:1" is not an IPv6 address and a port
+                raise ValueError(f"{what} must be HOST:PORT (an IPv6 address as [ADDRESS]:PORT), got {text!r}")
         try:
             port = int(port_text)
         except ValueError:
@@ -59,6 +62,14 @@ class Address(NamedTuple):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"{what} port must be 0-65535, got {text!r}")
         return cls(host, port)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +137,8 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if self.threads > 100_000:  # the name server refuses a lease reporting more than 1,000,000
+            raise ValueError(f"`threads` must be at most 100000, got {self.threads!r}")
         if not isinstance(self.host, str) or not self.host:
             raise ValueError(f"`host` must be a host name or address, got {self.host!r}")
         if self.secret is not None and (not isinstance(self.secret, str) or not self.secret):

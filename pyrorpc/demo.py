@@ -50,22 +50,45 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _exit_text(status: int) -> str:
+    return f"was ended by signal {-status}" if status < 0 else f"exited with status {status}"
+
+
 def run_demo(n_workers: int = 3, calls: int = 300, kill: bool = True, work_ms: float = 10.0,
-             echo: Callable[[str], None] = print) -> int:
-    """Run the demo; returns 0 when every call came back correct and in order."""
+             echo: Callable[[str], None] = print, *, spec: str = "pyrorpc.demo:DemoService") -> int:
+    """Run the demo; returns 0 when every call came back correct and in order and every worker that was
+    not killed on purpose drained and exited 0.
+
+    ``spec`` is the ``MODULE:CLASS`` the workers serve: DemoService or a subclass (a test hook).
+    """
     from nameserver import NameServerDaemon
 
     from .pool import Pool
     from .testing import WorkerProcess
 
-    spec = "pyrorpc.demo:DemoService"
     started = time.perf_counter()
     with NameServerDaemon("127.0.0.1", 0, lease_ttl=3.0) as daemon:
         daemon.start()
         ns = "{}:{}".format(*daemon.address)
         echo(f"name server   embedded on {ns} (lease TTL 3s)")
+        workers: list[WorkerProcess] = []
         with concurrent.futures.ThreadPoolExecutor(n_workers) as ex:
-            workers = list(ex.map(lambda _i: WorkerProcess(spec, ns), range(n_workers)))
+            starting = [ex.submit(WorkerProcess, spec, ns) for _ in range(n_workers)]
+        try:
+            workers.extend(f.result() for f in starting)
+        finally:
+            if len(workers) < n_workers:  # one did not start: stop the others, report the failure
+                for f in starting:
+                    if f.exception() is None:
+                        f.result().kill()
+        victim = workers[0] if kill and n_workers > 1 else None
+        killed = False
+        wrong = answered = 0
+        failure: BaseException | None = None
         try:
             for w in workers:
                 echo(f"worker        {w.name}  pid {w.worker_pid}")
@@ -82,22 +105,30 @@ def run_demo(n_workers: int = 3, calls: int = 300, kill: bool = True, work_ms: f
                      + ", ".join(f"{name.split('.')[-2]}: {n}" for name, n in sorted(seen.items())))
                 echo("")
                 echo(f"map           {calls} x square(i) ({work_ms:g} ms of work each)"
-                     + (", one worker SIGKILLed mid-run" if kill and n_workers > 1 else ""))
-                victim = workers[0] if kill and n_workers > 1 else None
+                     + (", one worker SIGKILLed mid-run" if victim is not None else ""))
                 per_pid: Counter[int] = Counter()
-                wrong = 0
+                # the kill comes early (a tenth of the results in, once the victim has answered): its calls
+                # in flight then fail over, and the others visibly take over the rest of the run
+                kill_at, kill_by = max(1, calls // 10), max(1, calls // 2)
                 t0 = time.perf_counter()
                 tty = sys.stdout.isatty()
-                for i, (value, pid) in enumerate(pool.square.map((i, work_ms) for i in range(calls))):
-                    wrong += value != i * i
-                    per_pid[pid] += 1
-                    if victim is not None and i == calls * 2 // 5:
-                        victim.kill()
-                        echo(f"\n              killed {victim.name} (pid {victim.worker_pid}) with SIGKILL")
-                    if tty:
-                        print("\r              " + _bar(i + 1, calls), end="", flush=True)
-                    elif (i + 1) % max(1, calls // 4) == 0 or i + 1 == calls:
-                        echo("              " + _bar(i + 1, calls))
+                try:
+                    for i, (value, pid) in enumerate(pool.square.map((i, work_ms) for i in range(calls))):
+                        answered += 1
+                        wrong += value != i * i
+                        per_pid[pid] += 1
+                        if victim is not None and not killed and (
+                                (answered >= kill_at and per_pid[victim.worker_pid]) or answered >= kill_by):
+                            victim.kill()
+                            killed = True
+                            echo(f"\n              killed {victim.name} (pid {victim.worker_pid}) with SIGKILL at "
+                                 f"result {answered}/{calls}; its calls in flight fail over to the others")
+                        if tty:
+                            print("\r              " + _bar(answered, calls), end="", flush=True)
+                        elif answered % max(1, calls // 4) == 0 or answered == calls:
+                            echo("              " + _bar(answered, calls))
+                except Exception as exc:  # map raises a call that did not come back in its place; no more follow
+                    failure = exc
                 elapsed = time.perf_counter() - t0
                 if tty:
                     print()
@@ -105,16 +136,25 @@ def run_demo(n_workers: int = 3, calls: int = 300, kill: bool = True, work_ms: f
                 echo("calls per worker:")
                 for w in workers:
                     n = per_pid.get(w.worker_pid, 0)
-                    mark = "  (killed)" if w is victim else ""
+                    mark = "  (killed)" if w is victim and killed else ""
                     echo(f"  pid {w.worker_pid:<8} {'#' * max(1, 40 * n // calls) if n else '':<40} {n:>5}{mark}")
-                lost = calls - sum(per_pid.values())
+                lost = calls - answered
                 echo("")
-                echo(f"throughput    {calls / elapsed:,.0f} calls/s over {len(workers)} workers "
+                echo(f"throughput    {answered / elapsed:,.0f} calls/s over {_plural(len(workers), 'worker')} "
                      f"({elapsed:.2f}s)")
-                echo(f"results       {calls - wrong}/{calls} correct and in order, {lost} lost")
+                why = "" if failure is None else \
+                    f" (square({answered}) raised {type(failure).__name__}: {failure}; the rest never ran)"
+                echo(f"results       {answered - wrong}/{calls} correct and in order, {lost} lost{why}")
         finally:
+            unclean = []
             for w in workers:
-                if w.alive():
-                    w.terminate(15)
-        echo(f"done in {time.perf_counter() - started:.1f}s; workers drained and stopped cleanly")
-        return 0 if wrong == 0 and lost == 0 else 1
+                status = w.terminate(15) if w.alive() else w.wait(5)
+                if status != 0 and not (w is victim and killed):
+                    unclean.append(f"worker {w.name} (pid {w.worker_pid}) {_exit_text(status)}")
+        stopped = len(workers) - killed
+        if unclean:
+            echo(f"done in {time.perf_counter() - started:.1f}s; " + "; ".join(unclean))
+        else:
+            echo(f"done in {time.perf_counter() - started:.1f}s; {_plural(stopped, 'worker')} drained and "
+                 "stopped cleanly (exit status 0)")
+        return 0 if wrong == 0 and failure is None and answered == calls and not unclean else 1

@@ -444,7 +444,13 @@ class IOLoop:
             self._rearm(conn, _EPOLLOUT)
             return
         except (ssl.SSLError, OSError) as exc:
-            log.warning("%s: TLS handshake with %s failed: %s", self.name, conn.peer, exc)
+            # worded and logged as a secret refusal is: one warning line naming the peer
+            code = getattr(exc, "reason", None)
+            if code in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
+                reason = "the client does not speak TLS"
+            else:
+                reason = code.lower().replace("_", " ") if code else exc.strerror or str(exc)
+            log.warning("%s: refused connection from %s: TLS handshake failed: %s", self.name, conn.peer, reason)
             self._drop(conn)
             return
         conn.tls_done = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -18,18 +19,27 @@ from .wire import invoke
 
 SERVICE_TAG = "pyrorpc.service:"
 LEASE_TAG = "pyrorpc.lease:"
+MAX_THREADS = 1_000_000  # as the name server checks it (nameserver.registry)
+_MAX_COUNT = 2**63 - 1
+_MAX_HOST_LENGTH = 255
 
 
 @dataclasses.dataclass
 class WorkerInfo:
-    """One worker of a service as the name server (and, in a Pool, this client) sees it."""
+    """One worker of a service as the name server (and, in a Pool, this client) sees it.
+
+    What a worker reports is clamped on arrival, whoever registered it (a stock name server checks
+    nothing): ``threads`` is 0 when not reported and otherwise 1-MAX_THREADS; counts and ``pid`` are
+    never negative; ``started`` is a finite time >= 0 (0.0 = unknown); ``host`` is at most 255
+    characters; ``last_heartbeat`` is >= 0 and ``ttl`` positive, or None.
+    """
 
     name: str
     uri: str
     service: str
     host: str = ""
     pid: int = 0
-    threads: int = 0
+    threads: int = 0  # 0: not reported (a client then uses its own max_in_flight)
     in_flight: int = 0
     calls: int = 0
     errors: int = 0
@@ -40,6 +50,24 @@ class WorkerInfo:
     metadata: tuple[str, ...] = ()
     client_in_flight: int = 0  # calls in flight from this Pool (Pool.workers() only)
     ejected: bool = False  # in a failure cooldown (Pool.workers() only)
+
+    def __post_init__(self) -> None:
+        self.threads = _clamp(self.threads, 0, MAX_THREADS)
+        self.pid = _clamp(self.pid, 0, 2**32 - 1)
+        self.in_flight = _clamp(self.in_flight, 0, _MAX_COUNT)
+        self.calls = _clamp(self.calls, 0, _MAX_COUNT)
+        self.errors = _clamp(self.errors, 0, _MAX_COUNT)
+        self.connections = _clamp(self.connections, 0, _MAX_COUNT)
+        self.client_in_flight = _clamp(self.client_in_flight, 0, _MAX_COUNT)
+        self.started = _float(self.started)
+        if not 0.0 <= self.started < 1e12:  # as the name server checks it
+            self.started = 0.0
+        self.host = str(self.host)[:_MAX_HOST_LENGTH]
+        if self.last_heartbeat is not None:
+            self.last_heartbeat = max(0.0, _float(self.last_heartbeat))
+        if self.ttl is not None:
+            ttl = _float(self.ttl)
+            self.ttl = ttl if ttl > 0 else None
 
     @property
     def uptime(self) -> float:
@@ -55,7 +83,7 @@ class WorkerInfo:
                     age: float | None = None, ttl: float | None = None,
                     service: str | None = None) -> "WorkerInfo":
         tags = _tags(metadata)
-        load = load or {}
+        load = load if isinstance(load, dict) else {}
         # a service name may have dots ("reports.daily"): the tag or the caller knows it, the name does not
         # worker names are SERVICE.host.pid.id
         service = service or tags.get("service") or (name.rsplit(".", 3)[0] if name.count(".") >= 3
@@ -64,7 +92,7 @@ class WorkerInfo:
             name=name, uri=str(uri), service=service,
             host=str(load.get("host", tags.get("host", ""))),
             pid=_int(load.get("pid", tags.get("pid"))),
-            threads=_int(load.get("threads", tags.get("threads"))),
+            threads=_threads(load.get("threads", tags.get("threads"))),
             in_flight=_int(load.get("in_flight")), calls=_int(load.get("calls")), errors=_int(load.get("errors")),
             connections=_int(load.get("connections")),
             started=_float(load.get("started", tags.get("started"))),
@@ -84,15 +112,27 @@ def _tags(metadata: Any) -> dict[str, str]:
 def _int(value: Any) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # None, "x", nan, inf
         return 0
 
 
 def _float(value: Any) -> float:
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _clamp(value: Any, low: int, high: int) -> int:
+    return min(max(_int(value), low), high)
+
+
+def _threads(value: Any) -> int:
+    """A reported thread count, at least 1 (a worker runs at least one call); 0 when not reported."""
+    if value is None or value == "":
+        return 0
+    return _clamp(value, 1, MAX_THREADS)
 
 
 class NameServerClient:
@@ -116,9 +156,9 @@ class NameServerClient:
         try:
             conn, meta = open_connection(self.uri, self.settings)
         except AuthenticationError as exc:
-            raise AuthenticationError(f"name server at {self.address}: {exc}") from None
+            raise AuthenticationError(self._about(exc)) from None
         except Pyro5.errors.CommunicationError as exc:
-            raise NameServerUnavailableError(f"cannot reach the name server at {self.address}: {exc}") from None
+            raise NameServerUnavailableError(self._about(exc)) from None
         try:
             conn.set_timeout(self.settings.connect_timeout)
             if self._leasing is None:
@@ -137,6 +177,13 @@ class NameServerClient:
                     from None
         finally:
             conn.close()
+
+    def _about(self, exc: Exception) -> str:
+        """``exc``'s message (which names the address) saying that the address is the name server's."""
+        text, where = str(exc), str(self.address)
+        if where in text:
+            return text.replace(where, f"the name server at {where}", 1)
+        return f"name server at {where}: {text}"
 
     @property
     def leasing(self) -> bool:

@@ -27,7 +27,7 @@ from Pyro5 import socketutil
 
 from . import protocol as wire_protocol
 from .config import Settings
-from .errors import AuthenticationError
+from .errors import AuthenticationError, ConfigurationError
 from .wire import SERIALIZER, LimitedConnection, limit_connection
 
 __all__ = [
@@ -110,9 +110,31 @@ def client_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         if ctx is None:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca)
             if settings.tls_cert:
-                ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+                _load_cert_chain(ctx, settings)
             _contexts[key] = ctx
         return ctx
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, settings: Settings) -> None:
+    """``ctx.load_cert_chain`` with an error that says which files did not go together (not "PEM lib")."""
+    cert, key = settings.tls_cert, settings.tls_key
+    try:
+        ctx.load_cert_chain(cert, key)  # type: ignore[arg-type]
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        try:
+            with open(cert, encoding="ascii", errors="replace") as f:  # type: ignore[arg-type]
+                pem = f.read(1 << 20)
+        except OSError:
+            pem = ""
+        if "CERTIFICATE-----" not in pem:
+            raise ConfigurationError(f"cannot load TLS certificate {cert!r}: not a PEM certificate") from None
+        if key is None and "PRIVATE KEY-----" not in pem:
+            raise ConfigurationError(f"cannot load TLS certificate {cert!r}: its private key is not in that "
+                                     "file; give it with --tls-key (tls_key, PYRORPC_TLS_KEY)") from None
+        detail = "" if "PEM lib" in reason else f" ({reason})"
+        raise ConfigurationError(f"cannot load TLS certificate {cert!r} with key {key!r}{detail}: "
+                                 "--tls-key must be the private key of --tls-cert") from None
 
 
 def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -125,7 +147,7 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         ctx = _contexts.get(key)
         if ctx is None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=settings.tls_ca)
-            ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+            _load_cert_chain(ctx, settings)
             ctx.verify_mode = ssl.CERT_REQUIRED if settings.tls_mutual else ssl.CERT_NONE
             _contexts[key] = ctx
         return ctx
@@ -141,6 +163,22 @@ def server_verifier(settings: Settings) -> Any:
 
 # the connect path ----------------------------------------------------------------------------------
 
+def _speaks_tls(uri: Pyro5.core.URI, timeout: float) -> bool:
+    """Only to explain a plain handshake the server cut off: does it answer a TLS hello? (Nothing is sent
+    over the probe; its certificate is not checked because nothing is trusted to it.)"""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((uri.host, uri.port), timeout=min(timeout, 2.0)) as raw:
+            with probe.wrap_socket(raw):
+                return True
+    except ssl.SSLError as exc:
+        return "ALERT" in str(exc.reason or "")  # e.g. a server that requires a client certificate
+    except OSError:
+        return False
+
+
 def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedConnection, dict[str, Any]]:
     """Connect to ``uri`` (TCP, TLS, handshake with token); returns the connection, ready for
     ``wire.invoke`` with the call timeout set, and the object's metadata.
@@ -151,13 +189,13 @@ def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedCon
             was sent to the object, so the caller may go elsewhere).
     """
     timeout = settings.connect_timeout
+    ctx = client_ssl_context(settings)  # (ConfigurationError for unusable certificate files, before connecting)
     try:
         sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
     except OSError as exc:
         raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: {exc}") from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ctx = client_ssl_context(settings)
         if ctx is not None:
             try:
                 sock = ctx.wrap_socket(sock, server_hostname=uri.host)
@@ -174,9 +212,16 @@ def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedCon
             raise Pyro5.errors.ProtocolError(f"unexpected handshake reply type {header.msg_type}")
         payload = conn._read(header.ann_size + header.data_size) if header.ann_size + header.data_size else b""
         reply = SERIALIZER.loads(payload[header.ann_size:]) if header.data_size else None
-    except Pyro5.errors.CommunicationError:
+    except (Pyro5.errors.CommunicationError, ConnectionResetError) as exc:
         sock.close()
-        raise
+        if ctx is None and isinstance(exc, (Pyro5.errors.ConnectionClosedError, ConnectionResetError)) \
+                and _speaks_tls(uri, timeout):
+            raise Pyro5.errors.CommunicationError(
+                f"cannot connect to {uri.location}: it needs TLS and this client has no TLS settings; give the "
+                "CA that signed its certificate with --tls-ca (tls_ca=, PYRORPC_TLS_CA)") from None
+        if isinstance(exc, Pyro5.errors.CommunicationError):
+            raise
+        raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: {exc}") from None
     except (OSError, Pyro5.errors.PyroError, wire_protocol.ProtocolViolation, ValueError, SyntaxError) as exc:
         sock.close()
         raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: {exc}") from None

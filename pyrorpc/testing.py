@@ -43,15 +43,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 class ChildProcess:
     """A child process in a session of its own, whose output is read line by line in a thread (so its pipe
     never fills); ``expect(pattern, timeout)`` waits for the next matching line, ``output`` is everything
-    printed so far (all of it once ``wait``/``stop``/``kill`` returned)."""
+    printed so far (all of it once ``wait``/``stop``/``kill`` returned). With ``stdin=True`` the test can
+    talk to it: ``send("STOP\\n")`` writes to its standard input (a test hook for scripted clients)."""
 
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None,
-                 cwd: str | os.PathLike[str] | None = None) -> None:
+                 cwd: str | os.PathLike[str] | None = None, *, stdin: bool = False) -> None:
         full_env = dict(os.environ if env is None else env)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.argv = list(argv)
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-                                     cwd=cwd, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=full_env, cwd=cwd, text=True,
+                                     start_new_session=True)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -92,6 +94,17 @@ class ChildProcess:
                 raise TimeoutError(f"{self.argv[1:]} did not print {pattern.pattern!r} within {timeout}s:\n"
                                    + "\n".join(self.lines[-30:]))
 
+    def send(self, text: str) -> None:
+        """Write ``text`` to the process's standard input (made with ``stdin=True``) and flush it.
+
+        Raises:
+            RuntimeError: the process was made without ``stdin=True``.
+        """
+        if self.proc.stdin is None:
+            raise RuntimeError("send() needs ChildProcess(..., stdin=True)")
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
     @property
     def pid(self) -> int:
         return self.proc.pid
@@ -131,6 +144,8 @@ class ChildProcess:
         """Wait for the exit; returns the status, with ``output`` complete."""
         status = self.proc.wait(timeout)
         self._reader.join(5)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         return status
 
     def __enter__(self) -> Any:

@@ -70,7 +70,7 @@ class WorkerHost:
                                     **options)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
-        name = service or service_name_of(cls)
+        name = service if service is not None else service_name_of(cls)  # "" is a bad name, not "no name"
         if name is None:
             raise ConfigurationError(f"{cls.__qualname__} has no @pyrorpc.service name; "
                                      "pass service= (CLI: --service NAME)")

@@ -99,3 +99,14 @@ class Where:
         from Pyro5.callcontext import current_context
         time.sleep(0.005)
         return current_context.client.sock.getsockname()[0]
+
+
+@pyrorpc.service("broken")
+class Broken:
+    """Its constructor fails, so a worker of it can never start (supervisor give-up tests)."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("broken on purpose")
+
+    def ping(self):
+        return "pong"

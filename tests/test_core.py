@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +22,15 @@ from pyrorpc.testing import NameServerProcess, wait_for
 
 
 @pytest.fixture
+def dead_ns():
+    """A name-server address where nothing listens while the test runs (bound, never listening: refused),
+    unlike a fixed port such as 1 that another process may hold."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
 def calc_host(ns_addr):
     with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as host:
         yield host
@@ -27,6 +38,18 @@ def calc_host(ns_addr):
 
 def registered(ns, service="calc"):
     return pyrorpc.NameServerClient(pyrorpc.Settings(ns=ns)).service_workers(service)
+
+
+@pyrorpc.service("announcer")
+class Announcer:
+    """Served by worker processes (``test_core:Announcer``): creates a file when a call starts, so the test
+    in another process knows the call reached the worker."""
+
+    def slow(self, marker, seconds):
+        with open(marker, "w"):
+            pass
+        time.sleep(seconds)
+        return os.getpid()
 
 
 # call modes -----------------------------------------------------------------------------------------
@@ -136,9 +159,21 @@ def test_proxy_shared_between_threads(calc_host, ns_addr):
 
 def test_futures_respect_in_flight_window(calc_host, ns_addr):
     with pyrorpc.connect("calc", ns=ns_addr, max_in_flight=2) as calc:
-        futures = [calc.slow_idem.future(i, 0.05) for i in range(6)]
-        assert calc._window.outstanding <= 2
-        assert [f.result(10) for f in futures] == [i * i for i in range(6)]
+        futures = [calc.slow_idem.future(i, 0.5) for i in range(2)]
+        third: list[concurrent.futures.Future] = []
+        submitted = threading.Event()
+
+        def submit_third():
+            third.append(calc.slow_idem.future(2, 0.01))
+            submitted.set()
+
+        submitter = threading.Thread(target=submit_third)
+        submitter.start()
+        wait_for(lambda: calc_host.stats.in_flight == 2, 5, message="two calls running")
+        assert not submitted.wait(0.1)  # the window is full: future() waits instead of piling up
+        assert [f.result(10) for f in futures] == [0, 1]
+        assert submitted.wait(5) and third[0].result(10) == 4  # ...and goes once a call finished
+        submitter.join(5)
 
 
 def test_instance_modes(ns_addr):
@@ -184,9 +219,9 @@ def test_stop_drains_in_flight_calls(ns_addr):
     calc = pyrorpc.connect(host.uri)
     slow = calc.slow.future(0.5)
     wait_for(lambda: host.stats.in_flight == 1, 5, message="call in flight")
-    t0 = time.monotonic()
+    assert host.stats.calls == 0
     assert host.stop() is True
-    assert time.monotonic() - t0 >= 0.3  # it waited for the call
+    assert host.stats.calls == 1 and host.stats.in_flight == 0  # stop() returned after the call, not before
     assert isinstance(slow.result(5), int)
     assert registered(ns_addr) == []
     with pytest.raises(pyrorpc.WorkerLostError):
@@ -196,21 +231,27 @@ def test_stop_drains_in_flight_calls(ns_addr):
 
 def test_drain_refuses_new_calls_without_running_them(ns_addr):
     host = pyrorpc.WorkerHost(Calculator, ns=ns_addr, drain_timeout=5).start()
-    with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as other:
-        calc = pyrorpc.connect("calc", ns=ns_addr)
-        # pin the proxy to `host` first
-        calc._endpoint = pyrorpc.proxy.Endpoint(host.uri, calc._settings, host.name)
-        busy = calc.slow.future(0.6)
-        wait_for(lambda: host.stats.in_flight == 1, 5)
-        stopper = threading.Thread(target=host.stop)
-        stopper.start()
-        wait_for(lambda: host.stats.draining, 5)
-        # refused by the draining worker before running: moves to the other worker of the service
-        assert calc.pid() == calc.pid()
-        assert calc._endpoint.name == other.name
-        assert isinstance(busy.result(5), int)
-        stopper.join(10)
+    calc = pyrorpc.connect("calc", ns=ns_addr)  # bound to `host`, the only worker of "calc" yet
+    try:
+        with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as other:
+            # two connections to `host`: one for the long call below, one left idle, so that the calls made
+            # while it drains reach it (a draining worker accepts no new connection but serves its open ones)
+            assert [f.result(5) for f in [calc.slow.future(0.2), calc.slow.future(0.2)]] == [os.getpid()] * 2
+            wait_for(lambda: host.stats.calls == 2, 5, message="warm-up calls counted")
+            busy = calc.slow.future(0.6)
+            wait_for(lambda: host.stats.in_flight == 1, 5, message="call in flight")
+            stopper = threading.Thread(target=host.stop)
+            stopper.start()
+            wait_for(lambda: host.stats.draining, 5, message="draining")
+            # refused by the draining worker before running: the proxy moves to the other worker
+            assert calc.add(1, 2) == 3 and calc.add(2, 3) == 5
+            wait_for(lambda: other.stats.calls == 2, 5, message="both calls on the other worker")
+            assert isinstance(busy.result(5), int)
+            stopper.join(10)
+            assert host.stats.calls == 3  # the warm-up calls and the call in flight, nothing after
+    finally:
         calc.close()
+        host.stop()
 
 
 def test_worker_reregisters_after_entry_removed(ns_addr, ns_daemon):
@@ -233,25 +274,26 @@ def test_heartbeat_reports_load(ns_addr):
         assert info.last_heartbeat is not None and info.last_heartbeat < 3
 
 
-def test_name_server_unreachable_at_start():
-    host = pyrorpc.WorkerHost(Calculator, settings=pyrorpc.Settings(ns="127.0.0.1:1", connect_timeout=1))
+def test_name_server_unreachable_at_start(dead_ns):
+    host = pyrorpc.WorkerHost(Calculator, settings=pyrorpc.Settings(ns=dead_ns, connect_timeout=1))
     with pytest.raises(pyrorpc.NameServerUnavailableError):
         host.start()
     with pytest.raises(pyrorpc.NameServerUnavailableError):
-        pyrorpc.connect("calc", settings=pyrorpc.Settings(ns="127.0.0.1:1", connect_timeout=1))
+        pyrorpc.connect("calc", settings=pyrorpc.Settings(ns=dead_ns, connect_timeout=1))
 
 
 # processes: SIGTERM, SIGKILL, name server restart, stock Pyro5 name server --------------------------
 
-def test_sigterm_deregisters_fast_and_exits_zero_after_drain(nameserver, worker_factory):
+def test_sigterm_deregisters_fast_and_exits_zero_after_drain(nameserver, worker_factory, tmp_path):
     ns = nameserver(lease_ttl=3)
-    w = worker_factory("services:Calculator", ns.ns)
+    w = worker_factory("test_core:Announcer", ns.ns)
     calc = pyrorpc.connect(w.uri)
-    slow = calc.slow.future(1.0)
-    time.sleep(0.2)  # let the call reach the worker (there is no event to wait on across processes)
+    marker = tmp_path / "call-started"
+    slow = calc.slow.future(str(marker), 1.0)
+    wait_for(marker.exists, 5, message="the call reached the worker")
     t0 = time.monotonic()
     w.signal(signal.SIGTERM)
-    wait_for(lambda: registered(ns.ns) == [], 1.0, interval=0.01, message="deregistration")
+    wait_for(lambda: registered(ns.ns, "announcer") == [], 1.0, interval=0.01, message="deregistration")
     gone = time.monotonic() - t0
     assert gone < 1.0
     assert slow.result(10) == w.worker_pid  # drained, not cut off
@@ -341,19 +383,32 @@ def test_bytes_arrive_as_bytes(calc_host, ns_addr):
 def test_interrupted_call_never_leaves_its_reply_to_the_next_call():
     """A KeyboardInterrupt mid-call (Ctrl-C) must close that connection: its late reply would otherwise be
     read as the reply of the next call on the same proxy."""
-    import os
-
     with pyrorpc.WorkerHost(Calculator, register=False) as host:
         proxy = pyrorpc.connect(host.uri)
         try:
             assert proxy.add(1, 1) == 2  # one connection, now idle
-            timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C: EINTR
-            timer.start()
+            wait_for(lambda: host.stats.calls == 1 and host.stats.in_flight == 0, 5, message="add counted")
+
+            def ctrl_c_once_running():  # a real Ctrl-C (EINTR) while the call runs on the worker
+                wait_for(lambda: host.stats.in_flight == 1, 5, interval=0.005, message="slow call running")
+                os.kill(os.getpid(), signal.SIGINT)
+
+            interrupter = threading.Thread(target=ctrl_c_once_running)
+            interrupter.start()
             with pytest.raises(KeyboardInterrupt):
                 proxy.slow(0.6)
-            timer.join()
-            for i in range(5):  # the interrupted call's reply arrives during these
-                assert proxy.add(i, 10) == i + 10
-                time.sleep(0.1)
+            interrupter.join(5)
+            assert host.stats.calls == 1  # add; slow still running
+            calls = 0
+
+            def call_until_the_slow_reply_was_written():
+                nonlocal calls
+                assert proxy.add(calls, 10) == calls + 10
+                calls += 1
+                return host.stats.calls >= 2 + calls  # add, our calls, and slow (its reply written)
+
+            # calls before, while and after the interrupted call's reply arrives: each gets its own reply
+            wait_for(call_until_the_slow_reply_was_written, 5, interval=0.01, message="the slow call's reply")
+            assert [proxy.add(i, 20) for i in range(5)] == [20, 21, 22, 23, 24]
         finally:
             proxy.close()

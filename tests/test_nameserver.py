@@ -312,7 +312,10 @@ def test_lease_defaults_and_load_cleaning() -> None:
              {"ok": 1, "f": 0.5, "s": "text", "flag": True, "long": "x" * 300, 5: 1, "n": None}, 3)
     assert ns.lookup("s.w1", return_metadata=True)[1] == {svc("s"), "pyrorpc.lease:3"}
     assert ns.service_workers("s")[0]["load"] == {"ok": 1, "f": 0.5, "s": "text"}
-    ns.lease("s.w1", U1, [svc("s")], "not a dict", 3)
+    with pytest.raises(TypeError, match="load must be a dict"):
+        ns.lease("s.w1", U1, [svc("s")], "not a dict", 3)
+    assert ns.service_workers("s")[0]["load"] == {"ok": 1, "f": 0.5, "s": "text"}  # refused: nothing changed
+    ns.lease("s.w1", U1, [svc("s")], None, 3)
     assert ns.service_workers("s")[0]["load"] == {}
 
 

@@ -18,6 +18,8 @@ import uuid
 
 import pytest
 
+from pyrorpc.testing import ChildProcess
+
 PREFIX = "prp" + uuid.uuid4().hex[:5]
 SUBNET = "10.213.77"
 HOSTS = {"ns": 1, "w1": 2, "w2": 3, "cl": 4}
@@ -74,82 +76,119 @@ def in_ns(ns, argv):
     return ["ip", "netns", "exec", ns, *argv]
 
 
+W1, W2 = f"{SUBNET}.{HOSTS['w1']}", f"{SUBNET}.{HOSTS['w2']}"
+
+# The client calls without pause from 4 threads and reports 10 times a second what the test waits on (calls
+# served per worker address and per thread; the workers in its pool, and those it deems healthy); the test
+# drives it through stdin: MARK prints the client's clock (the timeline's), STOP ends it with the timeline.
 CLIENT = textwrap.dedent("""
     import json, sys, threading, time
     import pyrorpc
-    ns, seconds = sys.argv[1], float(sys.argv[2])
-    pool = pyrorpc.Pool("where", ns=ns, timeout=10, refresh=0.3)
-    ok, failures, timeline = 0, [], []
+    pool = pyrorpc.Pool("where", ns=sys.argv[1], timeout=10, refresh=0.3)
+    ok, failures, timeline, served, per_thread = 0, [], [], {}, [0] * 4
     lock = threading.Lock()
-    stop = time.monotonic() + seconds
+    stop = threading.Event()
     t0 = time.monotonic()
+    def now():
+        return round(time.monotonic() - t0, 3)
     def run(k):
         global ok
         i = 0
-        while time.monotonic() < stop:
+        while not stop.is_set():
             i += 1
             try:
                 host = pool.where(k * 10**6 + i)
                 with lock:
                     ok += 1
-                    timeline.append((round(time.monotonic() - t0, 2), host))
+                    served[host] = served.get(host, 0) + 1
+                    per_thread[k] += 1
+                    timeline.append((now(), host))
             except Exception as exc:
                 with lock:
                     failures.append(repr(exc))
-    print("READY", flush=True)
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    def report():
+        while not stop.wait(0.1):
+            workers = pool.workers()
+            members = sorted(w.uri.rsplit("@", 1)[1].rsplit(":", 1)[0] for w in workers)
+            healthy = sorted(w.uri.rsplit("@", 1)[1].rsplit(":", 1)[0] for w in workers if not w.ejected)
+            with lock:
+                print("TICK", json.dumps({"t": now(), "served": served, "threads": per_thread, "members": members,
+                                          "healthy": healthy}), flush=True)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)] + [threading.Thread(target=report)]
     [t.start() for t in threads]
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "MARK":
+            print("MARK", now(), flush=True)
+        elif line.strip() == "STOP":
+            break
+    stop.set()
     [t.join() for t in threads]
     pool.close()
-    print(json.dumps({"ok": ok, "failures": failures, "timeline": timeline}), flush=True)
+    print("RESULT", json.dumps({"ok": ok, "failures": failures, "timeline": timeline}), flush=True)
 """)
 
 
+def tick_when(client, predicate, timeout, what):
+    """The client's first report from now on that satisfies ``predicate``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{what}: not seen within {timeout}s\n" + "\n".join(client.lines[-5:]))
+        tick = json.loads(client.expect(r"^TICK (.*)", left).group(1))
+        if predicate(tick):
+            return tick
+
+
+def mark(client):
+    client.send("MARK\n")
+    return float(client.expect(r"^MARK (\S+)", 10).group(1))
+
+
 def test_partitioned_worker_is_routed_around_and_rejoins(lan, tmp_path):
-    env = dict(os.environ)
     ns_addr = f"{SUBNET}.1:9090"
-    nsproc = subprocess.Popen(in_ns(lan["ns"], [sys.executable, "-m", "nameserver", "--host", f"{SUBNET}.1",
-                                                "--port", "9090", "--lease-ttl", "2"]),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    procs = [nsproc]
+    procs = []
     try:
-        assert nsproc.stdout is not None
-        assert "NS running" in nsproc.stdout.readline()
-        workers = {}
-        for host in ("w1", "w2"):
-            addr = f"{SUBNET}.{HOSTS[host]}"
-            workers[host] = subprocess.Popen(
-                in_ns(lan[host], [sys.executable, "-m", "pyrorpc", "worker", "start", "services:Where", "--ns",
-                                  ns_addr, "--host", addr, "--lease-ttl", "2"]),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            procs.append(workers[host])
-            assert "serving" in workers[host].stdout.readline()
+        procs.append(ChildProcess(in_ns(lan["ns"], [sys.executable, "-m", "nameserver", "--host", f"{SUBNET}.1",
+                                                    "--port", "9090", "--lease-ttl", "2"])))
+        procs[-1].expect(r"^NS running", 15)
+        for host, addr in (("w1", W1), ("w2", W2)):
+            procs.append(ChildProcess(in_ns(lan[host], [sys.executable, "-m", "pyrorpc", "worker", "start",
+                                                        "services:Where", "--ns", ns_addr, "--host", addr,
+                                                        "--lease-ttl", "2"])))
+            procs[-1].expect(r"^worker \S+ serving", 15)
         script = tmp_path / "client.py"
         script.write_text(CLIENT)
-        client = subprocess.Popen(in_ns(lan["cl"], [sys.executable, str(script), ns_addr, "14"]),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        client = ChildProcess(in_ns(lan["cl"], [sys.executable, str(script), ns_addr]), stdin=True)
         procs.append(client)
-        assert client.stdout.readline().strip() == "READY"
-        started = time.monotonic()
-        time.sleep(3)  # steady state with both workers (the client records its own timeline)
-        cut_at = time.monotonic() - started
+        client.expect(r"^READY", 15)
+
+        tick_when(client, lambda t: t["healthy"] == [W1, W2] and min(t["served"].get(W1, 0),
+                                                                     t["served"].get(W2, 0)) >= 20,
+                  15, "both workers serving")
+        cut_at = mark(client)
         ip("link", "set", "w1-p", "down", ns=lan["switch"])
-        time.sleep(5)
-        heal_at = time.monotonic() - started
+        # its heartbeats stop: first the pool leaves it out (suspect), then its lease expires and it is dropped,
+        # which cuts off the calls stuck on it (they are idempotent: they go to w2); every thread moves on
+        out = tick_when(client, lambda t: W1 not in t["healthy"], 10, "w1 left out after the cut")
+        gone = tick_when(client, lambda t: W1 not in t["members"], 10, "w1 dropped when its lease expired")
+        alone = tick_when(client, lambda t: t["served"][W2] >= gone["served"][W2] + 50
+                          and all(n >= before + 5 for n, before in zip(t["threads"], gone["threads"], strict=True)),
+                          5, "every client thread served by w2 alone")
+        heal_at = mark(client)
         ip("link", "set", "w1-p", "up", ns=lan["switch"])
-        out, _ = client.communicate(timeout=60)
-        result = json.loads(out.strip().splitlines()[-1])
+        # it renews its lease again (registering anew), the pool takes it back and sends it calls
+        tick_when(client, lambda t: W1 in t["healthy"] and t["served"][W1] >= alone["served"][W1] + 20, 15,
+                  "w1 serving again after the heal")
+        client.send("STOP\n")
+        result = json.loads(client.expect(r"^RESULT (.*)", 30).group(1))
+        assert client.wait(30) == 0
     finally:
         for p in procs:
             p.kill()
-            p.wait(10)
     assert result["failures"] == [], result["failures"][:3]
-    timeline = result["timeline"]
-    w1 = f"{SUBNET}.2"
-    before = [t for t, h in timeline if h == w1 and t < cut_at]
-    during = [t for t, h in timeline if h == w1 and cut_at + 3.0 < t < heal_at]  # lease 2 s + refresh
-    after = [t for t, h in timeline if h == w1 and t > heal_at]
-    assert before, "w1 served before the cut"
-    assert not during, "w1 still got calls long after it was cut off"
-    assert after, "w1 rejoined after the link came back"
-    assert [t for t, h in timeline if h != w1 and cut_at < t < heal_at], "w2 kept serving"
+    assert out["t"] < gone["t"], "w1 was not left out on its missed heartbeats before its lease expired"
+    assert gone["t"] - cut_at <= 3.5, "w1 dropped later than its lease (2 s) and a refresh (0.3 s) allow"
+    # a check of the set-up: with the link down, nothing can come back from w1
+    assert not [t for t, h in result["timeline"] if h == W1 and out["t"] < t < heal_at], "the cut did not cut"

@@ -5,15 +5,71 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import os
+import socket
 import threading
 import time
+from collections.abc import Iterator, Sequence
 
 import pytest
+from Pyro5.callcontext import current_context
 from services import Calculator
 
 import pyrorpc
 from pyrorpc.testing import wait_for
+
+_RUNS: list[tuple[int, int]] = []  # (request number, argument) of every Recorder.inv run in this process
+_RUNS_LOCK = threading.Lock()
+_REQUEST_NUMBERS = itertools.count()
+
+
+@pyrorpc.service("recorder")
+class Recorder:
+    """Served in this process: records every run with the number of the request (Pyro5 message) it came
+    in, so a test sees from the worker's side which items were batched together and which were resent."""
+
+    def inv(self, x):
+        annotations = current_context.annotations  # the request's own dict: a batch's items share it
+        with _RUNS_LOCK:
+            if "test.request" not in annotations:
+                annotations["test.request"] = next(_REQUEST_NUMBERS)
+            _RUNS.append((annotations["test.request"], x))
+        return 1 / x
+
+
+@pytest.fixture
+def recorded() -> Iterator[list[tuple[int, int]]]:
+    with _RUNS_LOCK:
+        _RUNS.clear()
+    yield _RUNS
+
+
+class Steer:
+    """A balancing strategy (the public Strategy protocol) that picks the worker named ``target`` whenever
+    it is a candidate, else the first by name: lets a test choose which worker a call goes to."""
+
+    def __init__(self, target: str | None = None) -> None:
+        self.target = target
+
+    def choose(self, candidates: Sequence[pyrorpc.balancing.Candidate]) -> pyrorpc.balancing.Candidate:
+        for c in candidates:
+            if c.name == self.target:
+                return c
+        return min(candidates, key=lambda c: c.name)
+
+
+@pytest.fixture
+def dead_ns():
+    """A name-server address where nothing listens while the test runs (bound, never listening: refused),
+    unlike a fixed port such as 1 that another process may hold."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def ejected(pool: pyrorpc.Pool) -> list[str]:
+    return [w.name for w in pool.workers() if w.ejected]
 
 
 def start_workers(worker_factory, ns, n, spec="services:Calculator", **kwargs):
@@ -95,7 +151,9 @@ def test_map_survives_sigkill_of_a_worker(nameserver, worker_factory, pool_facto
         if i == 1000:
             workers[0].kill()
     assert results == [i * i for i in range(3000)]
-    assert workers[0].name not in [w.name for w in pool.workers()] or pool.workers()
+    # its lease runs out (TTL 3 s) and the next membership refresh drops it
+    wait_for(lambda: workers[0].name not in [w.name for w in pool.workers()], 10, message="dead worker dropped")
+    assert sorted(w.name for w in pool.workers()) == sorted(w.name for w in workers[1:])
 
 
 def test_non_idempotent_calls_never_run_twice(nameserver, worker_factory, pool_factory, tmp_path):
@@ -169,11 +227,9 @@ def test_new_worker_gets_traffic_within_refresh(ns_addr, pool_factory):
         assert len(pool.workers()) == 1
         with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as second:
             wait_for(lambda: len(pool.workers()) == 2, 2, message="refresh")
-            served = collections.Counter()
             for _ in range(40):
                 fut = [pool.slow_idem.future(2, 0.01) for _ in range(4)]
-                [f.result(5) for f in fut]
-            served.update(w.name for w in pool.workers() if w.calls or True)
+                assert [f.result(5) for f in fut] == [4] * 4
             assert second.stats.calls > 0
 
 
@@ -190,72 +246,120 @@ def test_worker_stopped_gracefully_loses_nothing(ns_addr, pool_factory):
 def test_backpressure_and_connection_cap(ns_addr, pool_factory):
     with pyrorpc.WorkerHost(Calculator, ns=ns_addr, threads=3) as host:
         pool = pool_factory("calc", ns=ns_addr, max_in_flight=8)
-        [member] = pool._members.values()
-        assert member.endpoint.capacity == 3  # capped by the worker's connection threads
-        futures = [pool.slow_idem.future(i, 0.05) for i in range(12)]
-        assert pool._window.outstanding <= 3
-        assert [f.result(10) for f in futures] == [i * i for i in range(12)]
+        assert [w.threads for w in pool.workers()] == [3]
+        peaks = {"pool": 0, "worker": 0}
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.002):
+                peaks["pool"] = max(peaks["pool"], pool.workers()[0].client_in_flight)
+                peaks["worker"] = max(peaks["worker"], host.stats.in_flight)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            futures = [pool.slow_idem.future(i, 0.05) for i in range(12)]
+            assert [f.result(10) for f in futures] == [i * i for i in range(12)]
+        finally:
+            done.set()
+            sampler.join(5)
+        # max_in_flight=8 is capped by the worker's 3 threads: exactly 3 at once, seen from both ends
+        assert peaks == {"pool": 3, "worker": 3}
         assert host.server.connection_count() <= 3
 
 
 def test_hung_worker_is_ejected(ns_addr, pool_factory):
     with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as a, pyrorpc.WorkerHost(Calculator, ns=ns_addr) as b:
+        hosts = {a.name: a, b.name: b}
         pool = pool_factory("calc", ns=ns_addr, timeout=0.3, cooldown=5)
-        member_a = pool._members[a.name]
-        member_a.endpoint.in_flight  # noqa: B018 - exists
         with pytest.raises(pyrorpc.CallTimeoutError):
-            pool.method("slow").with_timeout(0.2)(1)
-        ejected = [w.name for w in pool.workers() if w.ejected]
-        assert len(ejected) == 1
-        healthy = ({a.name, b.name} - set(ejected)).pop()
-        for _ in range(20):
-            pool.add(1, 1)
-        counts = {m.name: m.endpoint.calls for m in pool._members.values()}
-        assert counts[healthy] >= 20
+            pool.method("slow").with_timeout(0.2)(0.5)
+        [hung_name] = ejected(pool)
+        hung = hosts.pop(hung_name)
+        [healthy] = hosts.values()
+        wait_for(lambda: hung.stats.in_flight == 0, 5, message="the hung call finished")
+        hung_calls, healthy_calls = hung.stats.calls, healthy.stats.calls
+        assert [pool.add(1, i) for i in range(20)] == list(range(1, 21))
+        wait_for(lambda: healthy.stats.calls == healthy_calls + 20, 5, message="20 calls on the healthy worker")
+        assert hung.stats.calls == hung_calls  # left out for its cooldown
 
 
-def test_bad_arguments():
+def test_bad_arguments(dead_ns):
     with pytest.raises(pyrorpc.ConfigurationError):
-        pyrorpc.Pool("bad name!", ns="127.0.0.1:1")
+        pyrorpc.Pool("bad name!", ns=dead_ns)
     with pytest.raises(ValueError, match="strategy"):
-        pyrorpc.Pool("calc", ns="127.0.0.1:1", strategy="nope")
+        pyrorpc.Pool("calc", ns=dead_ns, strategy="nope")
     with pytest.raises(ValueError, match="max_in_flight"):
-        pyrorpc.Pool("calc", ns="127.0.0.1:1", max_in_flight=0)
+        pyrorpc.Pool("calc", ns=dead_ns, max_in_flight=0)
     with pytest.raises(pyrorpc.NameServerUnavailableError):
-        pyrorpc.Pool("calc", settings=pyrorpc.Settings(ns="127.0.0.1:1", connect_timeout=0.5))
+        pyrorpc.Pool("calc", settings=pyrorpc.Settings(ns=dead_ns, connect_timeout=0.5))
 
 
-def test_map_batches_and_keeps_order_around_failures(ns_addr, pool_factory):
-    from pyrorpc.pool import _Failed
-    with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as a, pyrorpc.WorkerHost(Calculator, ns=ns_addr) as b:
-        pool = pool_factory("calc", ns=ns_addr)
-        out = pool._call_batch("div", [(1, 1), (1, 0), (4, 2), (9, 3)], None)
-        assert out[0] == 1.0 and isinstance(out[1], _Failed) and isinstance(out[1].exc, ZeroDivisionError)
-        assert out[2:] == [2.0, 3.0]  # ran after the failure: resent, not lost
-        assert list(pool.add.map((i, i) for i in range(5000))) == [2 * i for i in range(5000)]
-        assert a.stats.calls + b.stats.calls >= 5000
-        assert pool._members[a.name].endpoint.calls + pool._members[b.name].endpoint.calls < 2500  # batched
-        results = pool.div.map([(1, 1), (2, 1), (1, 0), (3, 1)])
-        assert next(results) == 1.0 and next(results) == 2.0
+def test_map_batches_calls_per_worker(ns_addr, pool_factory, recorded):
+    with pyrorpc.WorkerHost(Recorder, ns=ns_addr) as a, pyrorpc.WorkerHost(Recorder, ns=ns_addr) as b:
+        pool = pool_factory("recorder", ns=ns_addr)
+        assert [pool.inv(x) for x in (1, 2, 4)] == [1.0, 0.5, 0.25]
+        assert len({request for request, _x in recorded}) == 3  # the recorder tells requests apart
+        recorded.clear()
+        items = range(1, 5001)
+        assert list(pool.inv.map(items)) == [1 / x for x in items]
+        assert sorted(x for _request, x in recorded) == list(items)  # each item ran exactly once
+        assert len({request for request, _x in recorded}) < 2500  # batched: several items per request
+        # both workers served (a worker counts a call once its reply is written: wait for the last one)
+        wait_for(lambda: a.stats.calls + b.stats.calls == 5003, 5, message="every reply written")
+        assert a.stats.calls > 0 and b.stats.calls > 0
+
+
+def test_map_keeps_order_around_a_failure_and_resends_the_rest_of_its_batch(ns_addr, pool_factory, recorded):
+    with pyrorpc.WorkerHost(Recorder, ns=ns_addr):
+        pool = pool_factory("recorder", ns=ns_addr)
+        assert pool.inv(1) == 1.0  # connected: the first batch below times a plain call
+        recorded.clear()
+        # window=1: [1] goes alone, then the batch grows to ~20 ms of work and takes [0, 3, 4, ...]; the
+        # worker stops a batch at its first exception, and the items after it are sent again
+        results = pool.inv.map([1, 0, *range(3, 40)], window=1)
+        assert next(results) == 1.0
         with pytest.raises(ZeroDivisionError):
             next(results)
-        assert list(pool.add.map([])) == []
+        requests = dict((x, request) for request, x in recorded)
+        ran = [x for _request, x in recorded]
+        assert ran[:3] == [1, 0, 3] and ran == [1, 0, *range(3, len(ran) + 1)]  # in order, each once
+        assert requests[1] != requests[0]  # [1] alone first
+        assert requests[3] != requests[0]  # 3 was in 0's batch, did not run there, ran in a request of its own
+        with pytest.raises(StopIteration):
+            next(results)  # a map ends at its first failure
+        results = pool.inv.map([1, 2, 0, 4])
+        assert next(results) == 1.0 and next(results) == 0.5
+        with pytest.raises(ZeroDivisionError):
+            next(results)
+        assert list(pool.inv.map([])) == []
         with pytest.raises(ValueError, match="window"):
-            pool.add.map([(1, 2)], window=0)
+            pool.inv.map([1], window=0)
 
 
 def test_ejected_worker_is_probed_back_after_cooldown(ns_addr, pool_factory):
+    cooldown = 1.0
     with pyrorpc.WorkerHost(Calculator, ns=ns_addr) as a, pyrorpc.WorkerHost(Calculator, ns=ns_addr) as b:
-        pool = pool_factory("calc", ns=ns_addr, cooldown=0.3)
-        member = pool._members[a.name]
-        pool._eject(member)
-        assert [w.name for w in pool.workers() if w.ejected] == [a.name]
-        before = a.stats.calls
-        for _ in range(20):
-            pool.add(1, 1)
-        assert a.stats.calls == before  # left out while cooling down
-        wait_for(lambda: not pool._members[a.name].ejected_until > time.monotonic(), 2, message="cooldown")
-        for _ in range(40):
-            pool.add(1, 1)
-        assert a.stats.calls > before and member.strikes == 0  # a good call clears the strikes
-        assert b.stats.calls > 0
+        pool = pool_factory("calc", ns=ns_addr, strategy=Steer(a.name), cooldown=cooldown)
+        hang = pool.method("slow").with_timeout(0.2)
+        with pytest.raises(pyrorpc.CallTimeoutError):
+            hang(0.4)  # on a: a is ejected
+        ejected_at = time.monotonic()
+        assert ejected(pool) == [a.name]
+        wait_for(lambda: a.stats.in_flight == 0, 5, message="the hung call finished")
+        a_calls, b_calls = a.stats.calls, b.stats.calls
+        assert [pool.add(1, i) for i in range(20)] == list(range(1, 21))
+        assert a.stats.calls == a_calls  # left out while cooling down, though the strategy asks for it
+        wait_for(lambda: b.stats.calls == b_calls + 20, 5, message="the calls went to b")
+        wait_for(lambda: ejected(pool) == [], 3 * cooldown, message="end of the cooldown")
+        assert time.monotonic() - ejected_at >= cooldown - 0.05
+        assert pool.add(2, 2) == 4
+        wait_for(lambda: a.stats.calls == a_calls + 1, 5, message="a probed back")
+        # that good call cleared a's strike: failing again costs one cooldown, not a doubled one
+        with pytest.raises(pyrorpc.CallTimeoutError):
+            hang(0.4)
+        ejected_at = time.monotonic()
+        assert ejected(pool) == [a.name]
+        wait_for(lambda: ejected(pool) == [], 4 * cooldown, message="end of the second cooldown")
+        assert time.monotonic() - ejected_at < 1.5 * cooldown
+        wait_for(lambda: a.stats.in_flight == 0, 5, message="the hung call finished")
