@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from .compat import remote_traceback
 from .config import MAX_TIMEOUT, MIN_TIMEOUT, Address, Settings
 
 NS_HELP = "name server HOST:PORT (env PYRORPC_NS, default 127.0.0.1:9090)"
@@ -102,7 +103,7 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
+    if isinstance(exc, OSError) and exc.strerror and remote_traceback(exc) is None:
         # the system's words without "[Errno 98]"; the class name (OSError, gaierror...) tells a user nothing
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     text = str(exc).strip().splitlines()
@@ -470,15 +471,15 @@ def _duration(seconds: float) -> str:
 
 # calls -----------------------------------------------------------------------------------------------
 
-_LITERAL_START = re.compile(r"""\s*([\[({'"]|[+-]?\.?\d)""")  # what only a literal starts with
+_LITERAL_START = re.compile(r"""\s*[\[({'"]""")  # what only a literal starts with (127.0.0.1 is a string)
 
 
 def parse_literal(text: str) -> Any:
     """A Python literal (``2``, ``'a'``, ``[1, 2]``, ``None``); a bare word that is not one is a string.
 
     Raises:
-        ValueError: ``text`` starts as a literal does (digit, sign, quote, bracket) but is not one
-            (``[1,``, ``{'a': x}``): a typo, not a string.
+        ValueError: ``text`` starts as only a literal does (quote, bracket) but is not one (``[1,``,
+            ``{'a': x}``): a typo, not a string. ``127.0.0.1`` or ``2024-01-01`` are strings.
     """
     try:
         return ast.literal_eval(text)
@@ -530,7 +531,6 @@ def call_cmd(target: str, method: str, args: tuple[str, ...], kwargs: tuple[str,
             else:
                 result = remote(*arg_values, **kw)
         except Exception as exc:
-            from .compat import remote_traceback
             tb = remote_traceback(exc)
             if tb is None:
                 raise  # ours (timeout, no workers...): handled by user_errors

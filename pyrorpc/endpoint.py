@@ -17,6 +17,7 @@ from .config import Settings
 from .errors import (
     AuthenticationError,
     CallTimeoutError,
+    ConfigurationError,
     MessageTooLargeError,
     WorkerDrainingError,
     WorkerLostError,
@@ -107,8 +108,8 @@ class Endpoint:
     def _connect(self) -> LimitedConnection:
         try:
             conn, meta = open_connection(self.uri, self.settings)
-        except AuthenticationError:
-            raise
+        except (AuthenticationError, ConfigurationError):
+            raise  # our credentials or certificate files: no other worker would take them either
         except Pyro5.errors.PyroError as exc:
             raise NotSent(exc) from exc
         info = meta.get("pyrorpc") or {}

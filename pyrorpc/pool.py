@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .balancing import Strategy, make_strategy
-from .compat import is_exception_wrapper, unwrap_exception
+from .compat import is_exception_wrapper, remote_traceback, unwrap_exception
 from .config import Settings, resolve
 from .errors import (
     CallTimeoutError,
@@ -280,16 +280,22 @@ class Pool(Dispatcher):
                 self._eject(member)
                 tried.add(member.name)
                 continue
-            except WorkerLostError:
+            except WorkerLostError as exc:
+                if remote_traceback(exc) is not None:
+                    raise  # the method's own error (a service it called was lost): not this worker's fault
                 self._eject(member)
                 if method in member.endpoint.idempotent and retries > 0:
-                    retries -= 1
                     tried.add(member.name)
+                    if all(name in tried for name in list(self._members)):
+                        raise  # nobody left to retry on: say what happened now, not NoWorkersError later
+                    retries -= 1
                     continue
                 raise
             except SlotsBusy:
                 raise
-            except CallTimeoutError:
+            except CallTimeoutError as exc:
+                if remote_traceback(exc) is not None:
+                    raise  # the method's own timeout (calling another service): the worker is fine
                 self._eject(member)  # hung or overloaded: leave it out for a while
                 raise
             if member.strikes:

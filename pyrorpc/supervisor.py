@@ -33,6 +33,7 @@ class _Child:
         self.failures = 0
         self.next_start = 0.0
         self.last_code: int | None = None
+        self.exits: collections.deque[float] = collections.deque()  # within the restart window
 
 
 class Supervisor:
@@ -40,8 +41,9 @@ class Supervisor:
 
     A child that exits while the supervisor is running is restarted after a backoff that doubles on
     each quick failure (``backoff`` .. ``max_backoff`` seconds) and resets once a child has run for
-    ``healthy_after`` seconds. When children exit more than ``max_restarts`` times within
-    ``restart_window`` seconds (all slots together, as Erlang's restart intensity), the supervisor gives up:
+    ``healthy_after`` seconds. When one child exits more than ``max_restarts`` times within
+    ``restart_window`` seconds (counted per process, so a short outage every child trips over once, say a
+    name server still starting, is ridden out whatever the number of processes), the supervisor gives up:
     ``failure`` says why, the other children are stopped and ``run()`` returns 1. ``stop()`` (SIGTERM/SIGINT
     inside ``run()``) sends SIGTERM to every child and waits ``grace`` seconds for them to drain before
     SIGKILL.
@@ -76,7 +78,6 @@ class Supervisor:
         self.echo = echo
         self.restarts = 0
         self.failure: str | None = None  # why run() gave up, if it did
-        self._exits: collections.deque[float] = collections.deque()
         self._stop = threading.Event()
         self._lifeline: int | None = None  # read end handed to every child; the write end dies with us
 
@@ -127,11 +128,12 @@ class Supervisor:
                 child.last_code = proc.returncode
                 child.proc = None
                 child.failures += 1
-                self._exits.append(now)
-                while self._exits[0] <= now - self.restart_window:
-                    self._exits.popleft()
-                if len(self._exits) > self.max_restarts:
-                    self.failure = f"worker processes exited {len(self._exits)} times within {self.restart_window:g}s"
+                exits = child.exits
+                exits.append(now)
+                while exits[0] <= now - self.restart_window:
+                    exits.popleft()
+                if len(exits) > self.max_restarts:
+                    self.failure = f"worker {child.slot} exited {len(exits)} times within {self.restart_window:g}s"
                     self.echo(f"supervisor: worker {child.slot} (pid {proc.pid}) exited with "
                               f"{child.last_code}; not restarting")
                     return

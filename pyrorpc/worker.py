@@ -114,7 +114,7 @@ class WorkerHost:
     def load(self) -> dict[str, Any]:
         """The load report sent with each heartbeat."""
         report: dict[str, Any] = self.stats.snapshot()
-        report["connections"] = self.server.connection_count() if self.server is not None else 0
+        report["connections"] = max(0, self.server.connection_count()) if self.server is not None else 0
         report.update(host=self.hostname, pid=os.getpid(), threads=self.settings.threads, started=self.started)
         return report
 

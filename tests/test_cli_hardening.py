@@ -271,6 +271,7 @@ def test_bare_words_are_still_strings() -> None:
     assert parse_literal("'[1,'") == "[1,"
     assert parse_literal("[1, 2]") == [1, 2]
     assert parse_literal("-3") == -3
+    assert parse_literal("127.0.0.1") == "127.0.0.1" and parse_literal("2024-01-01") == "2024-01-01"
 
 
 # 15. workers: one table, or --watch that rides out a name-server blip ----------------------------------

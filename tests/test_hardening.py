@@ -58,3 +58,34 @@ def test_remote_exception_that_cannot_be_encoded_arrives_as_remote_error(ns_addr
         assert proxy.method("raise_unknown") is not None  # the connection is still usable:
         with pytest.raises(pyrorpc.RemoteError):
             proxy.raise_unknown()
+
+
+@pyrorpc.service("nested")
+class Nested:
+    def __init__(self) -> None:
+        self.runs = 0
+
+    @pyrorpc.idempotent
+    def lost_inside(self) -> None:
+        self.runs += 1
+        raise pyrorpc.WorkerLostError("a service this method called was lost")
+
+    def timed_out_inside(self) -> None:
+        raise pyrorpc.CallTimeoutError("a service this method called timed out")
+
+    def runs_here(self) -> int:
+        return self.runs
+
+
+def test_a_methods_own_lost_or_timeout_error_is_not_the_workers_fault(ns_addr):
+    """A method that calls another service can raise WorkerLostError or CallTimeoutError itself: that is
+    the call's result, not a lost or hung worker, so no ejection and no retry elsewhere."""
+    with pyrorpc.WorkerHost(Nested, ns=ns_addr) as a, pyrorpc.WorkerHost(Nested, ns=ns_addr) as b, \
+            pyrorpc.Pool("nested", ns=ns_addr, timeout=10) as pool:
+        with pytest.raises(pyrorpc.WorkerLostError, match="called was lost"):
+            pool.lost_inside()
+        runs = pool.method("runs_here").broadcast()
+        assert set(runs) == {a.name, b.name} and sorted(runs.values()) == [0, 1]  # ran once, not retried
+        with pytest.raises(pyrorpc.CallTimeoutError, match="called timed out"):
+            pool.timed_out_inside()
+        assert not any(w.ejected for w in pool.workers())
