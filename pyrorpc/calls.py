@@ -21,8 +21,8 @@ import Pyro5.errors
 from Pyro5.callcontext import current_context
 
 from . import compat
+from .connection import PENDING, Connection
 from .errors import RemoteError, WorkerDrainingError, make_portable
-from .ioloop import PENDING, Connection
 from .protocol import (
     FLAGS_BATCH,
     FLAGS_COMPRESSED,

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .calls import DAEMON_NAME, INSTANCE_MODES, PENDING, CallHandler, DaemonObject, ServerStats, _Target
-from .ioloop import (
+from .connection import (
     _DONTWAIT,
     _EPOLLIN,
     _EPOLLOUT,
@@ -40,10 +40,10 @@ from .ioloop import (
     IDLE,
     WRITING,
     Connection,
-    IOLoop,
     _raise_fd_limit,
     _readable,
 )
+from .ioloop import IOLoop
 from .protocol import ProtocolViolation
 
 __all__ = ["DAEMON_NAME", "INSTANCE_MODES", "Connection", "DaemonObject", "Server", "ServerStats"]

@@ -92,12 +92,13 @@ def test_imports_flow_one_way():
     assert imports("wire.py") <= {"pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.codec", "pyrorpc.compat"}
     assert imports("security.py") <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.wire", "pyrorpc.protocol"}
     # the server core: ioloop (connections, handshakes) -> calls (running requests) -> server
-    assert imports("ioloop.py") <= {"pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.wire"}
-    assert imports("calls.py") <= {"pyrorpc.compat", "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.wire",
-                                    "pyrorpc.ioloop"}
-    assert imports("server.py") <= {"pyrorpc.calls", "pyrorpc.ioloop", "pyrorpc.protocol"}
+    assert imports("connection.py") <= {"pyrorpc.protocol"}
+    assert imports("ioloop.py") <= {"pyrorpc.connection", "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.wire"}
+    assert imports("calls.py") <= {"pyrorpc.compat", "pyrorpc.connection", "pyrorpc.errors", "pyrorpc.protocol",
+                                    "pyrorpc.wire"}
+    assert imports("server.py") <= {"pyrorpc.calls", "pyrorpc.connection", "pyrorpc.ioloop", "pyrorpc.protocol"}
     for low in ("naming.py", "worker.py", "proxy.py", "endpoint.py", "pool.py", "server.py", "callbacks.py",
-                "ioloop.py", "calls.py"):
+                "ioloop.py", "calls.py", "connection.py"):
         assert "pyrorpc.cli" not in imports(low)
         assert "pyrorpc.testing" not in imports(low)
         assert "pyrorpc.pool" not in imports(low) or low == "pool.py"
