@@ -297,12 +297,16 @@ class IOLoop:
             return
         if state != IDLE:
             return
+        self._next_request(conn)
+
+    def _next_request(self, conn: Connection) -> None:
+        """An idle connection: to the call pool if a whole request is buffered, else wait for more."""
         try:
-            frame_ready = conn.size >= HEADER_SIZE and self._frame_complete(conn)
+            ready = conn.size >= HEADER_SIZE and self._frame_complete(conn)
         except ProtocolViolation as exc:
             self._violation(conn, exc)
             return
-        if frame_ready:
+        if ready:
             conn.state = BUSY
             self._dispatch(conn)
         else:
@@ -438,10 +442,7 @@ class IOLoop:
             return
         conn.state = IDLE
         conn.last_active = time.monotonic()
-        if conn.pending:  # a pipelining client sent its first request along
-            self._on_event(conn, _EPOLLIN)
-        else:
-            self._rearm(conn)
+        self._next_request(conn)  # a pipelining client may have sent its first request along
 
     def _drop(self, conn: Connection) -> None:
         with self._conn_lock:  # atomic: two threads may drop the same connection
@@ -503,14 +504,5 @@ class IOLoop:
             self.stats.leave(conn.out_failed)
         conn.state = IDLE
         conn.last_active = time.monotonic()
-        try:
-            ready = conn.size >= HEADER_SIZE and self._frame_complete(conn)
-        except ProtocolViolation as exc:
-            self._violation(conn, exc)
-            return
-        if ready:
-            conn.state = BUSY
-            self._dispatch(conn)
-        else:
-            self._rearm(conn)
+        self._next_request(conn)
 

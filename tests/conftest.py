@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Iterator
 
@@ -42,3 +43,12 @@ def ns_daemon() -> Iterator["object"]:
 def ns_addr(ns_daemon: "object") -> str:
     host, port = ns_daemon.address  # type: ignore[attr-defined]
     return f"{host}:{port}"
+
+
+@pytest.fixture
+def dead_ns() -> Iterator[str]:
+    """A name-server address where nothing listens while the test runs (bound, never listening: refused),
+    unlike a fixed port such as 1 that another process may hold."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"

@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,15 +18,6 @@ from services import Calculator, CustomError, Plain
 
 import pyrorpc
 from pyrorpc.testing import NameServerProcess, wait_for
-
-
-@pytest.fixture
-def dead_ns():
-    """A name-server address where nothing listens while the test runs (bound, never listening: refused),
-    unlike a fixed port such as 1 that another process may hold."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture

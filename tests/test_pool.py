@@ -7,7 +7,6 @@ import collections
 import concurrent.futures
 import itertools
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -57,15 +56,6 @@ class Steer:
             if c.name == self.target:
                 return c
         return min(candidates, key=lambda c: c.name)
-
-
-@pytest.fixture
-def dead_ns():
-    """A name-server address where nothing listens while the test runs (bound, never listening: refused),
-    unlike a fixed port such as 1 that another process may hold."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def ejected(pool: pyrorpc.Pool) -> list[str]:
