@@ -3,6 +3,7 @@
 from . import errors
 from .callbacks import CallbackServer
 from .config import Address, Settings
+from .context import CallInfo, call_metadata, current_call
 from .errors import (
                      AuthenticationError,
                      CallTimeoutError,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Address",
     "AuthenticationError",
+    "CallInfo",
     "CallTimeoutError",
     "CallbackServer",
     "ConfigurationError",
@@ -43,7 +45,9 @@ __all__ = [
     "WorkerHost",
     "WorkerInfo",
     "WorkerLostError",
+    "call_metadata",
     "connect",
+    "current_call",
     "errors",
     "idempotent",
     "oneway",

@@ -10,6 +10,10 @@ does wrong costs that request only.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
+import inspect
 import logging
 import threading
 import time
@@ -22,7 +26,10 @@ from Pyro5.callcontext import current_context
 
 from . import compat
 from .connection import PENDING, Connection
-from .errors import RemoteError, WorkerDrainingError, make_portable
+from .context import enter as enter_call
+from .context import incoming
+from .context import leave as leave_call
+from .errors import CallTimeoutError, RemoteError, WorkerDrainingError, make_portable
 from .protocol import (
     FLAGS_BATCH,
     FLAGS_COMPRESSED,
@@ -38,6 +45,7 @@ from .protocol import (
     pack,
     parse_annotations,
 )
+from .streams import StockStreams, stream_reply
 from .wire import SERIALIZER, loads
 
 __all__ = ["DAEMON_NAME", "INSTANCE_MODES", "PENDING", "CallHandler", "DaemonObject", "ServerStats"]
@@ -85,6 +93,11 @@ class ServerStats:
             self.calls += calls
             self.errors += errors
 
+    def begin_drain(self) -> None:
+        """Refuse new calls from now on."""
+        with self._lock:
+            self.draining = True
+
     def drain(self, timeout: float) -> bool:
         """Refuse new calls and wait until none is in flight; False if ``timeout`` ran out first."""
         with self._idle:
@@ -119,10 +132,12 @@ class DaemonObject:
         return self._server.metadata(objectId)
 
     def get_next_stream_item(self, streamId: str) -> Any:  # noqa: N803 - Pyro5's name
-        raise Pyro5.errors.PyroError("item stream terminated")
+        """The next item of a stream of this connection (StopIteration at its end)."""
+        return self._server.stock_streams.next_item(streamId, current_context.client)
 
     def close_stream(self, streamId: str) -> None:  # noqa: N803 - Pyro5's name
-        pass
+        """Close a stream the client stops iterating early (its generator's ``finally`` runs)."""
+        self._server.stock_streams.close(streamId, current_context.client)
 
 
 for _name in ("registered", "ping", "info", "get_metadata", "get_next_stream_item", "close_stream"):
@@ -132,7 +147,7 @@ for _name in ("registered", "ping", "info", "get_metadata", "get_next_stream_ite
 class _Target:
     """An object served under an id: an instance, or a class instantiated per session or per call."""
 
-    __slots__ = ("obj", "cls", "mode", "methods", "oneway", "attrs", "extra")
+    __slots__ = ("obj", "cls", "mode", "methods", "oneway", "attrs", "extra", "async_methods", "stream_methods")
 
     def __init__(self, obj: Any, mode: str, only_exposed: bool, extra: dict[str, Any] | None) -> None:
         self.obj = obj
@@ -143,6 +158,15 @@ class _Target:
         self.oneway = members["oneway"]
         self.attrs = members["attrs"]
         self.extra = extra
+        # async def methods run on the event loop; generator methods stream (mux.py)
+        self.async_methods: frozenset[str] = frozenset(
+            m for m in self.methods
+            if inspect.iscoroutinefunction(getattr(self.cls, m, None)) or inspect.isasyncgenfunction(
+                getattr(self.cls, m, None)))
+        self.stream_methods: frozenset[str] = frozenset(
+            m for m in self.methods
+            if inspect.isgeneratorfunction(getattr(self.cls, m, None)) or inspect.isasyncgenfunction(
+                getattr(self.cls, m, None)))
 
 
 _PLAIN = frozenset((type(None), int, str, bytes, float, bool, tuple, list, dict, set, frozenset))
@@ -160,6 +184,22 @@ def _result(flags: int, header: Any, data: bytes) -> bytes:
     if header.flags & FLAGS_CORR_ID:
         return pack(MSG_RESULT, flags | FLAGS_CORR_ID, header.seq, data, corr_id=header.corr_id)
     return pack(MSG_RESULT, flags, header.seq, data)
+
+
+def _close_stream(result: Any) -> None:
+    """Close a generator that will not be streamed (an async generator that never started has nothing
+    to close)."""
+    close = getattr(result, "close", None)
+    if close is not None and not isinstance(result, types.AsyncGeneratorType):
+        try:
+            close()
+        except Exception:
+            pass
+
+
+async def _in_context(ctx: contextvars.Context, coro: Any) -> Any:
+    """Await ``coro`` as a task made in ``ctx`` (so the method sees its call's context)."""
+    return await ctx.run(asyncio.ensure_future, coro)
 
 
 def _unencodable(exc: BaseException) -> BaseException:
@@ -183,6 +223,7 @@ class CallHandler:
     name: str
     location: str
     stats: ServerStats
+    stock_streams: StockStreams
     objects: dict[str, _Target]
     metadata_extra: dict[str, Any] | None
     max_message_size: int
@@ -192,6 +233,7 @@ class CallHandler:
     _oneway_limit: int
     _refused_oneways: int
     _last_refusal: float
+    async_runner: Any
 
     if TYPE_CHECKING:  # provided by the Server (declared here for the type checker only)
         def _reply(self, conn: Connection, data: bytes) -> Any: ...
@@ -231,8 +273,10 @@ class CallHandler:
         meta: dict[str, Any] = {"methods": set(target.methods), "oneway": set(target.oneway),
                                 "attrs": set(target.attrs)}
         extra = target.extra or self.metadata_extra
-        if extra is not None:
-            meta["pyrorpc"] = dict(extra, idle_timeout=self.idle_timeout)
+        if extra is not None or target.async_methods or target.stream_methods:
+            meta["pyrorpc"] = dict(extra or {}, idle_timeout=self.idle_timeout, async_=set(target.async_methods),
+                                   streams=set(target.stream_methods))
+            meta["pyrorpc"]["async"] = meta["pyrorpc"].pop("async_")
         return meta
 
     def _handle(self, conn: Connection, header: Any, payload: bytes) -> Any:
@@ -261,6 +305,7 @@ class CallHandler:
         failed = True
         counted = True
         status: Any = True
+        object_id = None
         try:
             ann_size = header.ann_size
             if ann_size:
@@ -284,22 +329,7 @@ class CallHandler:
             context.correlation_id = uuid.UUID(bytes=header.corr_id) if flags & FLAGS_CORR_ID else None
             context.annotations = annotations or {}
             if flags & FLAGS_BATCH:
-                obj = self._instance(target, conn)
-                results: list[Any] = []
-                failed_batch = False
-                for call in vargs:
-                    name, a, kw = call
-                    fn = self._method(target, obj, name)
-                    try:
-                        results.append(fn(*a, **kw))
-                    except BaseException as exc:  # SystemExit too: the caller's error, not the thread's end
-                        self._note_remote(exc)
-                        results.append(compat.wrap_exception(exc))
-                        failed_batch = True
-                        break
-                if len(results) > 1:
-                    stats.add(len(results) - 1, 0)
-                failed = failed_batch
+                results, failed = self._run_batch(target, conn, vargs)
                 if oneway:
                     return True
                 data = SERIALIZER.dumps(results)
@@ -314,29 +344,30 @@ class CallHandler:
                     counted = False  # the oneway run counts itself out
                     self._oneway((fn, vargs, kwargs, conn.peer, context.correlation_id, context.annotations))
                     return True
-                result = fn(*vargs, **kwargs)
+                info = incoming(annotations, conn.peer, method)
+                if info.deadline is not None and info.expired:
+                    raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
+                token = enter_call(info)
+                try:
+                    result = fn(*vargs, **kwargs)
+                    if type(result) is types.CoroutineType:
+                        # an async def method, called on a plain connection: it runs on the event loop, and
+                        # this connection waits for it (multiplexed connections hold no thread: mux.py)
+                        result = self._await_here(method, result, info)
+                finally:
+                    leave_call(token)
             if oneway:
                 failed = False
                 return True
             if _is_stream(result):
-                close = getattr(result, "close", None)
-                if close is not None:
-                    try:
-                        close()
-                    except Exception:
-                        pass
-                raise Pyro5.errors.SerializeError(
-                    f"{method} returned an iterator or generator: streaming results are not supported by this "
-                    "worker; return a list")
-            try:
-                data = SERIALIZER.dumps(result)
-            except Exception as exc:
-                raise Pyro5.errors.SerializeError(
-                    f"cannot serialize the result of {method} ({type(result).__name__}): {exc}") from None
-            if len(data) > self.max_message_size:
-                raise Pyro5.errors.MessageTooLargeError(
-                    f"reply of {len(data):,} bytes exceeds the worker's max_message_size of "
-                    f"{self.max_message_size:,}; the call ran but its result cannot be sent")
+                if conn.notice:  # a pyrorpc client: it streams with stream()/astream() (mux.py), never this way
+                    _close_stream(result)
+                    raise TypeError(f"{method} streams its results: call it with stream() or astream()")
+                # a stock Pyro5 proxy: Pyro5's item streaming, the client pulls the items (streams.py)
+                failed = False
+                status = self._reply(conn, stream_reply(header, self.stock_streams.open(conn, result)))
+                return status
+            data = self._encode_result(method, result)
             failed = False
             status = self._reply(conn, _result(0, header, data))
             return status
@@ -346,6 +377,8 @@ class CallHandler:
                 return True
             if isinstance(exc, ProtocolViolation):  # bad annotations or compressed payload: Pyro5's own error
                 exc = Pyro5.errors.ProtocolError(str(exc))
+            elif type(exc) is StopIteration and object_id == DAEMON_NAME:
+                failed = False  # the end of a stock Pyro5 item stream is no failure
             status = self._reply(conn, self._error_frame(exc, seq, exc.__traceback__, header))
             return status
         finally:
@@ -354,6 +387,48 @@ class CallHandler:
                     self._hand_over_write(conn, failed)
                 else:
                     stats.leave(failed)
+
+    def _encode_result(self, method: str, result: Any) -> bytes:
+        try:
+            data = SERIALIZER.dumps(result)
+        except Exception as exc:
+            raise Pyro5.errors.SerializeError(
+                f"cannot serialize the result of {method} ({type(result).__name__}): {exc}") from None
+        if len(data) > self.max_message_size:
+            raise Pyro5.errors.MessageTooLargeError(
+                f"reply of {len(data):,} bytes exceeds the worker's max_message_size of "
+                f"{self.max_message_size:,}; the call ran but its result cannot be sent")
+        return data
+
+    def _run_batch(self, target: _Target, conn: Connection, calls: Any) -> tuple[list[Any], bool]:
+        """The calls of a batch in order, up to the first that raises (its exception wrapped as Pyro5 does)."""
+        obj = self._instance(target, conn)
+        results: list[Any] = []
+        failed = False
+        for call in calls:
+            name, a, kw = call
+            fn = self._method(target, obj, name)
+            try:
+                results.append(fn(*a, **kw))
+            except BaseException as exc:  # SystemExit too: the caller's error, not the thread's end
+                self._note_remote(exc)
+                results.append(compat.wrap_exception(exc))
+                failed = True
+                break
+        if len(results) > 1:
+            self.stats.add(len(results) - 1, 0)
+        return results, failed
+
+    def _await_here(self, method: str, coro: Any, info: Any) -> Any:
+        """Run a coroutine on the server's event loop and wait for it here, cancelling it at its deadline."""
+        ctx = contextvars.copy_context()  # (holds the call's CallInfo)
+        future = self.async_runner.submit(_in_context(ctx, coro))
+        left = info.remaining()
+        try:
+            return future.result(timeout=None if left is None else max(left, 0.0))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise CallTimeoutError(f"{method}: cancelled on the worker at its deadline") from None
 
     def _uncounted(self, conn: Connection, status: Any) -> Any:
         """For replies that are no call (pings, refusals): a pending rest is written without counting."""

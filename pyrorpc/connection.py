@@ -45,7 +45,8 @@ class Connection:
     """One client connection: its socket, what has arrived of the next frame, and per-connection state."""
 
     __slots__ = ("sock", "fd", "peer", "tls", "state", "chunks", "size", "header", "deadline", "last_active",
-                 "started", "instances", "tls_done", "out", "out_failed")
+                 "started", "instances", "tls_done", "out", "out_failed", "notice", "noticed", "mux", "wlock", "wq",
+                 "tasks", "calls", "paused", "wrote_at")
 
     def __init__(self, sock: socket.socket, peer: Any, tls: bool) -> None:
         self.sock = sock
@@ -63,6 +64,16 @@ class Connection:
         self.tls_done = not tls
         self.out: memoryview | None = None  # the rest of a reply the I/O thread is writing (WRITING)
         self.out_failed: bool | None = False  # that reply's call failed? (None: no call, nothing to count)
+        self.notice = False  # a pyrorpc peer: it understands MSG_NOTICE (asked in its handshake)
+        self.noticed = False  # it was told we are draining
+        # a multiplexed connection (see mux.py): requests run concurrently, any thread writes under wlock
+        self.mux = False
+        self.wlock: Any = None
+        self.wq: Any = None  # bytes waiting to be written, oldest first (the I/O thread finishes them)
+        self.tasks: dict[int, Any] = {}  # sequence -> what runs for it (async task, stream), to cancel
+        self.calls = 0  # requests running or queued on it
+        self.paused = False  # not reading: too many requests outstanding
+        self.wrote_at = 0.0  # monotonic time its queued output last moved
 
     def __repr__(self) -> str:
         return f"<Connection {self.peer} {self.state}>"

@@ -3,17 +3,22 @@ classified: not sent (safe to send elsewhere), lost after sending, timed out, or
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
+from collections import deque
+from collections.abc import AsyncGenerator, Generator
 from typing import Any
 
 import Pyro5.core
 import Pyro5.errors
 from Pyro5 import protocol
 
+from .aio import STREAM_WINDOW, BlockingStream, MuxChannel, NotWritten, open_blocking, open_channel
 from .compat import is_exception_wrapper, remote_traceback, unwrap_exception
 from .config import Settings
+from .context import outgoing_bytes
 from .errors import (
     AuthenticationError,
     CallTimeoutError,
@@ -22,10 +27,11 @@ from .errors import (
     WorkerDrainingError,
     WorkerLostError,
 )
+from .protocol import pack_annotations
 from .security import open_connection
 from .wire import LimitedConnection, invoke
 
-__all__ = ["Abandoned", "CallHandle", "Endpoint", "NotSent", "SlotsBusy"]
+__all__ = ["Abandoned", "CallHandle", "Endpoint", "NoMux", "NotSent", "SlotsBusy"]
 
 
 class NotSent(Exception):
@@ -42,6 +48,26 @@ class SlotsBusy(CallTimeoutError):
 
 class Abandoned(Exception):
     """Internal: the caller gave the call up (a cancelled ``aio()``); nobody waits for its outcome."""
+
+
+class NoMux(Exception):
+    """Internal: the worker does not multiplex (a stock Pyro5 daemon): ``aio()`` runs the call in a thread.
+    Raised before anything was sent."""
+
+
+_STREAM_REQUEST = pack_annotations({"PRST": b"%d" % STREAM_WINDOW})  # "stream the result" (mux only)
+_CHANNEL_CALLS = 2048  # requests outstanding on one multiplexed channel before another one opens...
+_MAX_CHANNELS = 8  # ...up to this many per event loop and worker
+
+
+def _set_done(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _retrieve(task: "asyncio.Task[Any]") -> None:
+    if not task.cancelled():
+        task.exception()  # (whoever awaited it has it; nobody may have)
 
 
 class CallHandle:
@@ -93,6 +119,10 @@ class Endpoint:
         self.idempotent: frozenset[str] = frozenset()
         self.oneway: frozenset[str] = frozenset()
         self.methods: frozenset[str] | None = None
+        self.async_methods: frozenset[str] = frozenset()  # ``async def``: not held to capacity through aio()
+        self.stream_methods: frozenset[str] = frozenset()
+        self.async_in_flight = 0  # aio() calls of async def methods (bounded by max_in_flight only)
+        self.mux: bool | None = None  # the worker multiplexes (None: not known yet)
         self.max_idle = float("inf")  # seconds a connection may rest before we retire it
         self._idle: list[LimitedConnection] = []
         self._busy: set[Any] = set()  # sockets with a call in flight (abort() shuts them down)
@@ -100,6 +130,12 @@ class Endpoint:
         self._cond = threading.Condition(self._lock)  # for callers waiting for a free slot
         self._waiting = 0
         self._closed = False
+        # aio(): one multiplexed channel per event loop, and coroutines waiting for a call slot (woken with
+        # call_soon_threadsafe by whichever thread frees one)
+        self._channels: dict[asyncio.AbstractEventLoop, list[MuxChannel]] = {}
+        self._opening: dict[asyncio.AbstractEventLoop, asyncio.Task[MuxChannel]] = {}
+        self._slot_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+        self._async_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.name} in_flight={self.in_flight}>"
@@ -112,6 +148,11 @@ class Endpoint:
             raise  # our credentials or certificate files: no other worker would take them either
         except Pyro5.errors.PyroError as exc:
             raise NotSent(exc) from exc
+        self._learn(meta)
+        return conn
+
+    def _learn(self, meta: dict[str, Any]) -> None:
+        """What the worker's handshake metadata says about its methods and connections."""
         info = meta.get("pyrorpc") or {}
         idle = info.get("idle_timeout")
         if isinstance(idle, (int, float)) and idle > 0:
@@ -121,7 +162,12 @@ class Endpoint:
             self.idempotent = frozenset(info.get("idempotent", ()))
             self.oneway = frozenset(meta.get("oneway", ()))
             self.methods = frozenset(meta.get("methods", ()))
-        return conn
+        names = info.get("async")
+        if isinstance(names, (list, tuple, set, frozenset)):
+            self.async_methods = frozenset(n for n in names if isinstance(n, str))
+        names = info.get("streams")
+        if isinstance(names, (list, tuple, set, frozenset)):
+            self.stream_methods = frozenset(n for n in names if isinstance(n, str))
 
     def _enter(self, method: str, wait: float, handle: CallHandle | None = None) -> LimitedConnection | None:
         """Take a call slot (waiting up to ``wait``) and an idle connection if there is one."""
@@ -154,6 +200,9 @@ class Endpoint:
 
     def _leave(self, conn: LimitedConnection | None, failed: bool, keep: bool,
                handle: CallHandle | None = None) -> None:
+        draining = conn is not None and conn.draining
+        if draining:
+            keep = False  # the worker said it is draining (MSG_NOTICE): no further call goes there
         with self._lock:
             if handle is None or handle.holds:  # (a cancelled call gave its slot back already)
                 self.in_flight -= 1
@@ -170,8 +219,12 @@ class Endpoint:
                     conn = None
             if self._waiting:
                 self._cond.notify()
+            if self._slot_waiters:
+                self._wake_one(self._slot_waiters)
         if conn is not None:
             conn.close()
+        if draining:
+            self.close()
 
     def _abandon(self, handle: CallHandle) -> None:
         """``handle`` was cancelled: give its slot back now and cut its connection off (its thread wakes up
@@ -187,6 +240,8 @@ class Endpoint:
             if sock is not None:
                 self._busy.discard(sock)
             self._cond.notify_all()  # a caller may take the slot; the abandoned call may be waiting for one
+            if self._slot_waiters:
+                self._wake_one(self._slot_waiters)
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -209,9 +264,13 @@ class Endpoint:
             # An idle connection never has data waiting: readable means the worker closed it (died or
             # stopped). Dropping it here is what keeps a call to a dead worker from being "sent" at all.
             # One idle for half the worker's idle_timeout is retired before the worker closes it.
-            if conn.idle_and_alive() and time.monotonic() - conn.last_used < self.max_idle:
+            if not conn.draining and conn.idle_and_alive() and time.monotonic() - conn.last_used < self.max_idle:
                 return conn
             conn.close()
+            if conn.draining:
+                # the worker said it is draining: nothing more goes there (this call never left)
+                self.close()
+                raise NotSent(WorkerDrainingError(f"{self.name} is draining"))
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
         return self._connect()
@@ -238,18 +297,19 @@ class Endpoint:
                 # the worker said it is draining while we waited: it will close soon, so a call sent now
                 # could be lost at that moment; this one never left, so it goes elsewhere
                 raise NotSent(WorkerDrainingError(f"{self.name} is draining"))
+            timeout, annotations = outgoing_bytes(timeout)  # the call context: deadline and metadata
             conn.set_timeout(timeout)
             self._on_wire(conn.sock, handle)
             flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
             try:
                 if batch:
                     result = invoke(conn, "<batch>", [(method, a, {}) for a in args], None,
-                                    flags | protocol.FLAGS_BATCH)
+                                    flags | protocol.FLAGS_BATCH, annotations)
                     if result and is_exception_wrapper(result[0]) \
                             and isinstance(unwrap_exception(result[0]), WorkerDrainingError):
                         raise unwrap_exception(result[0])
                 else:
-                    result = invoke(conn, method, args, kwargs or {}, flags)
+                    result = invoke(conn, method, args, kwargs or {}, flags, annotations)
             except WorkerDrainingError as exc:
                 # the worker is stopping: no further call goes there (it closes its connections soon, and
                 # a call sent just then would be lost), the pool sends this one elsewhere
@@ -308,6 +368,13 @@ class Endpoint:
             idle, self._idle = self._idle, []
             busy = list(self._busy) if abort else []
             self._cond.notify_all()
+            channels = [c for group in self._channels.values() for c in group]
+            self._channels.clear()
+            for waiters in (self._slot_waiters, self._async_waiters):
+                while waiters:
+                    self._wake_one(waiters)
+        for channel in channels:  # (each closes once its calls are answered, at once with abort)
+            channel.close_from_any_thread(abort)
         for conn in idle:
             conn.close()
         for sock in busy:
@@ -316,4 +383,350 @@ class Endpoint:
             except OSError:
                 pass
 
+    # aio(): calls and streams on a multiplexed channel (aio.py), no thread per call -----------------
+    def _take(self, unbounded: bool) -> bool:
+        """Take a slot if there is room (lock held): an ``async def`` method's calls are bounded by
+        ``max_in_flight`` only (the worker runs them on its event loop, not its threads), others by
+        ``capacity`` like every sync call."""
+        if unbounded:
+            if self.async_in_flight < self.settings.max_in_flight:
+                self.async_in_flight += 1
+                return True
+        elif self.in_flight < self.capacity:
+            self.in_flight += 1
+            return True
+        return False
 
+    def _room(self, unbounded: bool) -> bool:
+        if unbounded:
+            return self.async_in_flight < self.settings.max_in_flight
+        return self.in_flight < self.capacity
+
+    def _wake_one(self, waiters: "deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]") -> None:
+        """Wake the first coroutine still waiting in ``waiters`` (lock held, any thread); it looks again."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        while waiters:
+            loop, fut = waiters.popleft()
+            if fut.done():  # timed out or cancelled meanwhile
+                continue
+            try:
+                if loop is running:
+                    loop.call_soon(_set_done, fut)
+                else:
+                    loop.call_soon_threadsafe(_set_done, fut)
+            except RuntimeError:  # its event loop is closed: nobody waits there
+                continue
+            return
+
+    async def _await_slot(self, method: str, unbounded: bool, wait: float) -> None:
+        """Wait up to ``wait`` for a slot on the event loop (no thread), woken when one is freed.
+
+        Raises:
+            SlotsBusy: no slot within ``wait``.
+            NotSent: the endpoint was closed meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        waiters = self._async_waiters if unbounded else self._slot_waiters
+        while True:
+            fut = loop.create_future()
+            with self._lock:
+                if self._closed:
+                    raise NotSent(Pyro5.errors.CommunicationError(f"{self.name}: endpoint closed"))
+                if self._take(unbounded):
+                    return
+                if loop.time() >= deadline:
+                    limit = self.settings.max_in_flight if unbounded else self.capacity
+                    raise SlotsBusy(f"{self.name}.{method}: all {limit} call slots busy for {wait:g}s")
+                waiters.append((loop, fut))
+            timer = loop.call_at(deadline, _set_done, fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                with self._lock:  # a slot freed for us goes to the next waiter
+                    if waiters and self._room(unbounded):
+                        self._wake_one(waiters)
+                raise
+            finally:
+                timer.cancel()
+
+    def _aleave(self, unbounded: bool, failed: bool) -> None:
+        with self._lock:
+            if unbounded:
+                self.async_in_flight -= 1
+                if self._async_waiters:
+                    self._wake_one(self._async_waiters)
+            else:
+                self.in_flight -= 1
+                if self._waiting:
+                    self._cond.notify()
+                if self._slot_waiters:
+                    self._wake_one(self._slot_waiters)
+            self.calls += 1
+            self.errors += failed
+
+    async def _channel(self) -> MuxChannel:
+        """A channel of this event loop to the worker: the first with room (``_CHANNEL_CALLS`` outstanding
+        requests; more, and another opens, up to ``_MAX_CHANNELS``), opened on first use (one opening shared
+        by every coroutine that needs it). One idle for half the worker's idle timeout is retired first.
+
+        Raises:
+            NotSent: the endpoint is closed or the worker cannot be reached.
+            NoMux: the worker does not multiplex.
+        """
+        loop = asyncio.get_running_loop()
+        looked = waited = False
+        while True:
+            retired: list[MuxChannel] = []
+            with self._lock:
+                if self._closed:
+                    raise NotSent(Pyro5.errors.CommunicationError(f"{self.name}: endpoint closed (draining?)"))
+                channels = self._channels.get(loop) or []
+                channel = self._pick_channel(channels, loop.time(), retired) if channels else None
+                wanted = channel is None or (not waited and len(channel.pending) >= _CHANNEL_CALLS
+                                             and len(channels) < _MAX_CHANNELS)
+                task = self._opening.get(loop)
+                if wanted and task is None:
+                    for other in [lp for lp in self._channels if lp.is_closed()]:
+                        for old in self._channels.pop(other):  # an event loop that ended (asyncio.run)
+                            old.close_from_any_thread()
+                    task = self._opening[loop] = loop.create_task(self._open_channel(loop))
+                    task.add_done_callback(_retrieve)
+            for old in retired:
+                old.close()  # (once its calls are answered)
+            if wanted:
+                assert task is not None
+                try:
+                    await asyncio.shield(task)
+                except Exception:
+                    if channel is None:
+                        raise
+                    waited = True  # another channel could not be added: the full one it is
+                continue
+            assert channel is not None
+            if channel.pending or looked or not channel.unread():
+                return channel
+            # idle, yet something waits to be read: the worker's end, or its draining notice. Let the loop
+            # read it first (a few turns: the read, then connection_lost), so no request goes there.
+            looked = True
+            for _ in range(5):
+                await asyncio.sleep(0)
+                if channel.closed or not channel.unread():
+                    break
+
+    def _pick_channel(self, channels: list[MuxChannel], now: float, retired: list[MuxChannel]) -> MuxChannel | None:
+        """The first channel with room, else the least busy (lock held); the unusable ones and those idle
+        too long move to ``retired``."""
+        best = None
+        for channel in list(channels):
+            if not channel.usable() or (not channel.pending and now - channel.last_active >= self.max_idle):
+                channels.remove(channel)
+                retired.append(channel)
+            elif len(channel.pending) < _CHANNEL_CALLS:
+                return channel
+            elif best is None or len(channel.pending) < len(best.pending):
+                best = channel
+        return best
+
+    async def _open_channel(self, loop: asyncio.AbstractEventLoop) -> MuxChannel:
+        try:
+            channel, meta, mux = await open_channel(self.uri, self.settings, on_notice=self._heard_draining,
+                                                    on_lost=self._channel_lost)
+        except (AuthenticationError, ConfigurationError):
+            raise
+        except Pyro5.errors.PyroError as exc:
+            raise NotSent(exc) from exc
+        finally:
+            with self._lock:
+                self._opening.pop(loop, None)
+        self._learn(meta)
+        self.mux = mux
+        if not mux:
+            raise NoMux()
+        with self._lock:
+            if not self._closed:
+                self._channels.setdefault(loop, []).append(channel)
+                return channel
+        channel.close()
+        raise NotSent(Pyro5.errors.CommunicationError(f"{self.name}: endpoint closed"))
+
+    def _heard_draining(self) -> None:
+        self.close()  # MSG_NOTICE: nothing more goes to this worker (calls on the channel are still answered)
+
+    def _channel_lost(self, channel: MuxChannel) -> None:
+        with self._lock:
+            channels = self._channels.get(channel.loop)
+            if channels is not None and channel in channels:
+                channels.remove(channel)
+                if not channels:
+                    del self._channels[channel.loop]  # (nothing keeps an ended event loop alive)
+
+    async def acall(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float,
+                    oneway: bool = False) -> Any:
+        """``call`` for a coroutine, on this loop's multiplexed channel: no thread, and waiting for a slot
+        takes none either. Cancelling the await gives the call up at once: its slot is free and the worker
+        is told to cancel it (MSG_CANCEL); so is a call that times out.
+
+        Raises as ``call`` does, and NoMux (before sending) when the worker does not multiplex.
+        """
+        if self.mux is False:
+            raise NoMux()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        timeout, annotations = outgoing_bytes(timeout)  # (no more than the call being served has left)
+        channel = await self._channel()
+        unbounded = method in self.async_methods
+        with self._lock:
+            if self._closed:
+                raise NotSent(Pyro5.errors.CommunicationError(f"{self.name}: endpoint closed (draining?)"))
+            ready = self._take(unbounded)
+        if not ready:
+            await self._await_slot(method, unbounded, timeout)
+        failed = True
+        try:
+            if not ready:
+                timeout, annotations = outgoing_bytes(max(deadline - loop.time(), 0.001))
+                if not channel.usable():
+                    channel = await self._channel()
+            flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
+            try:
+                result = await channel.call(method, args, kwargs or {}, flags, annotations, timeout)
+            except (WorkerDrainingError, NotWritten) as exc:
+                if isinstance(exc, WorkerDrainingError):
+                    self.close()  # refused unrun: nothing more goes there, the pool sends this one elsewhere
+                raise NotSent(exc) from exc
+            except Pyro5.errors.TimeoutError as exc:
+                if _remote(exc):
+                    raise
+                raise CallTimeoutError(f"{self.name}.{method}: no reply within {timeout:g}s") from exc
+            except Pyro5.errors.SerializeError:
+                raise  # our arguments (nothing sent) or the reply (the call ran): not a lost worker
+            except Pyro5.errors.CommunicationError as exc:
+                if _remote(exc):
+                    raise
+                raise WorkerLostError(f"{self.name}.{method}: connection lost after the call was sent ({exc})") \
+                    from exc
+            failed = False
+            return result
+        finally:
+            self._aleave(unbounded, failed)
+
+    def stream(self, method: str, args: Any, kwargs: dict[str, Any] | None,
+               timeout: float) -> Generator[Any, None, None]:
+        """Start a stream on a connection of its own (blocking, in the caller's thread): the request is sent
+        now, items come as the returned iterator is consumed (``timeout``: the longest wait for the next
+        one). Closing the iterator early cancels the stream at the worker and closes the connection.
+
+        Raises:
+            NotSent: here, or from the iterator before its first item (a draining worker refused it).
+            WorkerLostError: the connection was lost mid-stream (after the items received).
+            CallTimeoutError: no item within ``timeout`` (the stream is cancelled).
+            Pyro5.errors.ProtocolError: the worker does not stream (a stock Pyro5 daemon).
+        """
+        if self._closed:
+            raise NotSent(Pyro5.errors.CommunicationError(f"{self.name}: endpoint closed (draining?)"))
+        timeout, annotations = outgoing_bytes(timeout)
+        try:
+            conn, meta, mux = open_blocking(self.uri, self.settings)
+        except (AuthenticationError, ConfigurationError):
+            raise
+        except Pyro5.errors.PyroError as exc:
+            raise NotSent(exc) from exc
+        self._learn(meta)
+        if not mux:
+            conn.close()
+            raise _no_streams(self.name)
+        try:
+            stream = BlockingStream.start(conn, method, args, kwargs or {}, annotations + _STREAM_REQUEST)
+        except BaseException as exc:
+            mapped = self._stream_error(exc, method, timeout, True)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        return self._items(stream, method, timeout)
+
+    def _items(self, stream: BlockingStream, method: str, timeout: float) -> Generator[Any, None, None]:
+        taken = 0
+        half = STREAM_WINDOW // 2
+        received = False
+        try:
+            while True:
+                try:
+                    items = stream.next_items(timeout)
+                except BaseException as exc:
+                    mapped = self._stream_error(exc, method, timeout, received)
+                    if mapped is exc:
+                        raise
+                    raise mapped from exc
+                if items is None:
+                    return
+                received = True
+                for item in items:
+                    yield item
+                    taken += 1
+                    if taken >= half:
+                        stream.took(taken)
+                        taken = 0
+        finally:
+            stream.close()
+
+    async def astream(self, method: str, args: Any, kwargs: dict[str, Any] | None,
+                      timeout: float) -> AsyncGenerator[Any, None]:
+        """``stream`` for a coroutine, on this loop's multiplexed channel (the request is sent at the first
+        ``__anext__``). Raises as ``stream`` does."""
+        if self.mux is False:
+            raise _no_streams(self.name)
+        timeout, annotations = outgoing_bytes(timeout)
+        try:
+            channel = await self._channel()
+        except NoMux:
+            raise _no_streams(self.name) from None
+        try:
+            stream = await channel.open_stream(method, args, kwargs or {}, annotations + _STREAM_REQUEST)
+        except NotWritten as exc:
+            raise NotSent(exc) from exc
+        taken = 0
+        half = STREAM_WINDOW // 2
+        received = False
+        try:
+            while True:
+                try:
+                    items = await stream.next_items(timeout)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    mapped = self._stream_error(exc, method, timeout, received)
+                    if mapped is exc:
+                        raise
+                    raise mapped from exc
+                if items is None:
+                    return
+                received = True
+                for item in items:
+                    yield item
+                    taken += 1
+                    if taken >= half:
+                        stream.took(taken)
+                        taken = 0
+        finally:
+            stream.close()
+
+    def _stream_error(self, exc: BaseException, method: str, timeout: float, received: bool) -> BaseException:
+        """What a stream's failure means for its consumer (pyrorpc's errors, like ``call``)."""
+        if isinstance(exc, WorkerDrainingError) and not received:
+            self.close()
+            return NotSent(exc)
+        if _remote(exc) or not isinstance(exc, Pyro5.errors.CommunicationError) \
+                or isinstance(exc, Pyro5.errors.SerializeError):
+            return exc
+        if isinstance(exc, Pyro5.errors.TimeoutError):
+            return CallTimeoutError(f"{self.name}.{method}: no item within {timeout:g}s")
+        return WorkerLostError(f"{self.name}.{method}: connection lost mid-stream ({exc})")
+
+
+def _no_streams(name: str) -> Pyro5.errors.ProtocolError:
+    return Pyro5.errors.ProtocolError(f"{name} does not stream results (a stock Pyro5 daemon?): iterate a "
+                                      "list result instead")

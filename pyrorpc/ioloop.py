@@ -77,6 +77,7 @@ class IOLoop:
     ssl_context: ssl.SSLContext | None
     verify: Callable[..., Any] | None
     stats: Any
+    stock_streams: Any  # streams.StockStreams
     _conn_lock: threading.Lock
     _handshaking: dict[int, Connection]
     _refused: int
@@ -85,7 +86,7 @@ class IOLoop:
     _wake_w: int
     _running: bool
     _accepting: bool
-
+    _notice_due: bool
     _accept_paused_until: float
 
     if TYPE_CHECKING:  # provided by the Server (declared here for the type checker only)
@@ -96,6 +97,20 @@ class IOLoop:
         def _reply(self, conn: Connection, data: bytes) -> Any: ...
 
         def _hand_over_write(self, conn: Connection, failed: bool | None) -> None: ...
+
+        def _send_notices(self) -> None: ...
+
+        def _notify(self, conn: Connection) -> None: ...
+
+        def _mux_accept(self, conn: Connection) -> None: ...
+
+        def _mux_event(self, conn: Connection, ev: int) -> None: ...
+
+        def _mux_process(self, conn: Connection) -> None: ...
+
+        def _mux_closed(self, conn: Connection) -> None: ...
+
+        def _sweep_streams(self, conn: Connection, now: float) -> None: ...
 
     # the I/O thread -----------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -134,6 +149,8 @@ class IOLoop:
                         conn = self.connections.get(fd)
                         if conn is not None:
                             self._drop(conn)
+                if self._notice_due:
+                    self._send_notices()
                 if not self._accepting and self.sock is not None:
                     self._close_listener()
                     listen_fd = -1
@@ -256,6 +273,15 @@ class IOLoop:
             elif conn.pending:
                 if now - conn.started > self.handshake_timeout:
                     expired.append(conn)
+            elif conn.mux:
+                if conn.wq and now - conn.wrote_at > self.send_timeout:
+                    log.warning("%s: dropped %s: output not taken within %gs", self.name, conn.peer,
+                                self.send_timeout)
+                    expired.append(conn)
+                elif conn.tasks:
+                    self._sweep_streams(conn, now)
+                elif not conn.calls and not conn.wq and conn.last_active < idle_limit:
+                    expired.append(conn)
             elif state == IDLE and conn.last_active < idle_limit:
                 expired.append(conn)
         for conn in expired:
@@ -267,6 +293,7 @@ class IOLoop:
                 log.info("%s: closed %s: request not complete within %gs", self.name, conn.peer,
                          self.handshake_timeout)
             self._drop(conn)
+        self.stock_streams.sweep(now)
 
     def _on_event(self, conn: Connection, ev: int) -> None:
         state = conn.state
@@ -288,6 +315,9 @@ class IOLoop:
         if state == WRITING:
             self._write_more(conn)
             return
+        if conn.mux and state == IDLE:
+            self._mux_event(conn, ev)
+            return
         # read what has arrived (never blocking)
         if not self._read_available(conn):
             self._drop(conn)
@@ -301,6 +331,9 @@ class IOLoop:
 
     def _next_request(self, conn: Connection) -> None:
         """An idle connection: to the call pool if a whole request is buffered, else wait for more."""
+        if conn.mux:
+            self._mux_process(conn)
+            return
         try:
             ready = conn.size >= HEADER_SIZE and self._frame_complete(conn)
         except ProtocolViolation as exc:
@@ -416,6 +449,12 @@ class IOLoop:
                 token = data.get("handshake")
                 response = self.verify(token, target=data["object"]) if self.verify is not None else "hello"
                 reply = {"handshake": response, "meta": self.metadata(data["object"])}
+                wants = data.get("pyrorpc")
+                if isinstance(wants, dict):
+                    conn.notice = bool(wants.get("notice"))  # told when we drain (see Server.drain)
+                    if wants.get("mux"):
+                        self._mux_accept(conn)  # many requests at once on this connection (mux.py)
+                        reply["pyrorpc"] = {"mux": 1}
             except AuthenticationError as exc:
                 reason = str(exc)
                 log.warning("%s: refused connection from %s: %s", self.name, conn.peer, exc)
@@ -459,6 +498,9 @@ class IOLoop:
         if count:
             self.stats.leave(True)  # the call ran but its reply never got out
         self._shut(conn)
+        if conn.mux:
+            self._mux_closed(conn)
+        self.stock_streams.close_connection(conn)  # its Pyro5 item streams: their generators' finally runs
 
     def _shut(self, conn: Connection) -> None:
         if conn.state == CLOSED:
@@ -502,6 +544,8 @@ class IOLoop:
         conn.out = None
         if conn.out_failed is not None:
             self.stats.leave(conn.out_failed)
+        if self.stats.draining and conn.notice and not conn.noticed:
+            self._notify(conn)
         conn.state = IDLE
         conn.last_active = time.monotonic()
         self._next_request(conn)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from typing import Any
 
 from .balancing import Strategy, make_strategy
@@ -23,7 +24,7 @@ from .errors import (
     WorkerLostError,
 )
 from .naming import NameServerClient, WorkerInfo
-from .proxy import Abandoned, CallHandle, Dispatcher, Endpoint, NotSent, RemoteMethod, SlotsBusy
+from .proxy import _END, Abandoned, CallHandle, Dispatcher, Endpoint, NotSent, RemoteMethod, SlotsBusy
 from .service import check_service_name
 
 __all__ = ["Pool", "PoolMethod"]
@@ -46,7 +47,7 @@ class _Member:
 
     @property
     def in_flight(self) -> int:
-        return self.endpoint.in_flight
+        return self.endpoint.in_flight + self.endpoint.async_in_flight
 
     @property
     def reported_load(self) -> int:
@@ -100,7 +101,7 @@ class PoolMethod(RemoteMethod):
 
 class Pool(Dispatcher):
     """Every live worker of a service, as one thread-safe object: ``pool.add(1, 2)``, ``.oneway``,
-    ``.future``, ``.aio``, ``.map``, ``.broadcast``.
+    ``.future``, ``.aio``, ``.map``, ``.broadcast``, ``.stream``, ``.astream``.
 
     Calls go to the worker chosen by ``strategy`` (default least-loaded). A call that could not be sent
     goes to another worker, always; a call lost after it was sent is retried elsewhere only for
@@ -115,7 +116,8 @@ class Pool(Dispatcher):
         ns: name server ``HOST:PORT``.
         strategy: ``least-loaded``, ``power-of-two``, ``round-robin``, ``random`` or a Strategy object.
         timeout: default call timeout; also how long a call waits for a worker to exist.
-        max_in_flight: calls in flight per worker from this pool (capped by the worker's threads).
+        max_in_flight: calls in flight per worker from this pool (capped by the worker's threads, except
+            ``aio()`` calls of its ``async def`` methods, which hold no thread there).
         refresh: seconds between membership refreshes.
         retries: extra attempts for idempotent calls lost after sending.
         cooldown: seconds a failing worker is left out.
@@ -237,23 +239,80 @@ class Pool(Dispatcher):
                 return self._strategy.choose(healthy)  # type: ignore[return-value]
         with self._lock:
             while True:
-                if self._closed:
-                    raise self._closed_error()
-                if handle is not None and handle.cancelled:
-                    raise Abandoned()
-                now = time.monotonic()
-                members = [m for m in self._members.values() if m.name not in exclude]
-                ready = [m for m in members if m.ejected_until <= now and not m.suspect]
-                if ready:
-                    return self._strategy.choose(ready)  # type: ignore[return-value]
-                if members:  # every candidate is cooling down or suspect: better a probe than a failure
-                    return min(members, key=lambda m: (m.suspect, m.ejected_until))
-                left = deadline - now
-                if left <= 0:
-                    raise NoWorkersError(f"no live worker for service {self._service!r} "
-                                         f"(name server {self._settings.ns})")
+                member = self._pick(exclude, deadline, handle)
+                if member is not None:
+                    return member
                 self._refresh_now.set()
-                self._changed.wait(min(left, 0.25))
+                self._changed.wait(min(deadline - time.monotonic(), 0.25))
+
+    async def _achoose(self, exclude: set[str], deadline: float) -> _Member:
+        """``_choose`` for a coroutine: while there is no worker it polls (0.05 s) instead of blocking."""
+        if not exclude:
+            healthy = self._healthy_members()
+            if healthy:
+                return self._strategy.choose(healthy)  # type: ignore[return-value]
+        while True:
+            with self._lock:
+                member = self._pick(exclude, deadline)
+            if member is not None:
+                return member
+            self._refresh_now.set()
+            await asyncio.sleep(max(0.0, min(deadline - time.monotonic(), 0.05)))
+
+    def _pick(self, exclude: set[str], deadline: float, handle: CallHandle | None = None) -> _Member | None:
+        """One look for a worker (lock held): one chosen by the strategy among the healthy, else the best of
+        those cooling down or suspect; None while there is none (wait for the membership to change).
+
+        Raises:
+            NoWorkersError: none by ``deadline``.
+        """
+        if self._closed:
+            raise self._closed_error()
+        if handle is not None and handle.cancelled:
+            raise Abandoned()
+        now = time.monotonic()
+        members = [m for m in self._members.values() if m.name not in exclude]
+        ready = [m for m in members if m.ejected_until <= now and not m.suspect]
+        if ready:
+            return self._strategy.choose(ready)  # type: ignore[return-value]
+        if members:  # every candidate is cooling down or suspect: better a probe than a failure
+            return min(members, key=lambda m: (m.suspect, m.ejected_until))
+        if deadline - now <= 0:
+            raise NoWorkersError(f"no live worker for service {self._service!r} "
+                                 f"(name server {self._settings.ns})")
+        return None
+
+    def _failed(self, member: _Member, method: str, exc: Exception, tried: set[str], retries: int) -> int:
+        """An attempt on ``member`` failed with ``exc``: eject the worker if it is at fault, and return the
+        retries left if the call is to go to another worker (not sent; or lost and idempotent), else raise.
+        The one place every call mode (sync, aio, streams) decides this."""
+        if isinstance(exc, NotSent):
+            if self._closed:  # close() closed the endpoint we were waiting for
+                raise self._closed_error() from None
+            log.info("pool %s: %s unreachable (%s); trying another worker", self._service, member.name, exc.cause)
+            self._eject(member)
+            tried.add(member.name)
+            return retries
+        if isinstance(exc, WorkerLostError):
+            if remote_traceback(exc) is not None:
+                raise exc  # the method's own error (a service it called was lost): not this worker's fault
+            self._eject(member)
+            if method in member.endpoint.idempotent and retries > 0:
+                tried.add(member.name)
+                if all(name in tried for name in list(self._members)):
+                    raise exc  # nobody left to retry on: say what happened now, not NoWorkersError later
+                return retries - 1
+            raise exc
+        if isinstance(exc, CallTimeoutError) and not isinstance(exc, SlotsBusy) and remote_traceback(exc) is None:
+            self._eject(member)  # hung or overloaded: leave it out for a while (a method's own timeout: fine)
+        raise exc
+
+    def _succeeded(self, member: _Member) -> None:
+        if member.strikes:
+            with self._lock:
+                member.strikes = 0
+                member.ejected_until = 0.0
+                self._invalidate()
 
     # the one call path
     def _call(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float | None,
@@ -272,38 +331,93 @@ class Pool(Dispatcher):
                 raise CallTimeoutError(f"{self._service}.{method}: no reply within {timeout:g}s")
             try:
                 result = member.endpoint.call(method, args, kwargs, left, oneway, batch=batch, handle=handle)
-            except NotSent as exc:
-                if self._closed:  # close() closed the endpoint we were waiting for
-                    raise self._closed_error() from None
-                log.info("pool %s: %s unreachable (%s); trying another worker", self._service, member.name,
-                         exc.cause)
-                self._eject(member)
-                tried.add(member.name)
+            except (NotSent, WorkerLostError, CallTimeoutError) as exc:
+                retries = self._failed(member, method, exc, tried, retries)
                 continue
-            except WorkerLostError as exc:
-                if remote_traceback(exc) is not None:
-                    raise  # the method's own error (a service it called was lost): not this worker's fault
-                self._eject(member)
-                if method in member.endpoint.idempotent and retries > 0:
-                    tried.add(member.name)
-                    if all(name in tried for name in list(self._members)):
-                        raise  # nobody left to retry on: say what happened now, not NoWorkersError later
-                    retries -= 1
-                    continue
-                raise
-            except SlotsBusy:
-                raise
-            except CallTimeoutError as exc:
-                if remote_traceback(exc) is not None:
-                    raise  # the method's own timeout (calling another service): the worker is fine
-                self._eject(member)  # hung or overloaded: leave it out for a while
-                raise
-            if member.strikes:
-                with self._lock:
-                    member.strikes = 0
-                    member.ejected_until = 0.0
-                    self._invalidate()
+            self._succeeded(member)
             return result
+
+    async def _acall(self, method: str, args: Any, kwargs: dict[str, Any], timeout: float | None,
+                     oneway: bool = False) -> Any:
+        """``_call`` on the caller's event loop: the same choice, failover, retries and ejections, over each
+        worker's multiplexed connection. NoMux (nothing sent) when the chosen worker does not multiplex."""
+        if self._closed:
+            raise self._closed_error()
+        timeout = timeout or self._settings.timeout
+        deadline = time.monotonic() + timeout
+        tried: set[str] = set()
+        retries = self._retries
+        while True:
+            member = await self._achoose(tried, deadline)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CallTimeoutError(f"{self._service}.{method}: no reply within {timeout:g}s")
+            try:
+                result = await member.endpoint.acall(method, args, kwargs, left, oneway)
+            except (NotSent, WorkerLostError, CallTimeoutError) as exc:
+                retries = self._failed(member, method, exc, tried, retries)
+                continue
+            self._succeeded(member)
+            return result
+
+    def _stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                timeout: float | None) -> Iterator[Any]:
+        """One worker per stream, chosen like a call's; a stream that could not be started goes to another
+        worker, one that delivered items is never restarted."""
+        if self._closed:
+            raise self._closed_error()
+        timeout = timeout or self._settings.timeout
+        deadline = time.monotonic() + timeout
+        tried: set[str] = set()
+        while True:
+            member = self._choose(tried, deadline)
+            items: Generator[Any, None, None] | None = None
+            try:
+                items = member.endpoint.stream(method, args, kwargs, timeout)
+                first = next(items, _END)
+            except (NotSent, WorkerLostError, CallTimeoutError) as exc:
+                if items is not None:
+                    items.close()
+                self._failed(member, method, exc, tried, 0)
+                continue
+            break
+        try:
+            if first is not _END:
+                yield first
+                yield from items
+        except (WorkerLostError, CallTimeoutError) as exc:
+            self._failed(member, method, exc, tried, 0)
+        finally:
+            items.close()
+        self._succeeded(member)
+
+    async def _astream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       timeout: float | None) -> AsyncIterator[Any]:
+        if self._closed:
+            raise self._closed_error()
+        timeout = timeout or self._settings.timeout
+        deadline = time.monotonic() + timeout
+        tried: set[str] = set()
+        while True:
+            member = await self._achoose(tried, deadline)
+            items = member.endpoint.astream(method, args, kwargs, timeout)
+            try:
+                first = await anext(items, _END)
+            except (NotSent, WorkerLostError, CallTimeoutError) as exc:
+                await items.aclose()
+                self._failed(member, method, exc, tried, 0)
+                continue
+            break
+        try:
+            if first is not _END:
+                yield first
+                async for item in items:
+                    yield item
+        except (WorkerLostError, CallTimeoutError) as exc:
+            self._failed(member, method, exc, tried, 0)
+        finally:
+            await items.aclose()
+        self._succeeded(member)
 
     def _call_batch(self, method: str, arg_tuples: list[tuple[Any, ...]], timeout: float | None) -> list[Any]:
         """Run ``method`` once per argument tuple in as few batches as failures allow; a failed item's
@@ -395,7 +509,7 @@ class Pool(Dispatcher):
         out = []
         for m in list(self._members.values()):
             info = WorkerInfo(**{**m.info.__dict__})
-            info.client_in_flight = m.endpoint.in_flight
+            info.client_in_flight = m.in_flight
             info.ejected = m.ejected_until > now or m.suspect
             out.append(info)
         return sorted(out, key=lambda w: w.name)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 import Pyro5.core
@@ -15,7 +16,7 @@ from Pyro5.serializers import SerializerBase
 
 from .codec import set_proxy_factory
 from .config import MAX_TIMEOUT, MIN_TIMEOUT, Settings, resolve
-from .endpoint import Abandoned, CallHandle, Endpoint, NotSent, SlotsBusy
+from .endpoint import Abandoned, CallHandle, Endpoint, NoMux, NotSent, SlotsBusy
 from .errors import (
     CallTimeoutError,
     ConfigurationError,
@@ -24,12 +25,15 @@ from .errors import (
 )
 from .naming import NameServerClient, WorkerInfo
 
-__all__ = ["Abandoned", "CallHandle", "Endpoint", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy", "connect",
-           "set_callback_settings"]
+__all__ = ["Abandoned", "CallHandle", "Endpoint", "NoMux", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy",
+           "connect", "set_callback_settings"]
+
+_END = object()  # a stream that ended before its first item
 
 
 class RemoteMethod:
-    """A remote method: call it, or use ``.oneway(...)``, ``.future(...)``, ``await .aio(...)``."""
+    """A remote method: call it, or use ``.oneway(...)``, ``.future(...)``, ``await .aio(...)``, and for a
+    generator method ``for x in .stream(...)`` / ``async for x in .astream(...)``."""
 
     __slots__ = ("_client", "_name", "_timeout")
 
@@ -53,10 +57,25 @@ class RemoteMethod:
         return self._client._submit(self._name, args, kwargs, self._timeout)
 
     async def aio(self, *args: Any, **kwargs: Any) -> Any:
-        """Awaitable form of the call. Waiting for room in the in-flight window takes no thread; cancelling
-        the await (``asyncio.wait_for``, task cancel) gives up the call: its slot is free at once and its
-        connection is closed (the call may still run on the worker)."""
+        """Awaitable form of the call, run on the caller's event loop: many calls share one multiplexed
+        connection per worker, and neither a pending call nor waiting for a call slot holds a thread (a
+        worker that does not multiplex, a stock Pyro5 daemon, gets the call from a thread). Cancelling the
+        await (``asyncio.wait_for``, task cancel) gives the call up: its slot is free at once and the worker
+        is told to cancel it (an ``async def`` method is cancelled; a sync one may still run)."""
         return await self._client._aio(self._name, args, kwargs, self._timeout)
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """Iterate the items of a generator (or any iterable) result as the worker produces them, with
+        backpressure: the worker runs ahead of the consumer by at most a window of items. Blocking, on a
+        connection of its own; the timeout bounds the wait for each item (CallTimeoutError). Stopping
+        early (``break``, ``close()``, dropping the iterator) closes the generator on the worker. A worker
+        lost mid-stream raises WorkerLostError after the items received; a stream is never restarted once
+        items came (a Pool starts it on another worker only if it could not be started)."""
+        return self._client._stream(self._name, args, kwargs, self._timeout)
+
+    def astream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        """``stream`` for ``async for``, on the caller's event loop (the worker's multiplexed connection)."""
+        return self._client._astream(self._name, args, kwargs, self._timeout)
 
     def with_timeout(self, seconds: float) -> "RemoteMethod":
         """The same method with its own call timeout."""
@@ -185,6 +204,19 @@ class Dispatcher:
               oneway: bool, handle: CallHandle | None = None) -> Any:
         raise NotImplementedError
 
+    async def _acall(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
+                     oneway: bool = False) -> Any:
+        """``_call`` on the caller's event loop (multiplexed); NoMux, before sending, where that cannot be."""
+        raise NoMux()
+
+    def _stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                timeout: float | None) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _astream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 timeout: float | None) -> AsyncIterator[Any]:
+        raise NotImplementedError
+
     def _capacity(self) -> int:
         """How many calls may be in flight at once (the futures window)."""
         raise NotImplementedError
@@ -216,10 +248,11 @@ class Dispatcher:
             raise CallTimeoutError(f"{method}: in-flight window full for {wait:g}s")
         try:
             executor = self._get_executor()
+            run = contextvars.copy_context().run  # the call context (metadata, deadline) follows the call
             if call is None:
-                fut = executor.submit(self._call, method, args, kwargs or {}, timeout, False)
+                fut = executor.submit(run, self._call, method, args, kwargs or {}, timeout, False)
             else:
-                fut = executor.submit(call, method, args, timeout)
+                fut = executor.submit(run, call, method, args, timeout)
         except BaseException:
             self._window.release()
             raise
@@ -227,8 +260,21 @@ class Dispatcher:
         return fut
 
     async def _aio(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        """The call as a coroutine: waits for the window on the event loop (no thread), runs in this
-        object's own threads (never the loop's default executor), and gives the call up when cancelled."""
+        """The call as a coroutine: on the event loop over a multiplexed connection, else (a worker that
+        does not multiplex) in a thread."""
+        if self._closed:
+            raise self._closed_error()
+        try:
+            return await self._acall(method, args, kwargs, timeout)
+        except NoMux:
+            pass
+        return await self._aio_thread(method, args, kwargs, timeout)
+
+    async def _aio_thread(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                          timeout: float | None) -> Any:
+        """The call as a coroutine for a worker that does not multiplex: waits for the window on the event
+        loop (no thread), runs in this object's own threads (never the loop's default executor), and gives
+        the call up when cancelled."""
         if self._closed:
             raise self._closed_error()
         wait = timeout or self._settings.timeout
@@ -245,7 +291,8 @@ class Dispatcher:
 
         handle = CallHandle()
         try:
-            fut = self._get_executor().submit(self._call, method, args, kwargs, timeout, False, handle)
+            fut = self._get_executor().submit(contextvars.copy_context().run, self._call, method, args, kwargs,
+                                              timeout, False, handle)
         except BaseException:
             release()
             raise
@@ -344,16 +391,103 @@ class Proxy(Dispatcher):
                 raise self._closed_error() from None
             if self._service is None:
                 raise WorkerLostError(f"cannot reach {endpoint.name}: {exc.cause}") from exc.cause
-        with self._lock:  # the call never left: move to another worker of the service, once
-            if self._endpoint is endpoint:
-                self._endpoint = self._resolve(exclude=endpoint.name)
-                endpoint.close()
+        self._move(endpoint)  # the call never left: move to another worker of the service, once
         try:
             return self._endpoint.call(method, args, kwargs, timeout, oneway, handle=handle)
         except NotSent as exc:
             if self._closed:
                 raise self._closed_error() from None
             raise WorkerLostError(f"cannot reach {self._endpoint.name}: {exc.cause}") from exc.cause
+
+    def _move(self, endpoint: Endpoint) -> None:
+        """``endpoint`` could not be reached: bind to another worker of the service (unless done already)."""
+        with self._lock:
+            if self._endpoint is endpoint:
+                self._endpoint = self._resolve(exclude=endpoint.name)
+                endpoint.close()
+
+    def _unreachable(self, endpoint: Endpoint, exc: NotSent, moved: bool) -> BaseException:
+        """What a call that could not be sent to ``endpoint`` raises: ``exc`` itself means "move to another
+        worker of the service and try again"."""
+        if self._closed:
+            return self._closed_error()
+        if self._service is None or moved:
+            return WorkerLostError(f"cannot reach {endpoint.name}: {exc.cause}")
+        return exc
+
+    async def _amove(self, endpoint: Endpoint) -> None:
+        # (the name server is asked in a thread of ours: the event loop never blocks)
+        await asyncio.wrap_future(self._get_executor().submit(self._move, endpoint))
+
+    async def _acall(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
+                     oneway: bool = False) -> Any:
+        if self._closed:
+            raise self._closed_error()
+        timeout = timeout or self._settings.timeout
+        for moved in (False, True):
+            endpoint = self._endpoint
+            try:
+                return await endpoint.acall(method, args, kwargs, timeout, oneway)
+            except NotSent as exc:
+                error = self._unreachable(endpoint, exc, moved)
+                if error is not exc:
+                    raise error from exc.cause
+            await self._amove(endpoint)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                timeout: float | None) -> Iterator[Any]:
+        if self._closed:
+            raise self._closed_error()
+        timeout = timeout or self._settings.timeout
+        for moved in (False, True):
+            endpoint = self._endpoint
+            items: Generator[Any, None, None] | None = None
+            try:
+                items = endpoint.stream(method, args, kwargs, timeout)
+                first = next(items, _END)
+            except NotSent as exc:
+                if items is not None:
+                    items.close()
+                error = self._unreachable(endpoint, exc, moved)
+                if error is not exc:
+                    raise error from exc.cause
+                self._move(endpoint)
+                continue
+            break
+        assert items is not None
+        try:
+            if first is not _END:
+                yield first
+                yield from items
+        finally:
+            items.close()
+
+    async def _astream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       timeout: float | None) -> AsyncIterator[Any]:
+        if self._closed:
+            raise self._closed_error()
+        timeout = timeout or self._settings.timeout
+        for moved in (False, True):
+            endpoint = self._endpoint
+            items = endpoint.astream(method, args, kwargs, timeout)
+            try:
+                first = await anext(items, _END)
+            except NotSent as exc:
+                await items.aclose()
+                error = self._unreachable(endpoint, exc, moved)
+                if error is not exc:
+                    raise error from exc.cause
+                await self._amove(endpoint)
+                continue
+            break
+        try:
+            if first is not _END:
+                yield first
+                async for item in items:
+                    yield item
+        finally:
+            await items.aclose()
 
     def close(self) -> None:
         """Close the connections and threads: calls waiting for a slot fail at once ("is closed"), calls

@@ -205,7 +205,8 @@ def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedCon
         conn = limit_connection(socketutil.SocketConnection(sock, uri.object), settings.max_message_size)
         conn.set_timeout(timeout)
         token = make_token(settings.secret, target=uri.object) if settings.secret else "hello"
-        data = SERIALIZER.dumps({"handshake": token, "object": uri.object})
+        # "pyrorpc": what we understand beyond Pyro5's protocol (a stock Pyro5 server ignores it)
+        data = SERIALIZER.dumps({"handshake": token, "object": uri.object, "pyrorpc": {"notice": 1}})
         conn.send(wire_protocol.pack(wire_protocol.MSG_CONNECT, 0, 0, data))
         header = wire_protocol.parse_header(conn.read_header(), settings.max_message_size)
         if header.msg_type not in (wire_protocol.MSG_CONNECTOK, wire_protocol.MSG_CONNECTFAIL):

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .aloop import AsyncRunner
 from .calls import DAEMON_NAME, INSTANCE_MODES, PENDING, CallHandler, DaemonObject, ServerStats, _Target
 from .connection import (
     _DONTWAIT,
@@ -44,7 +45,9 @@ from .connection import (
     _readable,
 )
 from .ioloop import IOLoop
-from .protocol import ProtocolViolation
+from .mux import MuxHandler
+from .protocol import MSG_NOTICE, ProtocolViolation, pack
+from .streams import StockStreams
 
 __all__ = ["DAEMON_NAME", "INSTANCE_MODES", "Connection", "DaemonObject", "Server", "ServerStats"]
 
@@ -53,9 +56,10 @@ log = logging.getLogger("pyrorpc.server")
 _SETTLE = 0.25  # seconds without a request to refuse before a drained server closes its connections
 _BUDGET = 32  # requests a call thread serves on one connection before it lets others go first
 _THREAD_IDLE = 30.0  # seconds an idle call thread waits for work before it exits (one always stays)
+_NOTICE = pack(MSG_NOTICE, 0, 0, b"")  # "draining: send nothing more here", to peers that asked for it
 
 
-class Server(IOLoop, CallHandler):
+class Server(IOLoop, MuxHandler, CallHandler):
     """Serves registered objects on ``host:port`` over Pyro5's protocol (see the module docstring).
 
     Args:
@@ -88,6 +92,8 @@ class Server(IOLoop, CallHandler):
         self.send_timeout = send_timeout
         self.name = name
         self.stats = stats if stats is not None else ServerStats()
+        self.async_runner = AsyncRunner(name)  # the event loop of async def methods (started on first use)
+        self.stock_streams = StockStreams(idle_timeout, self.async_runner)  # Pyro5 item streams (streams.py)
         self.objects: dict[str, _Target] = {}
         self.metadata_extra: dict[str, Any] | None = None  # sent to pyrorpc clients as meta["pyrorpc"]
         _raise_fd_limit()
@@ -119,6 +125,8 @@ class Server(IOLoop, CallHandler):
         self.max_handshaking = max(16, min(1024, max_connections // 4))
         self._refused_oneways = 0
         self._last_refusal = 0.0  # monotonic time of the last request refused while draining
+        self._notice_at = 0.0  # monotonic time drain() told the pyrorpc clients
+        self._notice_due = False  # the I/O thread is to send MSG_NOTICE on the idle connections
         self._epoll = select.epoll()
         self._epoll.register(sock.fileno(), _EPOLLIN)
         self._wake_r, self._wake_w = os.pipe()
@@ -168,14 +176,25 @@ class Server(IOLoop, CallHandler):
         none came for 0.25 s (at most one second more): a request sent just as the connections close would
         be lost to its caller, one that is refused is resent elsewhere."""
         start = time.monotonic()
+        # pyrorpc clients hear it at once, on every connection (idle ones from the I/O thread, the others
+        # with their next reply): none of them sends another request here, so none can be cut off below
+        self.stats.begin_drain()
+        self._notice_at = time.monotonic()
+        self._notice_due = True
+        self._wake()
         drained = self.stats.drain(timeout)
         # requests already read but still queued for a call thread are not in flight yet: let them be
         # answered (with WorkerDrainingError) before the connections close
         while self._queued_conns and time.monotonic() < start + timeout + 1.0:
             time.sleep(0.005)
+        # replies on multiplexed connections are out of flight once queued: let them reach the socket
+        while any(c.wq for c in list(self.connections.values()) if c.mux) \
+                and time.monotonic() < start + timeout + 1.0:
+            time.sleep(0.005)
         settle_until = time.monotonic() + 1.0
         while True:
-            quiet = time.monotonic() - self._last_refusal
+            # a client that looked at its connection just before the notice came may still send one request
+            quiet = time.monotonic() - max(self._last_refusal, self._notice_at)
             if quiet >= _SETTLE or time.monotonic() >= settle_until:
                 return drained
             time.sleep(_SETTLE - quiet)
@@ -197,6 +216,10 @@ class Server(IOLoop, CallHandler):
             self._handshaking = {}
         for conn in conns:
             self._shut(conn)
+            if conn.mux:
+                self._mux_closed(conn)
+        self.stock_streams.close_all()
+        self.async_runner.close()
         with self._pool_lock:
             workers = self._workers
         for _ in range(workers):
@@ -284,8 +307,10 @@ class Server(IOLoop, CallHandler):
                     # a fresh frame per batch of requests keeps the interpreter's specialized code in use
                     while self._serve(job):
                         pass
-                else:
+                elif type(job) is tuple:
                     self._run_oneway(*job)
+                else:
+                    job()  # a request of a multiplexed connection, or a stream to resume (mux.py)
             except BaseException:  # pragma: no cover - a bug must not cost a call thread or a connection
                 log.exception("%s: unexpected error in a call thread", self.name)
                 if type(job) is Connection and job.state == BUSY:
@@ -340,6 +365,8 @@ class Server(IOLoop, CallHandler):
                 except (OSError, ssl.SSLError, ValueError):
                     data = b""
             if data is None:
+                if self.stats.draining and conn.notice and not conn.noticed:
+                    self._notify(conn)  # (it went quiet before its last reply could carry the notice)
                 conn.state = IDLE
                 conn.last_active = time.monotonic()
                 if not self._running:
@@ -356,6 +383,9 @@ class Server(IOLoop, CallHandler):
         """Send a reply without waiting on the peer: True when it is out, ``PENDING`` when the I/O thread
         is to write the rest (a peer that reads slowly holds no call thread), False when the connection
         failed."""
+        if self.stats.draining and conn.notice and not conn.noticed:
+            conn.noticed = True
+            data += _NOTICE
         sock = conn.sock
         try:
             # TLS: at most the slice _write_more retries with (OpenSSL wants a retry of the same length)
@@ -369,6 +399,23 @@ class Server(IOLoop, CallHandler):
             return True
         conn.out = memoryview(data)[sent:]
         return PENDING
+
+    def _notify(self, conn: Connection) -> None:
+        """Tell a pyrorpc client on an idle connection that we are draining (it sends nothing more here)."""
+        conn.noticed = True
+        self._send_quietly(conn, _NOTICE)
+
+    def _send_notices(self) -> None:
+        """The I/O thread, once drain() began: MSG_NOTICE on every idle connection of a pyrorpc peer
+        (busy ones get it with their next reply)."""
+        self._notice_due = False
+        for conn in list(self.connections.values()):
+            if conn.state == IDLE and conn.notice and not conn.noticed:
+                if conn.mux:
+                    conn.noticed = True
+                    self._mux_send(conn, _NOTICE)
+                else:
+                    self._notify(conn)
 
     def _hand_over_write(self, conn: Connection, failed: bool | None) -> None:
         """The call thread leaves the rest of a reply to the I/O thread (the call stays in flight)."""

@@ -45,6 +45,7 @@ class LimitedConnection(socketutil.SocketConnection):
     _tls = False
     poller: Any = None
     broken = False  # a message was refused mid-stream (or the peer dropped us): close, never reuse
+    draining = False  # the server said (MSG_NOTICE) it is draining: send nothing more on this connection
 
     def set_timeout(self, seconds: float) -> None:
         """Kernel timeouts for every send and receive; a change under 5% is not worth a system call."""
@@ -154,14 +155,30 @@ class LimitedConnection(socketutil.SocketConnection):
             raise Pyro5.errors.ConnectionClosedError(f"receiving: connection lost: {exc}") from None
 
     def idle_and_alive(self) -> bool:
-        """For a connection at rest: nothing may be waiting to be read, so readable means closed."""
+        """For a connection at rest: nothing may be waiting to be read, so readable means closed, or the
+        server's notice that it is draining (then ``draining`` is set)."""
         if self._buf:
-            return False  # bytes nobody asked for: the stream is out of step
+            self.draining = _is_notice(self._buf)
+            return False  # else bytes nobody asked for: the stream is out of step
         poller = self.poller
         if poller is None:
             poller = self.poller = select.poll()
             poller.register(self.sock.fileno(), select.POLLIN)
-        return not poller.poll(0)
+        if not poller.poll(0):
+            return True
+        if not self._tls:
+            try:
+                self.draining = _is_notice(self.sock.recv(_NOTICE_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except OSError:
+                pass
+        return False
+
+
+_NOTICE_SIZE = wire_protocol.HEADER_SIZE
+
+
+def _is_notice(data: bytes) -> bool:
+    return len(data) >= _NOTICE_SIZE and data[:4] == b"PYRO" and data[6] == wire_protocol.MSG_NOTICE
 
 
 def limit_connection(conn: socketutil.SocketConnection, max_size: int) -> LimitedConnection:
@@ -177,20 +194,23 @@ _HEADER = wire_protocol.HEADER
 _NO_CORRELATION = b"\0" * 16
 
 
-def invoke(conn: LimitedConnection, method: str, args: Any, kwargs: Any, flags: int = 0) -> Any:
+def invoke(conn: LimitedConnection, method: str, args: Any, kwargs: Any, flags: int = 0,
+           annotations: bytes = b"") -> Any:
     """One Pyro5 call on ``conn`` (what ``Proxy._pyroInvoke`` does, without its per-call overhead).
 
     Speaks Pyro5's protocol unchanged: a stock Pyro5 daemon serves it. With ``FLAGS_BATCH`` ``args`` is
     the list of ``(method, args, kwargs)`` calls. Raises the remote exception (with ``_pyroTraceback``),
     ``MessageTooLargeError`` for a request or reply over a ``max_message_size`` (ours or the worker's), or a
     Pyro5 CommunicationError, after which the connection must be closed (its state is unknown). After a
-    MessageTooLargeError ``conn.broken`` says whether the connection must be closed too.
+    MessageTooLargeError ``conn.broken`` says whether the connection must be closed too. ``annotations``
+    are packed annotation chunks (``protocol.pack_annotations``), e.g. the call context's.
     """
     data = SERIALIZER.dumpsCall(conn.objectId, method, args, kwargs)
     seq = conn.seq = (conn.seq + 1) & 0xFFFF
     try:
         conn.send(_HEADER.pack(b"PYRO", protocol.PROTOCOL_VERSION, protocol.MSG_INVOKE, _SERPENT_ID, flags, seq,
-                               len(data), 0, _NO_CORRELATION, 0, wire_protocol.MAGIC) + data)
+                               len(data), len(annotations), _NO_CORRELATION, 0, wire_protocol.MAGIC)
+                  + annotations + data)
     except Pyro5.errors.ConnectionClosedError:
         # a server that refuses an oversized request says why, then drops the connection, which can cut
         # our send short: its reason may be waiting to be read
@@ -202,6 +222,14 @@ def invoke(conn: LimitedConnection, method: str, args: Any, kwargs: Any, flags: 
         return None
     try:
         header = conn.read_header()
+        while header[6] == wire_protocol.MSG_NOTICE and header[:4] == b"PYRO":
+            # the server is draining: it still answers this request (or refuses it, unrun), then nothing
+            # more is to be sent on this connection
+            conn.draining = True
+            size = struct.unpack_from("!II", header, 12)
+            if size[0] + size[1]:
+                conn._read(size[0] + size[1])
+            header = conn.read_header()
     except Pyro5.errors.MessageTooLargeError as exc:
         conn.broken = True  # the payload was never read
         raise MessageTooLargeError(f"{method}: the reply is too large: {exc}; the call ran, its result is lost") \
@@ -221,7 +249,7 @@ def invoke(conn: LimitedConnection, method: str, args: Any, kwargs: Any, flags: 
         except wire_protocol.ProtocolViolation as exc:
             raise Pyro5.errors.ProtocolError(f"bad reply: {exc}") from None
     if rflags & protocol.FLAGS_ITEMSTREAMRESULT:
-        raise Pyro5.errors.ProtocolError(f"{method} returned an iterator: streaming results are not supported")
+        raise TypeError(f"{method} streams its results: call it with stream() or astream()")
     if rseq != seq and not (rflags & protocol.FLAGS_EXCEPTION and not rseq):
         raise Pyro5.errors.ProtocolError(f"unexpected reply: type {msg_type}, seq {rseq} (wanted {seq}), "
                                          f"serializer {serializer_id}")

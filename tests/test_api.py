@@ -94,9 +94,16 @@ def test_imports_flow_one_way():
     # the server core: ioloop (connections, handshakes) -> calls (running requests) -> server
     assert imports("connection.py") <= {"pyrorpc.protocol"}
     assert imports("ioloop.py") <= {"pyrorpc.connection", "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.wire"}
-    assert imports("calls.py") <= {"pyrorpc.compat", "pyrorpc.connection", "pyrorpc.errors", "pyrorpc.protocol",
-                                    "pyrorpc.wire"}
-    assert imports("server.py") <= {"pyrorpc.calls", "pyrorpc.connection", "pyrorpc.ioloop", "pyrorpc.protocol"}
+    assert imports("context.py") <= {"pyrorpc.codec", "pyrorpc.protocol"}
+    assert imports("aloop.py") == set()
+    assert imports("streams.py") <= {"pyrorpc.aloop", "pyrorpc.connection", "pyrorpc.protocol", "pyrorpc.wire"}
+    assert imports("calls.py") <= {"pyrorpc.compat", "pyrorpc.connection", "pyrorpc.context", "pyrorpc.errors",
+                                    "pyrorpc.protocol", "pyrorpc.streams", "pyrorpc.wire"}
+    # mux (multiplexed connections) sits beside calls: both are mixins of the server
+    assert imports("mux.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.context",
+                                 "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.wire"}
+    assert imports("server.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.ioloop",
+                                    "pyrorpc.mux", "pyrorpc.protocol", "pyrorpc.streams"}
     for low in ("naming.py", "worker.py", "proxy.py", "endpoint.py", "pool.py", "server.py", "callbacks.py",
                 "ioloop.py", "calls.py", "connection.py"):
         assert "pyrorpc.cli" not in imports(low)

@@ -514,6 +514,56 @@ def test_stop_while_a_30mb_reply_is_written_to_a_slow_reader_keeps_it():
     assert stopped == [True]
 
 
+def test_drain_tells_pyrorpc_clients_at_once_and_their_next_call_never_leaves():
+    """A client that took an idle connection just as the worker closed it used to send its call into the
+    close (lost, WorkerLostError). Now drain() tells pyrorpc clients first (MSG_NOTICE): on idle
+    connections at once, on busy ones with their reply. Stock Pyro5 peers are never sent one."""
+    from pyrorpc.endpoint import Endpoint, NotSent
+
+    host = pyrorpc.WorkerHost(Core, register=False, drain_timeout=20).start()
+    settings = pyrorpc.Settings(timeout=10)
+    stopped: list[bool] = []
+    try:
+        idle_ep = Endpoint(host.uri, settings, "idle")
+        busy_ep = Endpoint(host.uri, settings, "busy")
+        assert idle_ep.call("ok", (1,), {}, 5) == 1  # leaves one idle connection
+        stock = raw_connection(host.uri)
+        pyro_conn, _meta = open_connection(Pyro5.core.URI(host.uri), settings)
+        replies: list[Any] = []
+        caller = threading.Thread(target=lambda: replies.append(busy_ep.call("big", (10, True), {}, 20)))
+        caller.start()
+        wait_for(lambda: host.stats.in_flight == 1, 5, message="call in flight")
+        stopper = threading.Thread(target=lambda: stopped.append(host.stop()))
+        stopper.start()
+        wait_for(lambda: host.stats.draining, 5, message="draining")
+        # an idle pyrorpc connection hears it at once; a stock one hears nothing
+        pyro_conn.sock.settimeout(5)
+        frame = read_frame(pyro_conn.sock)
+        assert frame is not None and frame[0].msg_type == protocol.MSG_NOTICE
+        stock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            stock.recv(1)
+        # the idle endpoint's next call never leaves: NotSent (the pool sends it elsewhere)
+        wait_for(lambda: not idle_ep._idle[0].idle_and_alive(), 5, message="notice on the idle connection")
+        with pytest.raises(NotSent):
+            idle_ep.call("ok", (2,), {}, 5)
+        assert idle_ep.closed
+        # the call in flight gets its reply, and with it the notice: that endpoint takes no further call
+        _GATE.set()
+        caller.join(10)
+        assert replies == [b"x" * 10]
+        with pytest.raises(NotSent):
+            busy_ep.call("ok", (3,), {}, 5)
+        assert busy_ep.closed
+        stopper.join(30)
+        assert stopped == [True]
+        stock.close()
+        pyro_conn.close()
+    finally:
+        _GATE.set()
+        host.stop()
+
+
 @pytest.mark.timeout(60)
 def test_sigterm_worker_process_returns_every_reply_of_calls_that_ran(ns_addr, worker_factory, tmp_path):
     journal = tmp_path / "journal"
@@ -592,7 +642,7 @@ def test_sigterm_with_hung_oneways_exits_nonzero_within_the_drain_timeout(ns_add
 
 BAD_CALLS = [
     ("no_such_method", AttributeError, "no_such_method"),
-    ("gen", Pyro5.errors.SerializeError, "generator"),
+    ("gen", TypeError, "streams its results"),
     ("lock", Pyro5.errors.SerializeError, "lock"),
     ("bad_state", Pyro5.errors.SerializeError, "refuses to be serialized"),
 ]

@@ -1,0 +1,734 @@
+"""Multiplexed connections: many requests at once on one connection, answered out of order; async
+methods on the server's event loop; streamed results with credit-based backpressure.
+
+A pyrorpc client asks for ``mux`` in its handshake (docs/protocol.md). On such a connection the I/O
+thread keeps reading: each request is decoded there and started at once, a sync method on a call thread,
+an ``async def`` method as a task on the server's event loop (it holds no thread while it awaits). Every
+thread writes its frames under the connection's ``wlock`` without blocking; what the socket does not take
+at once waits in ``wq`` and the I/O thread writes it as the peer reads. Requests outstanding on one
+connection are bounded (``_MAX_CALLS``): past it the connection is not read until some finish.
+
+A request with the ``PRST`` annotation streams its result: ``MSG_ITEMS`` frames, never more items than
+the client granted (``PRST`` then ``MSG_CREDIT``), then a final ``MSG_RESULT``. A sync generator runs on a
+call thread while it has credit and is parked (no thread) when it has none; an async generator runs on
+the event loop. ``MSG_CANCEL`` cancels a task or closes a generator; so does the connection closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import ssl
+import threading
+import time
+from collections import deque
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import Pyro5.errors
+from Pyro5.callcontext import current_context
+
+from . import context
+from .connection import _DONTWAIT, _EPOLLIN, _EPOLLOUT, _NOT_READY, _ONESHOT, _TLS_CHUNK, CLOSED, Connection
+from .errors import CallTimeoutError, WorkerDrainingError
+from .protocol import (
+    FLAGS_BATCH,
+    FLAGS_COMPRESSED,
+    FLAGS_CORR_ID,
+    FLAGS_EXCEPTION,
+    FLAGS_ONEWAY,
+    MSG_CANCEL,
+    MSG_CREDIT,
+    MSG_INVOKE,
+    MSG_ITEMS,
+    MSG_PING,
+    MSG_RESULT,
+    SERPENT_ID,
+    ProtocolViolation,
+    decompress,
+    pack,
+    parse_annotations,
+)
+from .wire import SERIALIZER, loads
+
+if TYPE_CHECKING:
+    from .aloop import AsyncRunner
+    from .calls import ServerStats, _Target
+
+__all__ = ["MuxHandler"]
+
+log = logging.getLogger("pyrorpc.server")
+
+_MAX_CALLS = 4096  # requests outstanding on one connection before we stop reading it
+_BATCH_ITEMS = 256  # stream items per frame at most
+_FLUSH_AFTER = 0.002  # seconds items wait in a frame for more before it is sent
+_SLOW_ITEM = 0.001  # a generator slower than this per item: each item goes out at once
+_STREAM_KEY = "PRST"
+
+
+def _result(flags: int, header: Any, data: bytes) -> bytes:
+    if header.flags & FLAGS_CORR_ID:
+        return pack(MSG_RESULT, flags | FLAGS_CORR_ID, header.seq, data, corr_id=header.corr_id)
+    return pack(MSG_RESULT, flags, header.seq, data)
+
+
+class _Stream:
+    """A streamed result in progress: its generator, the credit the client granted, and who runs it."""
+
+    __slots__ = ("server", "conn", "header", "source", "is_async", "credit", "lock", "parked", "cancelled",
+                 "finished", "stall", "progress", "wakeup", "method", "info")
+
+    def __init__(self, server: Any, conn: Connection, header: Any, source: Any, is_async: bool, credit: int,
+                 info: context.CallInfo, method: str) -> None:
+        self.server = server
+        self.conn = conn
+        self.header = header
+        self.source = source
+        self.is_async = is_async
+        self.credit = credit
+        self.lock = threading.Lock()
+        self.parked = False  # a sync generator waiting for credit (no thread holds it)
+        self.cancelled = False
+        self.finished = False
+        left = info.remaining()
+        self.stall = left if left is not None and left > 0 else server.idle_timeout
+        self.progress = time.monotonic()
+        self.wakeup: asyncio.Event | None = None  # async streams: credit came, or cancelled
+        self.method = method
+        self.info = info
+
+    # called from the I/O thread (sync streams) or on the event loop (async streams)
+    def add_credit(self, n: int) -> None:
+        with self.lock:
+            self.credit += n
+            self.progress = time.monotonic()
+            resume = self.parked and not self.cancelled
+            if resume:
+                self.parked = False
+        if self.wakeup is not None:
+            self.wakeup.set()
+        if resume:
+            self.server._submit(partial(self.server._pump, self))
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            resume = self.parked
+            self.parked = False
+        if self.wakeup is not None:
+            self.wakeup.set()
+        if resume:
+            self.server._submit(partial(self.server._pump, self))
+
+
+class MuxHandler:
+    """Multiplexed connections of a ``Server`` (a mixin: the attributes below are the server's)."""
+
+    name: str
+    stats: ServerStats
+    objects: dict[str, _Target]
+    max_message_size: int
+    idle_timeout: float
+    async_runner: AsyncRunner
+    _epoll: Any
+    _last_refusal: float
+    _refused_oneways: int
+
+    if TYPE_CHECKING:  # provided by the Server (declared here for the type checker only)
+        def _submit(self, job: Any) -> None: ...
+
+        def _drop(self, conn: Connection) -> None: ...
+
+        def _read_available(self, conn: Connection) -> bool: ...
+
+        def _error_frame(self, exc: BaseException, seq: int, tb: Any, header: Any = None) -> bytes: ...
+
+        def _instance(self, target: _Target, conn: Connection) -> Any: ...
+
+        def _method(self, target: _Target, obj: Any, name: Any) -> Any: ...
+
+        def _attribute(self, target: _Target, conn: Connection, method: str, vargs: Any) -> Any: ...
+
+        def _run_batch(self, target: _Target, conn: Connection, calls: Any) -> tuple[list[Any], bool]: ...
+
+        def _encode_result(self, method: str, result: Any) -> bytes: ...
+
+        def _oneway(self, job: tuple[Any, ...]) -> None: ...
+
+    # the connection -----------------------------------------------------------------------------
+    def _mux_accept(self, conn: Connection) -> None:
+        conn.wlock = threading.Lock()
+        conn.wq = deque()
+        conn.tasks = {}
+        conn.mux = True
+
+    def _mux_event(self, conn: Connection, ev: int) -> None:
+        """The I/O thread: write what waits, read what came, start every whole request."""
+        ok = True
+        with conn.wlock:
+            if conn.wq and ev & _EPOLLOUT:
+                ok = self._mux_flush(conn)
+            if ok and not conn.paused:
+                ok = self._read_available(conn)
+        if not ok:
+            self._drop(conn)
+            return
+        self._mux_process(conn)
+
+    def _mux_process(self, conn: Connection) -> None:
+        max_size = self.max_message_size
+        while conn.state != CLOSED and not conn.paused:
+            try:
+                frame = conn.next_frame(max_size)
+            except ProtocolViolation as exc:
+                log.warning("%s: dropped %s: %s", self.name, conn.peer, exc)
+                self._mux_send(conn, pack(MSG_RESULT, FLAGS_EXCEPTION, 0,
+                                          SERIALIZER.dumps(Pyro5.errors.ProtocolError(str(exc)))))
+                self._drop(conn)
+                return
+            if frame is None:
+                break
+            header, payload = frame
+            try:
+                self._mux_frame(conn, header, payload)
+            except Exception:  # pragma: no cover - a bug must cost this connection only
+                log.exception("%s: error on a multiplexed connection from %s", self.name, conn.peer)
+                self._drop(conn)
+                return
+        self._mux_arm(conn)
+
+    def _mux_arm(self, conn: Connection) -> None:
+        with conn.wlock:
+            if conn.state == CLOSED:
+                return
+            events = (0 if conn.paused else _EPOLLIN) | (_EPOLLOUT if conn.wq else 0)
+            try:
+                self._epoll.modify(conn.fd, events | _ONESHOT)
+                return
+            except (OSError, ValueError):
+                pass
+        self._drop(conn)
+
+    def _mux_flush(self, conn: Connection) -> bool:
+        """Write queued output without blocking (``wlock`` held); False if the connection failed."""
+        wq = conn.wq
+        sock = conn.sock
+        tls = conn.tls
+        while wq:
+            out = wq[0]
+            try:
+                sent = sock.send(out[:_TLS_CHUNK]) if tls else sock.send(out[:1 << 20], _DONTWAIT)
+            except _NOT_READY:
+                return True
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.info("%s: could not send to %s: %s", self.name, conn.peer, exc)
+                return False
+            conn.wrote_at = time.monotonic()
+            if sent >= len(out):
+                wq.popleft()
+            else:
+                wq[0] = memoryview(out)[sent:]
+        return True
+
+    def _mux_send(self, conn: Connection, data: bytes) -> bool:
+        """Queue a frame from any thread; written now if the socket takes it. False: connection gone."""
+        arm = False
+        failed = False
+        with conn.wlock:
+            if conn.state == CLOSED:
+                return False
+            if conn.wq:
+                conn.wq.append(data)
+                return True
+            try:
+                sent = conn.sock.send(data[:_TLS_CHUNK]) if conn.tls else conn.sock.send(data, _DONTWAIT)
+            except _NOT_READY:
+                sent = 0
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.info("%s: could not send to %s: %s", self.name, conn.peer, exc)
+                failed = True
+                sent = 0
+            if not failed and sent < len(data):
+                conn.wq.append(memoryview(data)[sent:] if sent else data)
+                conn.wrote_at = time.monotonic()
+                arm = True
+        if failed:
+            self._drop(conn)
+            return False
+        if arm:
+            self._mux_arm(conn)
+        return True
+
+    def _mux_closed(self, conn: Connection) -> None:
+        """The connection is gone: cancel what runs for it (async tasks, streams); sync calls finish alone."""
+        entries = list(conn.tasks.values())
+        for entry in entries:
+            if isinstance(entry, _Stream) and not entry.is_async:
+                entry.cancel()
+        if self.async_runner.started and any(not isinstance(e, _Stream) or e.is_async for e in entries):
+            try:
+                self.async_runner.call_soon(self._cancel_all_async, conn)
+            except RuntimeError:
+                pass
+
+    def _cancel_all_async(self, conn: Connection) -> None:
+        for entry in list(conn.tasks.values()):
+            if isinstance(entry, _Stream):
+                if entry.is_async:
+                    entry.cancel()
+            else:
+                entry.cancel()
+
+    # frames -------------------------------------------------------------------------------------
+    def _mux_frame(self, conn: Connection, header: Any, payload: bytes) -> None:
+        msg_type = header.msg_type
+        if msg_type == MSG_INVOKE:
+            self._mux_invoke(conn, header, payload)
+        elif msg_type == MSG_CANCEL or msg_type == MSG_CREDIT:
+            n = 0
+            if msg_type == MSG_CREDIT:
+                try:
+                    n = int(bytes(payload[header.ann_size:]))
+                except ValueError:
+                    n = -1
+                if not 0 < n < 1 << 31:
+                    raise_bad = Pyro5.errors.ProtocolError("bad credit")
+                    self._mux_send(conn, pack(MSG_RESULT, FLAGS_EXCEPTION, 0, SERIALIZER.dumps(raise_bad)))
+                    self._drop(conn)
+                    return
+            if self.async_runner.started:
+                # async entries live on the loop: look them up there (after the start of the request)
+                self.async_runner.call_soon(self._mux_control, conn, header.seq, msg_type, n)
+            else:
+                self._mux_control(conn, header.seq, msg_type, n)
+        elif msg_type == MSG_PING:
+            self._mux_send(conn, pack(MSG_PING, 0, header.seq, b"pong", serializer_id=header.serializer_id))
+        else:
+            exc = Pyro5.errors.ProtocolError(f"message type {msg_type} refused on a multiplexed connection")
+            self._mux_send(conn, pack(MSG_RESULT, FLAGS_EXCEPTION, 0, SERIALIZER.dumps(exc)))
+            self._drop(conn)
+
+    def _mux_control(self, conn: Connection, seq: int, msg_type: int, n: int) -> None:
+        entry = conn.tasks.get(seq)
+        if entry is None:
+            return  # finished already, or never started: nothing to do
+        if isinstance(entry, _Stream):
+            if msg_type == MSG_CANCEL:
+                entry.cancel()
+            else:
+                entry.add_credit(n)
+        elif msg_type == MSG_CANCEL:
+            entry.cancel()  # an asyncio task (we are on its loop)
+
+    def _mux_invoke(self, conn: Connection, header: Any, payload: bytes) -> None:
+        """Decode a request and start it: on a call thread, or on the event loop for async methods."""
+        flags, seq = header.flags, header.seq
+        oneway = bool(flags & FLAGS_ONEWAY)
+        if header.serializer_id != SERPENT_ID:
+            if not oneway:
+                exc = Pyro5.errors.ProtocolError(f"serializer {header.serializer_id} refused: only serpent")
+                self._mux_send(conn, self._error_frame(exc, seq, None, header))
+            return
+        if not self.stats.enter():
+            self._last_refusal = time.monotonic()
+            if oneway:
+                self._refused_oneways += 1
+            else:
+                self._mux_send(conn, self._error_frame(
+                    WorkerDrainingError(f"{self.name} is shutting down; the call did not run"), seq, None, header))
+            return
+        with conn.wlock:
+            conn.calls += 1
+            if conn.calls >= _MAX_CALLS:
+                conn.paused = True  # read no more until some finish
+        try:
+            ann_size = header.ann_size
+            annotations = parse_annotations(payload[:ann_size]) if ann_size else {}
+            body = payload[ann_size:]
+            if flags & FLAGS_COMPRESSED:
+                body = decompress(body, self.max_message_size)
+            try:
+                object_id, method, vargs, kwargs = loads(body)
+            except Exception as exc:
+                raise Pyro5.errors.SerializeError(f"cannot decode the request: {exc}") from None
+            target = self.objects.get(object_id)
+            if target is None:
+                raise Pyro5.errors.DaemonError("unknown object")
+            info = context.incoming(annotations, conn.peer, method if isinstance(method, str) else None)
+            credit: int | None = None
+            raw = annotations.get(_STREAM_KEY)
+            if raw is not None:
+                try:
+                    credit = int(raw)
+                except ValueError:
+                    credit = 0
+                if not 0 < credit < 1 << 31:
+                    raise Pyro5.errors.ProtocolError(f"bad stream credit {raw!r}")
+            if flags & FLAGS_BATCH or method == "__getattr__" or method == "__setattr__":
+                self._submit(partial(self._mux_sync, conn, header, target, method, None, vargs, kwargs, info,
+                                     annotations, None))
+                return
+            obj = self._instance(target, conn)
+            fn = self._method(target, obj, method)
+            if method in target.async_methods:
+                self.async_runner.call_soon(self._mux_start_async, conn, header, method, fn, vargs, kwargs, info,
+                                            oneway, credit)
+            elif oneway:
+                self._mux_done(conn, None, None, count=False)  # the oneway run counts itself out
+                corr = None
+                self._oneway((fn, vargs, kwargs, conn.peer, corr, annotations))
+            else:
+                self._submit(partial(self._mux_sync, conn, header, target, method, fn, vargs, kwargs, info,
+                                     annotations, credit))
+        except BaseException as exc:
+            if oneway:
+                log.warning("%s: oneway call failed: %s: %s", self.name, type(exc).__name__, exc)
+                self._mux_done(conn, None, True)
+                return
+            if isinstance(exc, ProtocolViolation):
+                exc = Pyro5.errors.ProtocolError(str(exc))
+            self._mux_done(conn, self._error_frame(exc, seq, exc.__traceback__, header), True)
+
+    def _mux_done(self, conn: Connection, data: bytes | None, failed: bool | None, count: bool = True) -> None:
+        """A request is answered (``data``, or None for no answer): out of flight, and of the connection's
+        outstanding requests (which may let it be read again)."""
+        if data is not None:
+            self._mux_send(conn, data)
+        if count:
+            self.stats.leave(bool(failed))
+        with conn.wlock:
+            conn.calls -= 1
+            resume = conn.paused and conn.calls < _MAX_CALLS // 2 and conn.state != CLOSED
+            if resume:
+                conn.paused = False
+        if resume:
+            # the I/O thread is to start the requests still buffered: a writable event wakes it now
+            with conn.wlock:
+                if conn.state != CLOSED:
+                    try:
+                        self._epoll.modify(conn.fd, _EPOLLIN | _EPOLLOUT | _ONESHOT)
+                    except (OSError, ValueError):
+                        pass
+
+    # sync methods (a call thread) ---------------------------------------------------------------
+    def _mux_sync(self, conn: Connection, header: Any, target: _Target, method: Any, fn: Any, vargs: Any,
+                  kwargs: Any, info: context.CallInfo, annotations: dict[str, bytes], credit: int | None) -> None:
+        failed = True
+        data: bytes | None = None
+        token = context.enter(info)
+        try:
+            if info.expired:
+                raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
+            ctx = current_context
+            ctx.client = conn
+            ctx.client_sock_addr = conn.peer
+            ctx.correlation_id = None
+            ctx.annotations = annotations
+            if header.flags & FLAGS_BATCH:
+                results, failed_batch = self._run_batch(target, conn, vargs)
+                data = _result(FLAGS_BATCH, header, SERIALIZER.dumps(results))
+                failed = failed_batch
+            elif fn is None:
+                data = _result(0, header, self._encode_result(method, self._attribute(target, conn, method, vargs)))
+                failed = False
+            else:
+                result = fn(*vargs, **kwargs)
+                if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+                    # a plain method that returned a coroutine: it runs on the event loop from here
+                    data = None
+                    self.async_runner.call_soon(self._mux_start_async, conn, header, method, lambda: result, (), {},
+                                                info, False, credit)
+                    return
+                if credit is not None:
+                    self._stream_start(conn, header, method, result, credit, info)
+                    return
+                if _streams(result):
+                    _close_quietly(result)
+                    raise TypeError(f"{method} streams its results: call it with stream() or astream()")
+                data = _result(0, header, self._encode_result(method, result))
+                failed = False
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt raised by a method: that call's error
+            data = self._error_frame(exc, header.seq, exc.__traceback__, header)
+        finally:
+            context.leave(token)
+        self._mux_done(conn, data, failed)
+
+    # async methods (the event loop) -------------------------------------------------------------
+    def _mux_start_async(self, conn: Connection, header: Any, method: str, fn: Any, vargs: Any, kwargs: Any,
+                         info: context.CallInfo, oneway: bool, credit: int | None) -> None:
+        ctx = contextvars.copy_context()
+        ctx.run(context.enter, info)
+        try:
+            if info.expired:
+                raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
+            result = ctx.run(fn, *vargs, **kwargs)
+        except BaseException as exc:
+            if oneway:
+                log.warning("%s: oneway call %s failed: %s: %s", self.name, method, type(exc).__name__, exc)
+                self._mux_done(conn, None, True)
+            else:
+                self._mux_done(conn, self._error_frame(exc, header.seq, exc.__traceback__, header), True)
+            return
+        loop = asyncio.get_running_loop()  # (a callback on the server's loop)
+        if credit is not None and not oneway:
+            stream = _Stream(self, conn, header, result, True, credit, info, method)
+            stream.wakeup = asyncio.Event()
+            conn.tasks[header.seq] = stream
+            ctx.run(loop.create_task, self._astream(stream))
+            return
+        if inspect.isasyncgen(result) or not inspect.iscoroutine(result):
+            # an async generator called without stream(), or an awaitable we don't know how to run
+            if inspect.isasyncgen(result):
+                loop.create_task(_aclose_quietly(result))
+                err = TypeError(f"{method} streams its results: call it with stream() or astream()")
+            else:
+                _close_quietly(result)
+                err = TypeError(f"{method} did not return a coroutine")
+            self._mux_done(conn, None if oneway else self._error_frame(err, header.seq, None, header), True)
+            return
+        expired = [False]
+        task = ctx.run(loop.create_task, self._mux_await(conn, header, method, result, info, oneway, expired))
+        if not oneway:
+            conn.tasks[header.seq] = task
+        left = info.remaining()
+        if left is not None:
+            timer = loop.call_later(max(left, 0.0), _expire, task, expired)
+            task.add_done_callback(lambda _t: timer.cancel())
+
+    async def _mux_await(self, conn: Connection, header: Any, method: str, coro: Any, info: context.CallInfo,
+                         oneway: bool, expired: list[bool]) -> None:
+        failed = True
+        data: bytes | None = None
+        try:
+            result = await coro
+            if not oneway:
+                data = _result(0, header, self._encode_result(method, result))
+            failed = False
+        except asyncio.CancelledError:
+            if expired[0]:
+                log.info("%s: %s cancelled at its deadline", self.name, method)
+                if not oneway:
+                    data = self._error_frame(CallTimeoutError(
+                        f"{method}: cancelled on the worker at its deadline"), header.seq, None, header)
+            # else: the caller gave it up (MSG_CANCEL) or went away: nobody waits for an answer
+        except BaseException as exc:
+            if oneway:
+                log.warning("%s: oneway call %s failed: %s: %s", self.name, method, type(exc).__name__, exc)
+            else:
+                data = self._error_frame(exc, header.seq, exc.__traceback__, header)
+        finally:
+            if conn.tasks.get(header.seq) is asyncio.current_task():
+                del conn.tasks[header.seq]
+        self._mux_done(conn, data, failed)
+
+    # streams ------------------------------------------------------------------------------------
+    def _stream_start(self, conn: Connection, header: Any, method: str, result: Any, credit: int,
+                      info: context.CallInfo) -> None:
+        """A call thread starts a sync stream (the request's count stays until the stream ends)."""
+        try:
+            source = iter(result)
+        except TypeError:
+            raise TypeError(f"{method} returned {type(result).__name__}, which is not iterable: it cannot be "
+                            "streamed") from None
+        stream = _Stream(self, conn, header, source, False, credit, info, method)
+        conn.tasks[header.seq] = stream
+        self._pump(stream)
+
+    def _pump(self, stream: _Stream) -> None:
+        """Run a sync generator while it has credit (a call thread); park it when it has none."""
+        source = stream.source
+        batch: list[Any] = []
+        started = 0.0
+        token = context.enter(stream.info)
+        try:
+            while True:
+                with stream.lock:
+                    if stream.finished:
+                        return
+                    cancelled = stream.cancelled
+                    if not cancelled and stream.credit <= 0 and not batch:
+                        stream.parked = True  # add_credit() or cancel() resumes it on a call thread
+                        return
+                if cancelled:
+                    _close_quietly(source)  # its finally runs now
+                    self._stream_end(stream, None, False)
+                    return
+                if stream.credit <= 0:
+                    if not self._send_items(stream, batch):
+                        return
+                    batch = []
+                    continue
+                t0 = time.monotonic()
+                try:
+                    item = next(source)
+                except StopIteration:
+                    if batch and not self._send_items(stream, batch):
+                        return
+                    self._stream_end(stream, _result(0, stream.header, SERIALIZER.dumps(None)), False)
+                    return
+                except BaseException as exc:
+                    if batch and not self._send_items(stream, batch):
+                        return
+                    self._stream_end(stream, self._error_frame(exc, stream.header.seq, exc.__traceback__,
+                                                               stream.header), True)
+                    return
+                now = time.monotonic()
+                if not batch:
+                    started = now
+                batch.append(item)
+                with stream.lock:
+                    stream.credit -= 1
+                if len(batch) >= _BATCH_ITEMS or now - t0 > _SLOW_ITEM or now - started > _FLUSH_AFTER:
+                    if not self._send_items(stream, batch):
+                        return
+                    batch = []
+        finally:
+            context.leave(token)
+
+    def _send_items(self, stream: _Stream, items: list[Any]) -> bool:
+        """One MSG_ITEMS frame; False (and the stream ended) if it cannot be sent."""
+        try:
+            data = SERIALIZER.dumps(items)
+        except Exception as exc:
+            err = Pyro5.errors.SerializeError(f"cannot serialize an item of {stream.method}: {exc}")
+            self._stream_abort(stream, err)
+            return False
+        if len(data) > self.max_message_size:
+            if len(items) > 1:  # smaller frames then
+                half = len(items) // 2
+                return self._send_items(stream, items[:half]) and self._send_items(stream, items[half:])
+            self._stream_abort(stream, Pyro5.errors.MessageTooLargeError(
+                f"an item of {stream.method} ({len(data):,} bytes) exceeds the worker's max_message_size"))
+            return False
+        if not self._mux_send(stream.conn, pack(MSG_ITEMS, 0, stream.header.seq, data)):
+            self._stream_abort(stream, None)
+            return False
+        stream.progress = time.monotonic()
+        return True
+
+    def _stream_abort(self, stream: _Stream, exc: BaseException | None) -> None:
+        source = stream.source
+        if stream.is_async:
+            pass  # the async pump closes its generator itself
+        else:
+            _close_quietly(source)
+        data = None if exc is None else self._error_frame(exc, stream.header.seq, None, stream.header)
+        self._stream_end(stream, data, True)
+
+    def _stream_end(self, stream: _Stream, data: bytes | None, failed: bool) -> None:
+        with stream.lock:
+            stream.finished = True
+        conn = stream.conn
+        if conn.tasks.get(stream.header.seq) is stream:
+            del conn.tasks[stream.header.seq]
+        self._mux_done(conn, data, failed)
+
+    async def _astream(self, stream: _Stream) -> None:
+        """Run an async generator on the event loop, sending its items as credit allows."""
+        agen = stream.source
+        wakeup = stream.wakeup
+        assert wakeup is not None
+        batch: list[Any] = []
+        started = 0.0
+        try:
+            if not inspect.isasyncgen(agen):
+                if inspect.iscoroutine(agen):
+                    agen = await agen  # an async def returning an iterable
+                if not hasattr(agen, "__aiter__"):
+                    agen = _aiter_sync(iter(agen))
+                else:
+                    agen = agen.__aiter__()
+            while True:
+                if stream.cancelled:
+                    break
+                if stream.credit <= 0:
+                    if batch:
+                        if not self._send_items(stream, batch):
+                            break
+                        batch = []
+                    wakeup.clear()
+                    if stream.credit <= 0 and not stream.cancelled:
+                        try:
+                            await asyncio.wait_for(wakeup.wait(), stream.stall)
+                        except asyncio.TimeoutError:
+                            log.info("%s: stream of %s closed: no item taken for %gs", self.name, stream.method,
+                                     stream.stall)
+                            stream.cancelled = True
+                    continue
+                t0 = time.monotonic()
+                try:
+                    item = await agen.__anext__()
+                except StopAsyncIteration:
+                    if batch and not self._send_items(stream, batch):
+                        return
+                    self._stream_end(stream, _result(0, stream.header, SERIALIZER.dumps(None)), False)
+                    return
+                now = time.monotonic()
+                if not batch:
+                    started = now
+                batch.append(item)
+                stream.credit -= 1
+                if len(batch) >= _BATCH_ITEMS or now - t0 > _SLOW_ITEM or now - started > _FLUSH_AFTER:
+                    if not self._send_items(stream, batch):
+                        break
+                    batch = []
+            # cancelled by the client, stalled, or the connection went away
+            await _aclose_quietly(agen)
+            if not stream.finished:
+                self._stream_end(stream, None, False)
+        except asyncio.CancelledError:
+            await _aclose_quietly(agen)
+            if not stream.finished:
+                self._stream_end(stream, None, False)
+        except BaseException as exc:
+            if batch and not stream.finished:
+                self._send_items(stream, batch)
+            if not stream.finished:
+                self._stream_end(stream, self._error_frame(exc, stream.header.seq, exc.__traceback__,
+                                                           stream.header), True)
+
+    def _sweep_streams(self, conn: Connection, now: float) -> None:
+        """The I/O thread: close parked sync streams nobody took items from for their stall limit."""
+        for entry in list(conn.tasks.values()):
+            if isinstance(entry, _Stream) and not entry.is_async and entry.parked \
+                    and now - entry.progress > entry.stall:
+                log.info("%s: stream of %s closed: no item taken for %gs", self.name, entry.method, entry.stall)
+                entry.cancel()
+
+
+def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+    if not task.done():
+        expired[0] = True
+        task.cancel()
+
+
+def _streams(value: Any) -> bool:
+    return inspect.isgenerator(value) or inspect.isasyncgen(value)
+
+
+def _close_quietly(source: Any) -> None:
+    close = getattr(source, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception as exc:
+            log.info("closing a generator raised %s: %s", type(exc).__name__, exc)
+
+
+async def _aclose_quietly(agen: Any) -> None:
+    aclose = getattr(agen, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except BaseException as exc:  # its finally may raise; CancelledError too
+            log.info("closing an async generator raised %s: %s", type(exc).__name__, exc)
+    else:
+        _close_quietly(agen)
+
+
+async def _aiter_sync(it: Any) -> Any:
+    for item in it:
+        yield item
+
