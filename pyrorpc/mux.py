@@ -1,5 +1,5 @@
-"""Multiplexed connections: many requests at once on one connection, answered out of order; async
-methods on the server's event loop; streamed results with credit-based backpressure.
+"""Multiplexed connections: many requests at once on one connection, answered out of order, and
+``async def`` methods on the server's event loop.
 
 A pyrorpc client asks for ``mux`` in its handshake (docs/protocol.md). On such a connection the I/O
 thread keeps reading: each request is decoded there and started at once, a sync method on a call thread,
@@ -7,11 +7,7 @@ an ``async def`` method as a task on the server's event loop (it holds no thread
 thread writes its frames under the connection's ``wlock`` without blocking; what the socket does not take
 at once waits in ``wq`` and the I/O thread writes it as the peer reads. Requests outstanding on one
 connection are bounded (``_MAX_CALLS``): past it the connection is not read until some finish.
-
-A request with the ``PRST`` annotation streams its result: ``MSG_ITEMS`` frames, never more items than
-the client granted (``PRST`` then ``MSG_CREDIT``), then a final ``MSG_RESULT``. A sync generator runs on a
-call thread while it has credit and is parked (no thread) when it has none; an async generator runs on
-the event loop. ``MSG_CANCEL`` cancels a task or closes a generator; so does the connection closing.
+``MSG_CANCEL`` cancels a task or closes a stream (push.py); so does the connection closing.
 """
 
 from __future__ import annotations
@@ -42,7 +38,6 @@ from .protocol import (
     MSG_CANCEL,
     MSG_CREDIT,
     MSG_INVOKE,
-    MSG_ITEMS,
     MSG_PING,
     MSG_RESULT,
     SERPENT_ID,
@@ -51,6 +46,7 @@ from .protocol import (
     pack,
     parse_annotations,
 )
+from .push import _aclose_quietly, _close_quietly, is_stream
 from .wire import SERIALIZER, loads
 
 if TYPE_CHECKING:
@@ -62,9 +58,6 @@ __all__ = ["MuxHandler"]
 log = logging.getLogger("pyrorpc.server")
 
 _MAX_CALLS = 4096  # requests outstanding on one connection before we stop reading it
-_BATCH_ITEMS = 256  # stream items per frame at most
-_FLUSH_AFTER = 0.002  # seconds items wait in a frame for more before it is sent
-_SLOW_ITEM = 0.001  # a generator slower than this per item: each item goes out at once
 _STREAM_KEY = "PRST"
 
 
@@ -72,55 +65,6 @@ def _result(flags: int, header: Any, data: bytes) -> bytes:
     if header.flags & FLAGS_CORR_ID:
         return pack(MSG_RESULT, flags | FLAGS_CORR_ID, header.seq, data, corr_id=header.corr_id)
     return pack(MSG_RESULT, flags, header.seq, data)
-
-
-class _Stream:
-    """A streamed result in progress: its generator, the credit the client granted, and who runs it."""
-
-    __slots__ = ("server", "conn", "header", "source", "is_async", "credit", "lock", "parked", "cancelled",
-                 "finished", "stall", "progress", "wakeup", "method", "info")
-
-    def __init__(self, server: Any, conn: Connection, header: Any, source: Any, is_async: bool, credit: int,
-                 info: context.CallInfo, method: str) -> None:
-        self.server = server
-        self.conn = conn
-        self.header = header
-        self.source = source
-        self.is_async = is_async
-        self.credit = credit
-        self.lock = threading.Lock()
-        self.parked = False  # a sync generator waiting for credit (no thread holds it)
-        self.cancelled = False
-        self.finished = False
-        left = info.remaining()
-        self.stall = left if left is not None and left > 0 else server.idle_timeout
-        self.progress = time.monotonic()
-        self.wakeup: asyncio.Event | None = None  # async streams: credit came, or cancelled
-        self.method = method
-        self.info = info
-
-    # called from the I/O thread (sync streams) or on the event loop (async streams)
-    def add_credit(self, n: int) -> None:
-        with self.lock:
-            self.credit += n
-            self.progress = time.monotonic()
-            resume = self.parked and not self.cancelled
-            if resume:
-                self.parked = False
-        if self.wakeup is not None:
-            self.wakeup.set()
-        if resume:
-            self.server._submit(partial(self.server._pump, self))
-
-    def cancel(self) -> None:
-        with self.lock:
-            self.cancelled = True
-            resume = self.parked
-            self.parked = False
-        if self.wakeup is not None:
-            self.wakeup.set()
-        if resume:
-            self.server._submit(partial(self.server._pump, self))
 
 
 class MuxHandler:
@@ -156,6 +100,12 @@ class MuxHandler:
         def _encode_result(self, method: str, result: Any) -> bytes: ...
 
         def _oneway(self, job: tuple[Any, ...]) -> None: ...
+
+        def _stream_start(self, conn: Connection, header: Any, method: str, result: Any, credit: int,
+                          info: context.CallInfo) -> None: ...
+
+        def _astream_start(self, conn: Connection, header: Any, method: str, result: Any, credit: int,
+                           info: context.CallInfo, ctx: Any) -> None: ...
 
     # the connection -----------------------------------------------------------------------------
     def _mux_accept(self, conn: Connection) -> None:
@@ -265,9 +215,9 @@ class MuxHandler:
         """The connection is gone: cancel what runs for it (async tasks, streams); sync calls finish alone."""
         entries = list(conn.tasks.values())
         for entry in entries:
-            if isinstance(entry, _Stream) and not entry.is_async:
+            if is_stream(entry) and not entry.is_async:
                 entry.cancel()
-        if self.async_runner.started and any(not isinstance(e, _Stream) or e.is_async for e in entries):
+        if self.async_runner.started and any(not is_stream(e) or e.is_async for e in entries):
             try:
                 self.async_runner.call_soon(self._cancel_all_async, conn)
             except RuntimeError:
@@ -275,7 +225,7 @@ class MuxHandler:
 
     def _cancel_all_async(self, conn: Connection) -> None:
         for entry in list(conn.tasks.values()):
-            if isinstance(entry, _Stream):
+            if is_stream(entry):
                 if entry.is_async:
                     entry.cancel()
             else:
@@ -314,7 +264,7 @@ class MuxHandler:
         entry = conn.tasks.get(seq)
         if entry is None:
             return  # finished already, or never started: nothing to do
-        if isinstance(entry, _Stream):
+        if is_stream(entry):
             if msg_type == MSG_CANCEL:
                 entry.cancel()
             else:
@@ -473,10 +423,7 @@ class MuxHandler:
             return
         loop = asyncio.get_running_loop()  # (a callback on the server's loop)
         if credit is not None and not oneway:
-            stream = _Stream(self, conn, header, result, True, credit, info, method)
-            stream.wakeup = asyncio.Event()
-            conn.tasks[header.seq] = stream
-            ctx.run(loop.create_task, self._astream(stream))
+            self._astream_start(conn, header, method, result, credit, info, ctx)
             return
         if inspect.isasyncgen(result) or not inspect.iscoroutine(result):
             # an async generator called without stream(), or an awaitable we don't know how to run
@@ -523,181 +470,6 @@ class MuxHandler:
                 del conn.tasks[header.seq]
         self._mux_done(conn, data, failed)
 
-    # streams ------------------------------------------------------------------------------------
-    def _stream_start(self, conn: Connection, header: Any, method: str, result: Any, credit: int,
-                      info: context.CallInfo) -> None:
-        """A call thread starts a sync stream (the request's count stays until the stream ends)."""
-        try:
-            source = iter(result)
-        except TypeError:
-            raise TypeError(f"{method} returned {type(result).__name__}, which is not iterable: it cannot be "
-                            "streamed") from None
-        stream = _Stream(self, conn, header, source, False, credit, info, method)
-        conn.tasks[header.seq] = stream
-        self._pump(stream)
-
-    def _pump(self, stream: _Stream) -> None:
-        """Run a sync generator while it has credit (a call thread); park it when it has none."""
-        source = stream.source
-        batch: list[Any] = []
-        started = 0.0
-        token = context.enter(stream.info)
-        try:
-            while True:
-                with stream.lock:
-                    if stream.finished:
-                        return
-                    cancelled = stream.cancelled
-                    if not cancelled and stream.credit <= 0 and not batch:
-                        stream.parked = True  # add_credit() or cancel() resumes it on a call thread
-                        return
-                if cancelled:
-                    _close_quietly(source)  # its finally runs now
-                    self._stream_end(stream, None, False)
-                    return
-                if stream.credit <= 0:
-                    if not self._send_items(stream, batch):
-                        return
-                    batch = []
-                    continue
-                t0 = time.monotonic()
-                try:
-                    item = next(source)
-                except StopIteration:
-                    if batch and not self._send_items(stream, batch):
-                        return
-                    self._stream_end(stream, _result(0, stream.header, SERIALIZER.dumps(None)), False)
-                    return
-                except BaseException as exc:
-                    if batch and not self._send_items(stream, batch):
-                        return
-                    self._stream_end(stream, self._error_frame(exc, stream.header.seq, exc.__traceback__,
-                                                               stream.header), True)
-                    return
-                now = time.monotonic()
-                if not batch:
-                    started = now
-                batch.append(item)
-                with stream.lock:
-                    stream.credit -= 1
-                if len(batch) >= _BATCH_ITEMS or now - t0 > _SLOW_ITEM or now - started > _FLUSH_AFTER:
-                    if not self._send_items(stream, batch):
-                        return
-                    batch = []
-        finally:
-            context.leave(token)
-
-    def _send_items(self, stream: _Stream, items: list[Any]) -> bool:
-        """One MSG_ITEMS frame; False (and the stream ended) if it cannot be sent."""
-        try:
-            data = SERIALIZER.dumps(items)
-        except Exception as exc:
-            err = Pyro5.errors.SerializeError(f"cannot serialize an item of {stream.method}: {exc}")
-            self._stream_abort(stream, err)
-            return False
-        if len(data) > self.max_message_size:
-            if len(items) > 1:  # smaller frames then
-                half = len(items) // 2
-                return self._send_items(stream, items[:half]) and self._send_items(stream, items[half:])
-            self._stream_abort(stream, Pyro5.errors.MessageTooLargeError(
-                f"an item of {stream.method} ({len(data):,} bytes) exceeds the worker's max_message_size"))
-            return False
-        if not self._mux_send(stream.conn, pack(MSG_ITEMS, 0, stream.header.seq, data)):
-            self._stream_abort(stream, None)
-            return False
-        stream.progress = time.monotonic()
-        return True
-
-    def _stream_abort(self, stream: _Stream, exc: BaseException | None) -> None:
-        source = stream.source
-        if stream.is_async:
-            pass  # the async pump closes its generator itself
-        else:
-            _close_quietly(source)
-        data = None if exc is None else self._error_frame(exc, stream.header.seq, None, stream.header)
-        self._stream_end(stream, data, True)
-
-    def _stream_end(self, stream: _Stream, data: bytes | None, failed: bool) -> None:
-        with stream.lock:
-            stream.finished = True
-        conn = stream.conn
-        if conn.tasks.get(stream.header.seq) is stream:
-            del conn.tasks[stream.header.seq]
-        self._mux_done(conn, data, failed)
-
-    async def _astream(self, stream: _Stream) -> None:
-        """Run an async generator on the event loop, sending its items as credit allows."""
-        agen = stream.source
-        wakeup = stream.wakeup
-        assert wakeup is not None
-        batch: list[Any] = []
-        started = 0.0
-        try:
-            if not inspect.isasyncgen(agen):
-                if inspect.iscoroutine(agen):
-                    agen = await agen  # an async def returning an iterable
-                if not hasattr(agen, "__aiter__"):
-                    agen = _aiter_sync(iter(agen))
-                else:
-                    agen = agen.__aiter__()
-            while True:
-                if stream.cancelled:
-                    break
-                if stream.credit <= 0:
-                    if batch:
-                        if not self._send_items(stream, batch):
-                            break
-                        batch = []
-                    wakeup.clear()
-                    if stream.credit <= 0 and not stream.cancelled:
-                        try:
-                            await asyncio.wait_for(wakeup.wait(), stream.stall)
-                        except asyncio.TimeoutError:
-                            log.info("%s: stream of %s closed: no item taken for %gs", self.name, stream.method,
-                                     stream.stall)
-                            stream.cancelled = True
-                    continue
-                t0 = time.monotonic()
-                try:
-                    item = await agen.__anext__()
-                except StopAsyncIteration:
-                    if batch and not self._send_items(stream, batch):
-                        return
-                    self._stream_end(stream, _result(0, stream.header, SERIALIZER.dumps(None)), False)
-                    return
-                now = time.monotonic()
-                if not batch:
-                    started = now
-                batch.append(item)
-                stream.credit -= 1
-                if len(batch) >= _BATCH_ITEMS or now - t0 > _SLOW_ITEM or now - started > _FLUSH_AFTER:
-                    if not self._send_items(stream, batch):
-                        break
-                    batch = []
-            # cancelled by the client, stalled, or the connection went away
-            await _aclose_quietly(agen)
-            if not stream.finished:
-                self._stream_end(stream, None, False)
-        except asyncio.CancelledError:
-            await _aclose_quietly(agen)
-            if not stream.finished:
-                self._stream_end(stream, None, False)
-        except BaseException as exc:
-            if batch and not stream.finished:
-                self._send_items(stream, batch)
-            if not stream.finished:
-                self._stream_end(stream, self._error_frame(exc, stream.header.seq, exc.__traceback__,
-                                                           stream.header), True)
-
-    def _sweep_streams(self, conn: Connection, now: float) -> None:
-        """The I/O thread: close parked sync streams nobody took items from for their stall limit."""
-        for entry in list(conn.tasks.values()):
-            if isinstance(entry, _Stream) and not entry.is_async and entry.parked \
-                    and now - entry.progress > entry.stall:
-                log.info("%s: stream of %s closed: no item taken for %gs", self.name, entry.method, entry.stall)
-                entry.cancel()
-
-
 def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
     if not task.done():
         expired[0] = True
@@ -706,29 +478,3 @@ def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
 
 def _streams(value: Any) -> bool:
     return inspect.isgenerator(value) or inspect.isasyncgen(value)
-
-
-def _close_quietly(source: Any) -> None:
-    close = getattr(source, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception as exc:
-            log.info("closing a generator raised %s: %s", type(exc).__name__, exc)
-
-
-async def _aclose_quietly(agen: Any) -> None:
-    aclose = getattr(agen, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except BaseException as exc:  # its finally may raise; CancelledError too
-            log.info("closing an async generator raised %s: %s", type(exc).__name__, exc)
-    else:
-        _close_quietly(agen)
-
-
-async def _aiter_sync(it: Any) -> Any:
-    for item in it:
-        yield item
-

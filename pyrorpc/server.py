@@ -47,6 +47,7 @@ from .connection import (
 from .ioloop import IOLoop
 from .mux import MuxHandler
 from .protocol import MSG_NOTICE, ProtocolViolation, pack
+from .push import PushStreams
 from .streams import StockStreams
 
 __all__ = ["DAEMON_NAME", "INSTANCE_MODES", "Connection", "DaemonObject", "Server", "ServerStats"]
@@ -59,7 +60,7 @@ _THREAD_IDLE = 30.0  # seconds an idle call thread waits for work before it exit
 _NOTICE = pack(MSG_NOTICE, 0, 0, b"")  # "draining: send nothing more here", to peers that asked for it
 
 
-class Server(IOLoop, MuxHandler, CallHandler):
+class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
     """Serves registered objects on ``host:port`` over Pyro5's protocol (see the module docstring).
 
     Args:

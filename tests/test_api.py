@@ -100,10 +100,12 @@ def test_imports_flow_one_way():
     assert imports("calls.py") <= {"pyrorpc.compat", "pyrorpc.connection", "pyrorpc.context", "pyrorpc.errors",
                                     "pyrorpc.protocol", "pyrorpc.streams", "pyrorpc.wire"}
     # mux (multiplexed connections) sits beside calls: both are mixins of the server
+    assert imports("push.py") <= {"pyrorpc.aloop", "pyrorpc.connection", "pyrorpc.context", "pyrorpc.protocol",
+                                  "pyrorpc.wire"}
     assert imports("mux.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.context",
-                                 "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.wire"}
+                                 "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.push", "pyrorpc.wire"}
     assert imports("server.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.ioloop",
-                                    "pyrorpc.mux", "pyrorpc.protocol", "pyrorpc.streams"}
+                                    "pyrorpc.mux", "pyrorpc.protocol", "pyrorpc.push", "pyrorpc.streams"}
     for low in ("naming.py", "worker.py", "proxy.py", "endpoint.py", "pool.py", "server.py", "callbacks.py",
                 "ioloop.py", "calls.py", "connection.py"):
         assert "pyrorpc.cli" not in imports(low)
