@@ -9,7 +9,6 @@ not come in time) and the remote method's own; ``endpoint.py`` turns them into p
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import select
 import socket
@@ -20,15 +19,14 @@ from typing import Any
 
 import Pyro5.core
 import Pyro5.errors
-from Pyro5 import socketutil
 
 from . import protocol
 from .codec import SERIALIZER
 from .compat import remote_traceback, set_remote_traceback
 from .config import Settings
 from .errors import AuthenticationError, MessageTooLargeError
-from .security import AUTH_FAILED, _mac, _speaks_tls, client_ssl_context, make_token
-from .wire import LimitedConnection, limit_connection
+from .security import _speaks_tls, client_ssl_context, handshake_frame, handshake_reply, open_connection
+from .wire import LimitedConnection
 
 __all__ = ["STREAM_WINDOW", "BlockingStream", "ChannelStream", "MuxChannel", "NotWritten", "decode_reply",
            "open_blocking", "open_channel"]
@@ -37,7 +35,6 @@ MSG_ITEMS = getattr(protocol, "MSG_ITEMS", 0x51)
 MSG_CREDIT = getattr(protocol, "MSG_CREDIT", 0x52)
 MSG_CANCEL = getattr(protocol, "MSG_CANCEL", 0x53)
 STREAM_WINDOW = 1024  # items a stream may have in flight or buffered (credit granted half a window at a time)
-_EXTENSIONS = {"notice": 1, "mux": 1}  # what we ask for in the handshake
 _HEADER = protocol.HEADER
 _HEADER_SIZE = protocol.HEADER_SIZE
 _NO_CORRELATION = b"\0" * 16
@@ -70,42 +67,6 @@ def _wake(fut: asyncio.Future[Any]) -> None:
 
 
 # the handshake ---------------------------------------------------------------------------------------
-
-def handshake_frame(uri: Pyro5.core.URI, settings: Settings) -> tuple[bytes, Any]:
-    """The MSG_CONNECT frame asking for pyrorpc's extensions, and the token it carries."""
-    token = make_token(settings.secret, target=uri.object) if settings.secret else "hello"
-    data = SERIALIZER.dumps({"handshake": token, "object": uri.object, "pyrorpc": dict(_EXTENSIONS)})
-    return protocol.pack(protocol.MSG_CONNECT, 0, 0, data), token
-
-
-def handshake_reply(uri: Pyro5.core.URI, settings: Settings, msg_type: int, reply: Any,
-                    token: Any) -> tuple[dict[str, Any], bool]:
-    """The object's metadata and whether the server accepted multiplexing, from its handshake reply.
-
-    Raises:
-        AuthenticationError: refused our token, or could not prove it knows the secret.
-        Pyro5.errors.CommunicationError: the server rejected the connection otherwise.
-    """
-    if msg_type == protocol.MSG_CONNECTFAIL:
-        text = str(reply)
-        if AUTH_FAILED in text:
-            raise AuthenticationError(f"{uri.location} refused us: {text}")
-        raise Pyro5.errors.CommunicationError(f"connection to {uri.location} rejected: {text}")
-    if msg_type != protocol.MSG_CONNECTOK:
-        raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: unexpected handshake reply "
-                                              f"type {msg_type}")
-    if settings.secret:
-        proof = reply.get("handshake") if isinstance(reply, dict) else None
-        nonce = token["nonce"] if isinstance(token, dict) else ""
-        if not (isinstance(proof, dict) and isinstance(proof.get("proof"), str)
-                and hmac.compare_digest(proof["proof"], _mac(settings.secret, "server", nonce))):
-            raise AuthenticationError(f"{AUTH_FAILED}: {uri.location} did not prove it knows the secret")
-    if not isinstance(reply, dict):
-        return {}, False
-    meta = reply.get("meta")
-    extensions = reply.get("pyrorpc")
-    return (meta if isinstance(meta, dict) else {}), isinstance(extensions, dict) and bool(extensions.get("mux"))
-
 
 # replies ------------------------------------------------------------------------------------------------
 
@@ -643,7 +604,7 @@ async def open_channel(uri: Pyro5.core.URI, settings: Settings, *, on_notice: Ca
     loop = asyncio.get_running_loop()
     timeout = settings.connect_timeout
     ctx = client_ssl_context(settings)
-    frame, token = handshake_frame(uri, settings)
+    frame, token = handshake_frame(uri, settings, mux=True)
     channel = MuxChannel(uri, settings, loop, on_notice=on_notice)
 
     async def connect() -> tuple[int, bytes]:
@@ -806,43 +767,5 @@ class BlockingStream:
 def open_blocking(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedConnection, dict[str, Any], bool]:
     """``security.open_connection`` asking for ``mux`` too: the connection, the object's metadata, and
     whether the server accepted multiplexing."""
-    timeout = settings.connect_timeout
-    ctx = client_ssl_context(settings)
-    try:
-        sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
-    except OSError as exc:
-        raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: {exc}") from None
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if ctx is not None:
-            try:
-                sock = ctx.wrap_socket(sock, server_hostname=uri.host)
-            except (ssl.SSLError, OSError) as exc:
-                raise Pyro5.errors.CommunicationError(f"TLS handshake with {uri.location} failed: {exc}") \
-                    from None
-        conn = limit_connection(socketutil.SocketConnection(sock, uri.object), settings.max_message_size)
-        conn.set_timeout(timeout)
-        frame, token = handshake_frame(uri, settings)
-        conn.send(frame)
-        header = protocol.parse_header(conn.read_header(), settings.max_message_size)
-        payload = conn._read(header.ann_size + header.data_size) if header.ann_size + header.data_size else b""
-        reply = SERIALIZER.loads(payload[header.ann_size:]) if header.data_size else None
-        meta, mux = handshake_reply(uri, settings, header.msg_type, reply, token)
-    except AuthenticationError:
-        sock.close()
-        raise
-    except (Pyro5.errors.CommunicationError, ConnectionResetError) as exc:
-        sock.close()
-        if ctx is None and isinstance(exc, (Pyro5.errors.ConnectionClosedError, ConnectionResetError)) \
-                and _speaks_tls(uri, timeout):
-            raise Pyro5.errors.CommunicationError(
-                f"cannot connect to {uri.location}: it needs TLS and this client has no TLS settings; give the "
-                "CA that signed its certificate with --tls-ca (tls_ca=, PYRORPC_TLS_CA)") from None
-        if isinstance(exc, Pyro5.errors.CommunicationError):
-            raise
-        raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: {exc}") from None
-    except (OSError, Pyro5.errors.PyroError, protocol.ProtocolViolation, ValueError, SyntaxError) as exc:
-        sock.close()
-        raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: {exc}") from None
-    conn.set_timeout(settings.timeout)
-    return conn, meta, mux
+    conn, meta = open_connection(uri, settings, mux=True)
+    return conn, meta, conn.mux

@@ -179,9 +179,49 @@ def _speaks_tls(uri: Pyro5.core.URI, timeout: float) -> bool:
         return False
 
 
-def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedConnection, dict[str, Any]]:
+def handshake_frame(uri: Pyro5.core.URI, settings: Settings, mux: bool = False) -> tuple[bytes, Any]:
+    """The MSG_CONNECT frame (with our token, and the extensions we understand beyond Pyro5's protocol:
+    a stock Pyro5 server ignores them), and the token it carries."""
+    token = make_token(settings.secret, target=uri.object) if settings.secret else "hello"
+    extensions = {"notice": 1, "mux": 1} if mux else {"notice": 1}
+    data = SERIALIZER.dumps({"handshake": token, "object": uri.object, "pyrorpc": extensions})
+    return wire_protocol.pack(wire_protocol.MSG_CONNECT, 0, 0, data), token
+
+
+def handshake_reply(uri: Pyro5.core.URI, settings: Settings, msg_type: int, reply: Any,
+                    token: Any) -> tuple[dict[str, Any], bool]:
+    """The object's metadata and whether the server accepted multiplexing, from its handshake reply.
+
+    Raises:
+        AuthenticationError: refused our token, or could not prove it knows the secret.
+        Pyro5.errors.CommunicationError: the server rejected the connection otherwise.
+    """
+    if msg_type == wire_protocol.MSG_CONNECTFAIL:
+        text = str(reply)
+        if AUTH_FAILED in text:
+            raise AuthenticationError(f"{uri.location} refused us: {text}")
+        raise Pyro5.errors.CommunicationError(f"connection to {uri.location} rejected: {text}")
+    if msg_type != wire_protocol.MSG_CONNECTOK:
+        raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: unexpected handshake reply "
+                                              f"type {msg_type}")
+    if settings.secret:
+        proof = reply.get("handshake") if isinstance(reply, dict) else None
+        nonce = token["nonce"] if isinstance(token, dict) else ""
+        if not (isinstance(proof, dict) and isinstance(proof.get("proof"), str)
+                and hmac.compare_digest(proof["proof"], _mac(settings.secret, "server", nonce))):
+            raise AuthenticationError(f"{AUTH_FAILED}: {uri.location} did not prove it knows the secret")
+    if not isinstance(reply, dict):
+        return {}, False
+    meta = reply.get("meta")
+    extensions = reply.get("pyrorpc")
+    return (meta if isinstance(meta, dict) else {}), isinstance(extensions, dict) and bool(extensions.get("mux"))
+
+
+def open_connection(uri: Pyro5.core.URI, settings: Settings, *,
+                    mux: bool = False) -> tuple[LimitedConnection, dict[str, Any]]:
     """Connect to ``uri`` (TCP, TLS, handshake with token); returns the connection, ready for
-    ``wire.invoke`` with the call timeout set, and the object's metadata.
+    ``wire.invoke`` with the call timeout set, and the object's metadata. With ``mux`` it asks for a
+    multiplexed connection (``conn.mux`` says whether the server agreed).
 
     Raises:
         AuthenticationError: the server refused our token, or could not prove it knows the secret.
@@ -204,10 +244,8 @@ def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedCon
                     from None
         conn = limit_connection(socketutil.SocketConnection(sock, uri.object), settings.max_message_size)
         conn.set_timeout(timeout)
-        token = make_token(settings.secret, target=uri.object) if settings.secret else "hello"
-        # "pyrorpc": what we understand beyond Pyro5's protocol (a stock Pyro5 server ignores it)
-        data = SERIALIZER.dumps({"handshake": token, "object": uri.object, "pyrorpc": {"notice": 1}})
-        conn.send(wire_protocol.pack(wire_protocol.MSG_CONNECT, 0, 0, data))
+        frame, token = handshake_frame(uri, settings, mux)
+        conn.send(frame)
         header = wire_protocol.parse_header(conn.read_header(), settings.max_message_size)
         if header.msg_type not in (wire_protocol.MSG_CONNECTOK, wire_protocol.MSG_CONNECTFAIL):
             raise Pyro5.errors.ProtocolError(f"unexpected handshake reply type {header.msg_type}")
@@ -226,19 +264,10 @@ def open_connection(uri: Pyro5.core.URI, settings: Settings) -> tuple[LimitedCon
     except (OSError, Pyro5.errors.PyroError, wire_protocol.ProtocolViolation, ValueError, SyntaxError) as exc:
         sock.close()
         raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: {exc}") from None
-    if header.msg_type == wire_protocol.MSG_CONNECTFAIL:
+    try:
+        meta, conn.mux = handshake_reply(uri, settings, header.msg_type, reply, token)
+    except BaseException:
         sock.close()
-        text = str(reply)
-        if AUTH_FAILED in text:
-            raise AuthenticationError(f"{uri.location} refused us: {text}")
-        raise Pyro5.errors.CommunicationError(f"connection to {uri.location} rejected: {text}")
-    if settings.secret:
-        proof = reply.get("handshake") if isinstance(reply, dict) else None
-        nonce = token["nonce"] if isinstance(token, dict) else ""
-        if not (isinstance(proof, dict) and isinstance(proof.get("proof"), str)
-                and hmac.compare_digest(proof["proof"], _mac(settings.secret, "server", nonce))):
-            sock.close()
-            raise AuthenticationError(f"{AUTH_FAILED}: {uri.location} did not prove it knows the secret")
-    meta = reply.get("meta", {}) if isinstance(reply, dict) else {}
+        raise
     conn.set_timeout(settings.timeout)
     return conn, meta
