@@ -19,6 +19,7 @@ import threading
 import time
 import types
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import Pyro5.errors
@@ -328,8 +329,17 @@ class CallHandler:
             context.client_sock_addr = conn.peer
             context.correlation_id = uuid.UUID(bytes=header.corr_id) if flags & FLAGS_CORR_ID else None
             context.annotations = annotations or {}
+            # the call context; its deadline counts from the request's arrival (not from when a thread got it)
+            info = incoming(annotations, conn.peer, method if type(method) is str else None,
+                            time.time() - (time.monotonic() - conn.arrived))
+            if info.deadline is not None and info.expired:
+                raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
             if flags & FLAGS_BATCH:
-                results, failed = self._run_batch(target, conn, vargs)
+                token = enter_call(info)
+                try:
+                    results, failed = self._run_batch(target, conn, vargs)
+                finally:
+                    leave_call(token)
                 if oneway:
                     return True
                 data = SERIALIZER.dumps(results)
@@ -342,11 +352,8 @@ class CallHandler:
                 fn = self._method(target, obj, method)
                 if oneway:
                     counted = False  # the oneway run counts itself out
-                    self._oneway((fn, vargs, kwargs, conn.peer, context.correlation_id, context.annotations))
+                    self._oneway((fn, vargs, kwargs, conn.peer, context.correlation_id, context.annotations, info))
                     return True
-                info = incoming(annotations, conn.peer, method)
-                if info.deadline is not None and info.expired:
-                    raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
                 token = enter_call(info)
                 try:
                     result = fn(*vargs, **kwargs)
@@ -494,20 +501,40 @@ class CallHandler:
             self._submit(job)
 
     def _run_oneway(self, fn: Any, vargs: Any, kwargs: Any, peer: Any, correlation_id: Any,
-                    annotations: Any) -> None:
+                    annotations: Any, info: Any = None) -> None:
         failed = True
+        counted = True
+        name = getattr(fn, "__name__", fn)
+        token = enter_call(info if info is not None else incoming(annotations, peer, None))
         try:
+            if info is not None and info.deadline is not None and info.expired:
+                log.warning("%s: oneway call %s from %s not run: its deadline passed while it waited", self.name,
+                            name, peer)
+                return
             context = current_context  # the call's own context, not what this thread ran before
             context.client = None
             context.client_sock_addr = peer
             context.correlation_id = correlation_id
             context.annotations = annotations
-            fn(*vargs, **kwargs)
+            result = fn(*vargs, **kwargs)
+            if type(result) is types.CoroutineType:
+                # an async def method sent oneway: it runs on the event loop, counted out when it ends
+                counted = False
+                future = self.async_runner.submit(_in_context(contextvars.copy_context(), result))
+                future.add_done_callback(partial(self._oneway_done, name, peer))
+                return
             failed = False
         except BaseException as exc:
-            log.warning("%s: oneway call %s from %s failed: %s: %s", self.name, getattr(fn, "__name__", fn), peer,
-                        type(exc).__name__, exc)
+            log.warning("%s: oneway call %s from %s failed: %s: %s", self.name, name, peer, type(exc).__name__, exc)
         finally:
-            self.stats.leave(failed)
+            leave_call(token)
+            if counted:
+                self.stats.leave(failed)
+
+    def _oneway_done(self, name: Any, peer: Any, future: concurrent.futures.Future[Any]) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            log.warning("%s: oneway call %s from %s failed: %s: %s", self.name, name, peer, type(exc).__name__, exc)
+        self.stats.leave(exc is not None or future.cancelled())
 
 

@@ -46,7 +46,7 @@ class Connection:
 
     __slots__ = ("sock", "fd", "peer", "tls", "state", "chunks", "size", "header", "deadline", "last_active",
                  "started", "instances", "tls_done", "out", "out_failed", "notice", "noticed", "mux", "wlock", "wq",
-                 "tasks", "calls", "paused", "wrote_at")
+                 "tasks", "calls", "paused", "wrote_at", "arrived")
 
     def __init__(self, sock: socket.socket, peer: Any, tls: bool) -> None:
         self.sock = sock
@@ -60,6 +60,7 @@ class Connection:
         self.deadline = 0.0
         self.last_active = time.monotonic()
         self.started = 0.0  # when the first bytes of the frame now arriving came
+        self.arrived = 0.0  # when the first bytes of the last whole frame came (the call context's clock)
         self.instances: dict[type, Any] | None = None  # instance_mode="session"
         self.tls_done = not tls
         self.out: memoryview | None = None  # the rest of a reply the I/O thread is writing (WRITING)
@@ -100,6 +101,7 @@ class Connection:
         total = header.total
         if self.size < total:
             return None
+        self.arrived = self.started
         buf = self._joined()
         if self.size == total:
             payload = buf[HEADER_SIZE:]

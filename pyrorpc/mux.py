@@ -328,7 +328,7 @@ class MuxHandler:
             elif oneway:
                 self._mux_done(conn, None, None, count=False)  # the oneway run counts itself out
                 corr = None
-                self._oneway((fn, vargs, kwargs, conn.peer, corr, annotations))
+                self._oneway((fn, vargs, kwargs, conn.peer, corr, annotations, info))
             else:
                 self._submit(partial(self._mux_sync, conn, header, target, method, fn, vargs, kwargs, info,
                                      annotations, credit))

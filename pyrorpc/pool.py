@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import threading
 import time
@@ -500,7 +501,9 @@ class Pool(Dispatcher):
                 return exc
 
         with concurrent.futures.ThreadPoolExecutor(min(32, len(members))) as ex:
-            results = list(ex.map(one, members))
+            # each thread runs in a copy of the caller's context: call_metadata() and a deadline go along
+            caller = contextvars.copy_context()
+            results = list(ex.map(lambda m: caller.copy().run(one, m), members))
         return {m.name: r for m, r in zip(members, results, strict=True)}
 
     def workers(self) -> list[WorkerInfo]:

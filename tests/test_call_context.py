@@ -181,3 +181,68 @@ def test_stock_pyro5_proxy_calls_without_a_context(chain: list[str]) -> None:
         remaining, metadata, deadline, _caller = p.where()
         assert remaining is None and deadline is None and metadata == {}
         assert p.sleepy(0.01, "stock") == "stock"
+
+
+_oneway_seen: list[Any] = []
+
+
+@pyrorpc.service("ctx-oneway")
+class OnewaySink:
+    @pyrorpc.oneway
+    def note(self, tag: str) -> None:
+        call = pyrorpc.current_call()
+        _oneway_seen.append((tag, call.metadata if call else None))
+
+    @pyrorpc.oneway
+    async def anote(self, tag: str) -> None:
+        await asyncio.sleep(0)
+        call = pyrorpc.current_call()
+        _oneway_seen.append((tag, call.metadata if call else None))
+
+    def where(self) -> Any:
+        call = pyrorpc.current_call()
+        return call.metadata if call else None
+
+    def slow(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def record(self, tag: str) -> str:
+        _ran.append(tag)
+        return tag
+
+
+@pytest.fixture
+def sink() -> Any:
+    _oneway_seen.clear()
+    _ran.clear()
+    host = pyrorpc.WorkerHost(OnewaySink, register=False, threads=1).start()
+    yield host
+    host.stop()
+
+
+def test_oneway_calls_sync_and_async_run_with_their_context(sink: Any) -> None:
+    with pyrorpc.connect(sink.uri, timeout=5) as p, pyrorpc.call_metadata(r="o1"):
+        p.note.oneway("sync")
+        p.anote.oneway("async")
+        p.note("declared")  # @oneway methods are oneway even when called plainly
+    wait_for(lambda: len(_oneway_seen) == 3, 5, message="three oneway calls ran")
+    assert sorted(_oneway_seen) == [("async", {"r": "o1"}), ("declared", {"r": "o1"}), ("sync", {"r": "o1"})]
+
+
+def test_map_and_broadcast_carry_the_context(ns_addr: str) -> None:
+    with pyrorpc.WorkerHost(OnewaySink, ns=ns_addr), pyrorpc.Pool("ctx-oneway", ns=ns_addr, timeout=5) as pool:
+        with pyrorpc.call_metadata(r="m1"):
+            assert list(pool.where.map([(), ()])) == [{"r": "m1"}, {"r": "m1"}]
+            assert list(pool.where.broadcast().values()) == [{"r": "m1"}]
+
+
+def test_a_call_that_waited_past_its_deadline_for_a_thread_does_not_run(sink: Any) -> None:
+    # one call thread, busy for 1.5 s: a call with a 0.5 s timeout waits for it on the worker and must not run
+    with pyrorpc.connect(sink.uri, timeout=5) as p:
+        busy = p.slow.future(1.5)
+        wait_for(lambda: sink.stats.in_flight == 1, 5, message="the thread is busy")
+        with pytest.raises(pyrorpc.CallTimeoutError):
+            p.record.with_timeout(0.5)("late")
+        busy.result(5)
+        assert p.record("later") == "later"
+    assert _ran == ["later"]

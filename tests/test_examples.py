@@ -289,3 +289,25 @@ def test_callbacks(example: Any) -> None:
     assert lines.index("  start() returned; waiting for done()") < next(
         i for i, line in enumerate(lines) if "[report-2]" in line), out
     assert "done: {'job': 'report-2', 'steps': 4" in out
+
+
+# 7. quotes ---------------------------------------------------------------------------------------------
+
+def test_quotes_async_calls_streams_and_call_context(example: Any) -> None:
+    ex = example("quotes", QUOTES_DELAY="0.5")
+    ex.in_readme("pyrorpc worker start worker:Quotes --threads 4", "python client.py --quotes 2000 --days 1000000")
+    ex.workers("worker:Quotes", args=("--threads", "4"))
+    out = ex.run("client.py", "--quotes", "2000", "--days", "200000")
+
+    quotes = re.search(r"^2000 quotes awaited at once in ([\d.]+) s .*; 2000 carried request id ([0-9a-f]{8})$",
+                       out, re.M)
+    assert quotes, out
+    # 2,000 calls of a 0.5 s async method on one worker with 4 threads: about one delay, not 2,000 / 4 of them
+    assert 0.5 <= float(quotes.group(1)) < 5, out
+    left = re.search(r"^the worker saw each call's deadline: ([\d.]+)-([\d.]+) s of 30 s left$", out, re.M)
+    assert left and 0 < float(left.group(1)) <= float(left.group(2)) < 30, out
+    assert re.search(r"^200000 history rows streamed in [\d.]+ s \([\d,]+ rows/s\); last day 199999$", out, re.M), out
+    assert "stopped a stream after 10 rows" in out.splitlines(), out
+    assert "20 ticks streamed in order: True" in out.splitlines(), out
+    with ex.pool("quotes") as quotes_pool:  # the stream stopped early was closed on the worker (its finally ran)
+        wait_for(lambda: quotes_pool.open_streams() == 0, 5, message="the worker closed every history stream")
