@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
@@ -10,11 +11,12 @@ import math
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -111,6 +113,38 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def rss_kib(pid: int) -> int:
+    """Resident set size of process ``pid`` in KiB (``VmRSS`` of /proc/PID/status); Linux only."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def connections_to(port: int) -> int:
+    """Connected sockets of this process whose peer is on ``port`` (each of its descriptors that is a socket,
+    asked ``getpeername`` through a duplicate): a few system calls per descriptor, cheap enough to sample
+    often (reading /proc/net/tcp takes milliseconds here); Linux only."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:["):
+                continue
+            sock = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:  # closed meanwhile (or the listing's own descriptor)
+            continue
+        try:
+            peer = sock.getpeername()
+            if sock.type == socket.SOCK_STREAM and isinstance(peer, tuple) and peer[1] == port:
+                count += 1
+        except OSError:  # not connected (a listener)
+            pass
+        finally:
+            sock.close()  # only the duplicate: the connection stays as it is
+    return count
+
+
 @contextmanager
 def idle_connections(helper: Child, n: int, server_pid: int) -> Iterator[float]:
     """``n`` idle connections to a server, opened for the block by ``helper`` (a ``servers.py idle``
@@ -169,6 +203,17 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _loop_figures(lat: list[int], total: float, cpu: float, srv: float) -> dict[str, float]:
+    """The figures of ``n`` back-to-back calls timed end to end (``lat``: each one's ns, sorted here)."""
+    n = len(lat)
+    lat.sort()
+    return {"calls_per_s": n / total, "seconds": total, "calls": n,
+            "p50_us": percentile(lat, 50) / 1e3, "p90_us": percentile(lat, 90) / 1e3,
+            "p99_us": percentile(lat, 99) / 1e3, "p999_us": percentile(lat, 99.9) / 1e3,
+            "max_us": lat[-1] / 1e3, "mean_us": sum(lat) / n / 1e3,
+            "client_cpu_us": cpu / n * 1e6, "server_cpu_us": srv / n * 1e6}
+
+
 def sync_loop(call: Callable[[], Any], n: int, warmup: int, server_pid: int | None = None) -> dict[str, float]:
     """Call ``n`` times back to back; calls/s, latency percentiles (each call timed end to end) and the CPU
     time per call of this process and of the server process (both from CPU-time clocks)."""
@@ -188,12 +233,7 @@ def sync_loop(call: Callable[[], Any], n: int, warmup: int, server_pid: int | No
     total = (prev - start) / 1e9
     cpu = time.process_time() - cpu0
     srv = process_cpu(server_pid) - srv0 if server_pid else math.nan
-    lat.sort()
-    return {"calls_per_s": n / total, "seconds": total, "calls": n,
-            "p50_us": percentile(lat, 50) / 1e3, "p90_us": percentile(lat, 90) / 1e3,
-            "p99_us": percentile(lat, 99) / 1e3, "p999_us": percentile(lat, 99.9) / 1e3,
-            "max_us": lat[-1] / 1e3, "mean_us": sum(lat) / n / 1e3,
-            "client_cpu_us": cpu / n * 1e6, "server_cpu_us": srv / n * 1e6}
+    return _loop_figures(lat, total, cpu, srv)
 
 
 def threaded_run(prepare: Callable[[int], Callable[[], Any]], threads: int, n: int, warmup: int,
@@ -333,3 +373,203 @@ def futures_run(submit: Callable[[], Any], m: int, warmup: int) -> dict[str, flo
     return {"calls_per_s": m / elapsed, "seconds": elapsed, "calls": m}
 
 
+def multiplexed(client: Any) -> bool | None:
+    """Whether ``aio()`` on ``client`` (a Proxy or a Pool) goes over multiplexed connections: False once a
+    worker's handshake turned multiplexing down and the calls fall back to a thread each, which would make
+    an aio figure measure something else (reads pyrorpc internals; None where they are not there)."""
+    if hasattr(client, "_endpoint"):
+        endpoints = [client._endpoint]
+    else:
+        endpoints = [m.endpoint for m in getattr(client, "_members", {}).values()]
+    flags = [getattr(e, "mux", None) for e in endpoints]
+    if any(f is False for f in flags):
+        return False
+    return True if flags and all(flags) else None
+
+
+# asyncio: every coroutine runs on the one event loop the caller keeps for the whole run, so the
+# multiplexed channels opened in warm-up are the ones timed ------------------------------------------
+
+def async_loop(loop: asyncio.AbstractEventLoop, call: Callable[[], Awaitable[Any]], n: int, warmup: int,
+               server_pid: int | None = None) -> dict[str, float]:
+    """``sync_loop`` for a coroutine: one task awaits ``call()`` ``n`` times, one after another."""
+    async def run() -> dict[str, float]:
+        for _ in range(warmup):
+            await call()
+        gc.collect()
+        clock = time.perf_counter_ns
+        lat = [0] * n
+        cpu0 = time.process_time()
+        srv0 = process_cpu(server_pid) if server_pid else math.nan
+        start = prev = clock()
+        for i in range(n):
+            await call()
+            now = clock()
+            lat[i] = now - prev
+            prev = now
+        total = (prev - start) / 1e9
+        cpu = time.process_time() - cpu0
+        srv = process_cpu(server_pid) - srv0 if server_pid else math.nan
+        return _loop_figures(lat, total, cpu, srv)
+
+    return loop.run_until_complete(run())
+
+
+def async_concurrent(loop: asyncio.AbstractEventLoop, call: Callable[[], Awaitable[Any]], tasks: int, n: int,
+                     warmup: int, timeout: float = 300.0) -> dict[str, Any]:
+    """``threaded_run`` for coroutines: ``tasks`` tasks on one event loop each await ``warmup`` then ``n``
+    calls one after another; calls/s over all of them. The timed part starts once every task is done
+    warming up; a call that raises is counted in ``errors`` and its task goes on."""
+    errors = [0]
+    first_error: list[str] = []
+
+    async def calls(count: int, lat: list[int] | None) -> None:
+        clock = time.perf_counter_ns
+        prev = clock()
+        for k in range(count):
+            try:
+                await call()
+            except Exception as exc:
+                errors[0] += 1
+                if not first_error:
+                    first_error.append(f"{type(exc).__name__}: {exc}")
+            if lat is not None:
+                now = clock()
+                lat[k] = now - prev
+                prev = now
+
+    async def run() -> tuple[float, list[int]]:
+        await asyncio.wait_for(asyncio.gather(*[calls(warmup, None) for _ in range(tasks)]), timeout)
+        gc.collect()
+        lats = [[0] * n for _ in range(tasks)]
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*[calls(n, lat) for lat in lats]), timeout)
+        return time.perf_counter() - t0, sorted(x for lat in lats for x in lat)
+
+    elapsed, merged = loop.run_until_complete(run())
+    out: dict[str, Any] = {
+        "calls_per_s": tasks * n / elapsed, "seconds": elapsed, "calls": tasks * n, "tasks": tasks,
+        "errors": float(errors[0]), "p50_us": percentile(merged, 50) / 1e3, "p99_us": percentile(merged, 99) / 1e3,
+        "max_us": merged[-1] / 1e3}
+    if first_error:
+        out["first_error"] = first_error[0]
+    return out
+
+
+def gathered_run(loop: asyncio.AbstractEventLoop, call: Callable[[], Awaitable[Any]], n: int,
+                 samplers: dict[str, Callable[[], int]], interval: float = 0.01,
+                 timeout: float = 300.0) -> dict[str, Any]:
+    """``asyncio.gather`` of ``n`` ``call()`` awaits at once; its wall time, and the peak of each sampler
+    (``name`` -> a count such as a process's threads), read before, every ``interval`` seconds while the
+    awaits run (from a task on the same loop) and once after. Results that raised count in ``errors``."""
+    peaks = {name: 0 for name in samplers}
+
+    def sample() -> None:
+        for name, read in samplers.items():
+            peaks[name] = max(peaks[name], read())
+
+    async def sampler(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            sample()
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run() -> tuple[float, list[Any]]:
+        stop = asyncio.Event()
+        sample()
+        task = asyncio.ensure_future(sampler(stop))
+        gc.collect()
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*[call() for _ in range(n)], return_exceptions=True),
+                                             timeout)
+            return time.perf_counter() - t0, results
+        finally:
+            stop.set()
+            await task
+            sample()
+
+    cpu0 = time.process_time()
+    elapsed, results = loop.run_until_complete(run())
+    cpu = time.process_time() - cpu0
+    failed = [r for r in results if isinstance(r, BaseException)]
+    out: dict[str, Any] = {"seconds": elapsed, "calls": n, "calls_per_s": n / elapsed, "errors": float(len(failed)),
+                           "client_cpu_s": cpu, **{f"peak_{name}": float(v) for name, v in peaks.items()}}
+    if failed:
+        out["first_error"] = f"{type(failed[0]).__name__}: {failed[0]}"
+    return out
+
+
+# streams ----------------------------------------------------------------------------------------------
+
+def _check_items(count: int, last: Any, n: int) -> None:
+    if count != n or (n and last != n - 1):
+        raise RuntimeError(f"stream gave {count} items ending with {last!r}, expected 0..{n - 1}")
+
+
+def stream_run(items: Callable[[int], Iterable[Any]], n: int, warmup: int) -> dict[str, float]:
+    """Iterate ``items(n)`` (a remote generator yielding ``0 .. n-1``) to its end; items/s from the call
+    to the last item received (after a warm-up stream of ``warmup`` items)."""
+    for _ in items(warmup):
+        pass
+    gc.collect()
+    count, last = 0, None
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    for item in items(n):
+        count += 1
+        last = item
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    _check_items(count, last, n)
+    return {"items_per_s": n / elapsed, "seconds": elapsed, "items": n, "client_cpu_us": cpu / n * 1e6}
+
+
+def astream_run(loop: asyncio.AbstractEventLoop, items: Callable[[int], AsyncIterator[Any]], n: int,
+                warmup: int) -> dict[str, float]:
+    """``stream_run`` with ``async for`` on ``loop``."""
+    async def drain(k: int) -> tuple[int, Any]:
+        count, last = 0, None
+        async for item in items(k):
+            count += 1
+            last = item
+        return count, last
+
+    async def run() -> dict[str, float]:
+        await drain(warmup)
+        gc.collect()
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        count, last = await drain(n)
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        _check_items(count, last, n)
+        return {"items_per_s": n / elapsed, "seconds": elapsed, "items": n, "client_cpu_us": cpu / n * 1e6}
+
+    return loop.run_until_complete(run())
+
+
+def stream_memory(items: Iterable[Any], n: int, server_pid: int, every: int) -> dict[str, float]:
+    """Iterate ``items`` (a started stream of ``0 .. n-1``) reading the server's and this process's VmRSS
+    before the first item, every ``every`` items, at the last item (the stream still open) and after its
+    end; growth is at the last item minus before, in KiB."""
+    me = os.getpid()
+    gc.collect()
+    srv0, own0 = rss_kib(server_pid), rss_kib(me)
+    peak = srv0
+    count, last = 0, None
+    t0 = time.perf_counter()
+    srv_end = own_end = 0
+    for item in items:
+        count += 1
+        last = item
+        if count % every == 0 or count == n:
+            srv_end, own_end = rss_kib(server_pid), rss_kib(me)
+            peak = max(peak, srv_end)
+    elapsed = time.perf_counter() - t0
+    _check_items(count, last, n)
+    return {"rss_growth_kib": srv_end - srv0, "rss_peak_growth_kib": peak - srv0, "rss_before_kib": srv0,
+            "rss_end_kib": srv_end, "rss_after_kib": rss_kib(server_pid), "client_rss_growth_kib": own_end - own0,
+            "items_per_s": n / elapsed, "seconds": elapsed, "items": n, "samples_every": every}

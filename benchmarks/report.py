@@ -25,6 +25,17 @@ FIGURES: dict[str, tuple[str, str, bool]] = {
     "idle_threads": ("worker threads (/proc/PID/task)", "threads", False),
     "idle_fds": ("worker open descriptors (/proc/PID/fd)", "fds", False),
     "sleep": ("sleep-bound 10 ms futures", "calls/s", True),
+    "async_calls": ("aio vs sync calls/s, one at a time", "calls/s", True),
+    "async_p50": ("aio vs sync latency p50, one at a time", "µs", False),
+    "async_cpu_client": ("aio vs sync CPU per call, client", "µs", False),
+    "async_cpu_server": ("aio vs sync CPU per call, server", "µs", False),
+    "async_concurrent": ("aio vs sync calls/s, many callers at once", "calls/s", True),
+    "stream_rate": ("stream items/s vs sync calls/s", "items/s", True),
+    "stream_rss": ("worker RSS growth over a long stream (VmRSS)", "KiB", False),
+    "concurrent_seconds": ("concurrent awaits of a sleep: wall time", "s", False),
+    "concurrent_client_threads": ("concurrent awaits: client threads (peak)", "threads", False),
+    "concurrent_worker_threads": ("concurrent awaits: worker threads (peak)", "threads", False),
+    "concurrent_connections": ("concurrent awaits: connections to the worker (peak)", "connections", False),
     "ns_lookup_p50": ("service lookup p50 (ns_lookup.py)", "ms", False),
     "ns_lookup_p99": ("service lookup p99 (ns_lookup.py)", "ms", False),
 }
@@ -34,7 +45,9 @@ BASELINES = {"sync_calls": "pyro", "sync_p50": "pyro", "sync_p99": "pyro", "sync
              "sync_cpu_server": "pyro", "oneway_sent": "pyro",
              "oneway_executed": "pyro", "map": "pyro_loop", "threads_calls": "pyro", "idle_calls": "none",
              "idle_threads": "none", "ns_lookup_p50": "stock yplookup",
-             "ns_lookup_p99": "stock yplookup"}
+             "ns_lookup_p99": "stock yplookup", "async_calls": "sync", "async_p50": "sync",
+             "async_cpu_client": "sync", "async_cpu_server": "sync", "async_concurrent": "threads",
+             "stream_rate": "sync"}
 
 
 @dataclasses.dataclass
@@ -115,6 +128,12 @@ TARGETS = [
     Target("shared Pool: 0 errors", "threads_errors", "pool", "total", "<=", 0.0),
     Target("idle connections open ≥ 0.9× none", "idle_calls", "idle", "ratio", ">=", 0.9, ref="none"),
     Target("8 workers ≥ 85% of ideal 800/s", "sleep", "pool_k8", "ideal", ">=", 0.85),
+    Target("connect() aio ≥ 0.8× sync", "async_calls", "aio", "ratio", ">=", 0.8, ref="sync"),
+    Target("Pool aio ≥ 0.8× sync", "async_calls", "pool_aio", "ratio", ">=", 0.8, ref="pool_sync"),
+    Target("aio at once ≥ 0.8× threads", "async_concurrent", "aio", "ratio", ">=", 0.8, ref="threads"),
+    Target("aio at once ≥ 0.8× future()", "async_concurrent", "aio", "ratio", ">=", 0.8, ref="futures"),
+    Target("stream() ≥ 10× sync calls/s", "stream_rate", "stream", "ratio", ">=", 10.0, ref="sync"),
+    Target("astream() ≥ 10× sync calls/s", "stream_rate", "astream", "ratio", ">=", 10.0, ref="sync"),
     Target("p50 ≤ 2 ms", "ns_lookup_p50", "pyrorpc service_workers", "absolute", "<=", 2.0),
     Target("≥ 10× faster than stock yplookup", "ns_lookup_p50", "pyrorpc service_workers", "speedup", ">=", 10.0,
            ref="stock yplookup"),
@@ -236,7 +255,7 @@ class Results:
             fh.write("\n")
 
     def write_png(self, path: str) -> bool:
-        """A 2x3 chart of the throughput figures; False when matplotlib is not installed."""
+        """A 3x3 chart of the throughput figures; False when matplotlib is not installed."""
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -247,8 +266,11 @@ class Results:
                   ("map", "map / sync loop calls/s"),
                   ("threads_calls", f"{self.meta.get('threads')} client threads × sync calls/s"),
                   ("idle_calls", f"sync calls/s, {self.meta.get('idle_connections', 0):,} idle connections vs none"),
-                  ("sleep", "sleep-bound 10 ms calls/s vs ideal")]
-        fig, axes = plt.subplots(2, 3, figsize=(18, 8))
+                  ("sleep", "sleep-bound 10 ms calls/s vs ideal"),
+                  ("async_calls", "aio vs sync calls/s, one at a time"),
+                  ("async_concurrent", f"aio vs sync calls/s, {self.meta.get('threads')} callers at once"),
+                  ("stream_rate", "stream items/s vs sync calls/s (log scale)")]
+        fig, axes = plt.subplots(3, 3, figsize=(18, 12))
         for ax, (figure, title) in zip(axes.flat, panels, strict=False):
             rows = [s for (f, _c), s in self.series.items() if f == figure]
             ax.set_title(title)
@@ -265,6 +287,8 @@ class Results:
             if any(ideals):
                 ax.plot(pos, ideals, "r_", markersize=30, mew=2, label="ideal")
                 ax.legend()
+            if figure == "stream_rate":
+                ax.set_yscale("log")  # streams run ~20x the calls they are compared with
             ax.set_xticks(list(pos))
             ax.set_xticklabels([s.label for s in rows], rotation=20, ha="right", fontsize=8)
         fig.suptitle(f"pyrorpc benchmarks ({'pinned to one CPU' if self.meta.get('pinned') else 'unpinned'}, "
@@ -282,6 +306,7 @@ def command_line(argv: list[str]) -> str:
 def markdown_report(results: Results, argv: list[str]) -> str:
     meta = results.meta
     m = meta["machine"]
+    conc, nap = meta.get("concurrent", 0), meta.get("concurrent_sleep", 1.0)
     lines = [
         "# pyrorpc benchmarks",
         "",
@@ -333,6 +358,35 @@ def markdown_report(results: Results, argv: list[str]) -> str:
         "  `max_in_flight=1` (one call per worker at a time), so the ideal is k x 100 calls/s; M is about 2",
         "  seconds' worth. It stays pinned like everything else: it is not CPU-bound up to 8 workers, and",
         "  at 16 workers the client's per-call CPU cost on the one pinned CPU starts to show.",
+        "- aio one at a time: one task awaits `aping.aio()` (an `async def` method, run on the worker's event",
+        "  loop) back to back on one event loop kept for the whole run, against `ping()` (plain `def`, run on a",
+        "  worker thread) called back to back on the same client object and worker process, in the same round;",
+        "  `ping.aio()` (a plain method through the multiplexed connection) shows the client path alone. CPU",
+        "  per call as for sync.",
+        f"- aio at once: {meta.get('threads')} tasks each await `aping.aio()` {meta.get('thread_calls')} times "
+        "back to back on one event loop",
+        f"  and one Pool (`max_in_flight={meta.get('threads')}`), against {meta.get('threads')} threads calling "
+        "`ping()` on that Pool and",
+        f"  {meta.get('threads')} `ping.future()` calls in flight (the same number of calls); calls/s = all "
+        "calls / time until the last is done.",
+        f"- stream: items/s of `items(n)` (a generator yielding the ints 0..n-1, n = {meta.get('stream_items', 0):,})",
+        "  iterated with `stream()` (a connection of its own, opened by the call and counted in its time) and",
+        "  `astream()` (the event loop's multiplexed connection), against sync `ping()` calls/s on the same",
+        "  worker in the same round. Stock Pyro5 (its item streaming) and RPyC (a generator netref) iterate the",
+        "  same generator with a round trip per item and are shown for scale.",
+        f"  RSS: the worker's VmRSS (`/proc/PID/status`) read before a `stream()` of {meta.get('rss_items', 0):,} "
+        "items and when",
+        "  its last item arrives (the stream still open); *growth* is the difference (the JSON's details also",
+        "  keep a reading every 5% of the items, the client's own growth, and items/s).",
+        f"- concurrent: `asyncio.gather` of {conc:,} `asleep.aio({nap:g})` awaits (an `async def` method",
+        f"  awaiting `asyncio.sleep`) through one `Pool(max_in_flight={conc})` on one worker process started",
+        f"  with `--threads {meta.get('concurrent_threads', 4)}`, pinned like everything else; the ideal wall "
+        f"time is {nap:g} s. Each measure follows a",
+        "  warm-up gather of as many awaits without the sleep. The client is a process of its own",
+        "  (`servers.py gather`, pinned too) holding that Pool across rounds, so its threads are the awaits'",
+        "  alone. Threads are `/proc/PID/task` of that client and of the worker; connections are the",
+        "  client's connected sockets to the worker's port (the worker's only client); each is the peak of",
+        "  readings every 10 ms while the awaits run (and before and after).",
         "- service lookup: `benchmarks/ns_lookup.py` (its own interleaved rounds; stock `yplookup` scans",
         "  the registry, pyrorpc answers from its service index).",
     ]
@@ -344,13 +398,17 @@ def markdown_report(results: Results, argv: list[str]) -> str:
 def fmt(value: float, unit: str) -> str:
     if math.isnan(value):
         return "—"
-    if unit == "calls/s":
+    if unit in ("calls/s", "items/s"):
         return f"{value:,.0f}/s"
+    if unit == "s":
+        return f"{value:.2f} s"
+    if unit == "KiB":
+        return f"{value:+,.0f} KiB"
     if unit == "µs":
         return f"{value:,.0f} µs"
     if unit == "ms":
         return f"{value:.3f} ms"
-    if unit in ("errors", "threads", "fds"):
+    if unit in ("errors", "threads", "fds", "connections"):
         return f"{value:,.0f} {unit}"
     return f"{value:.3g} {unit}"
 

@@ -19,13 +19,20 @@ Figures: ``sync`` (calls/s, p50/p99 latency and client/server CPU per call of ``
 loop), ``threads`` (64 client threads sharing one Pool vs 64 threads with a stock Pyro5 proxy each: calls/s
 and errors), ``idle`` (a worker's sync calls/s with 1,000 idle connections open on it vs none, and its
 thread and descriptor counts), ``sleep`` (10 ms calls as futures through pools of 1/2/4/8/16 workers vs
-the ideal) and ``ns`` (service lookup among 10,000 registrations: runs ``benchmarks/ns_lookup.py`` and
+the ideal), ``async`` (``await m.aio()`` calls/s of an ``async def`` method, one at a time and from 64
+tasks at once, against the sync path measured alongside: ``m()`` one at a time, and 64 threads or
+``future()`` calls at once), ``stream`` (items/s of ``for x in m.stream(n)`` and ``async for x in
+m.astream(n)`` against the sync call rate, stock Pyro5's item streaming and RPyC's generator iteration; the
+worker's RSS growth over a stream of 1,000,000 items), ``concurrent`` (10,000 awaits at once of an
+``async def`` method sleeping 1 s, on one worker process of 4 threads: wall time, client and worker threads,
+connections) and ``ns`` (service lookup among 10,000 registrations: runs ``benchmarks/ns_lookup.py`` and
 includes its rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import functools
 import json
@@ -51,11 +58,17 @@ import Pyro5.client  # noqa: E402
 from harness import (  # noqa: E402
     ROOT,
     Child,
+    astream_run,
+    async_concurrent,
+    async_loop,
     children,
     fd_count,
     futures_run,
     idle_connections,
+    multiplexed,
     oneway_run,
+    stream_memory,
+    stream_run,
     sync_loop,
     thread_count,
     threaded_run,
@@ -67,7 +80,9 @@ from servers import FRAME  # noqa: E402
 
 import pyrorpc  # noqa: E402
 
-GROUPS = ("sync", "oneway", "map", "threads", "idle", "sleep", "ns")
+GROUPS = ("sync", "oneway", "map", "threads", "idle", "sleep", "async", "stream", "concurrent", "ns")
+RPC_GROUPS = frozenset(GROUPS) - {"ns"}
+BENCH_GROUPS = {"sync", "oneway", "map", "threads", "async", "stream"}  # served by the "bench" worker
 POOL_SIZES = (1, 2, 4, 8, 16)
 SMOKE_POOL_SIZES = (1, 2)
 
@@ -79,6 +94,11 @@ SYNC_FIGURES = {"sync_calls": "calls_per_s", "sync_p50": "p50_us", "sync_p99": "
 ONEWAY_FIGURES = {"oneway_executed": "executed_per_s", "oneway_sent": "sent_per_s"}
 THREADS_FIGURES = {"threads_calls": "calls_per_s", "threads_errors": "errors"}
 IDLE_FIGURES = {"idle_calls": "calls_per_s", "idle_threads": "threads", "idle_fds": "fds"}
+ASYNC_FIGURES = {"async_calls": "calls_per_s", "async_p50": "p50_us", "async_cpu_client": "client_cpu_us",
+                 "async_cpu_server": "server_cpu_us"}
+CONCURRENT_FIGURES = {"concurrent_seconds": "seconds", "concurrent_client_threads": "peak_client_threads",
+                      "concurrent_worker_threads": "peak_worker_threads",
+                      "concurrent_connections": "peak_connections"}
 
 
 @dataclasses.dataclass
@@ -116,10 +136,30 @@ class Bench:
         self.pool_sizes = SMOKE_POOL_SIZES if args.smoke else POOL_SIZES
         self.rpyc = args.rpyc and have_rpyc()
         self.pids: dict[str, int] = {}  # server name -> pid, for the CPU-per-call figures
+        self.uris: dict[str, str] = {}  # service -> worker URI
+        # every coroutine of the run goes through this one event loop (the multiplexed channels of aio()
+        # and astream() belong to a loop: warmed up once, reused by every round); closed last
+        self.loop = asyncio.new_event_loop()
+        stack.callback(self.close_loop)
         # Pyro5's thread server refuses a connection once its pool is full (80 threads by default)
         self.pyro_threadpool = max(128, 2 * args.threads)
-        if args.rpyc and not self.rpyc and args.groups & {"sync", "oneway"}:
+        if args.rpyc and not self.rpyc and args.groups & {"sync", "oneway", "stream"}:
             results.notes.append("RPyC not measured: `pip install rpyc` (optional) to include it.")
+        if args.groups & {"async", "concurrent"}:
+            results.notes.append(
+                "async and concurrent have no RPyC row: RPyC has no asyncio client and no async service "
+                "methods, and its threaded server serves each connection's requests one at a time on one "
+                "thread, so 10,000 awaits of a 1 s sleep would need 10,000 connections and server threads "
+                "(or 10,000 s): no fair equivalent. Its `async_` results are not awaitable.")
+
+    def close_loop(self) -> None:
+        """Let the closes the proxies scheduled on the loop run (their channels), then close it."""
+        loop = self.loop
+        try:
+            loop.run_until_complete(asyncio.sleep(0.05))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
 
     def log(self, msg: str) -> None:
         if not self.args.quiet:
@@ -129,11 +169,11 @@ class Bench:
     def start_servers(self) -> None:
         t0 = time.perf_counter()
         groups = self.args.groups
-        need_rpc = bool(groups & {"sync", "oneway", "map", "threads", "idle", "sleep"})
+        need_rpc = bool(groups & RPC_GROUPS)
         ns = self.start(["ns"], self.cpus) if need_rpc else None
         raw = self.start(["raw"], self.cpus) if "sync" in groups else None
-        pyro = self.start(["pyro"], self.cpus) if groups & {"sync", "oneway", "map"} else None
-        rpyc = self.start(["rpyc"], self.cpus) if self.rpyc and groups & {"sync", "oneway"} else None
+        pyro = self.start(["pyro"], self.cpus) if groups & {"sync", "oneway", "map", "stream"} else None
+        rpyc = self.start(["rpyc"], self.cpus) if self.rpyc and groups & {"sync", "oneway", "stream"} else None
         # its own stock server: every client thread's connection holds one of its threads for good
         pyro_threads = self.start(["pyro", "--threadpool", str(self.pyro_threadpool)], self.cpus) \
             if "threads" in groups else None
@@ -143,30 +183,41 @@ class Bench:
             # worker process i serves every service that needs more than i workers: "bench" (1 worker),
             # "bench2" (2 workers) and "sleepK" (K workers, one per process); sleep-bound pools never run
             # while another figure does, so sharing processes costs them nothing. "idle" gets a process
-            # of its own, so its thread and descriptor counts are one server's.
-            plan: list[list[str]] = []
+            # of its own, so its thread and descriptor counts are one server's; so does "conc" (the
+            # concurrent group's worker, with --concurrent-threads call threads).
+            plan: list[tuple[list[str], list[str]]] = []  # (services, extra worker arguments)
             procs = max(self.pool_sizes) if "sleep" in groups else 2
             for i in range(procs):
                 services = []
-                if groups & {"sync", "oneway", "map", "threads"} and i == 0:
+                if groups & BENCH_GROUPS and i == 0:
                     services.append("bench")
                 if groups & {"oneway", "map"} and i < 2:
                     services.append("bench2")
                 if "sleep" in groups:
                     services += [f"sleep{k}" for k in self.pool_sizes if i < k]
                 if services:
-                    plan.append(services)
+                    plan.append((services, []))
             if "idle" in groups:
-                plan.append(["idle"])
-            workers = [self.start(["worker", "--ns", self.ns, *[a for s in svc for a in ("--service", s)]],
-                                  self.cpus) for svc in plan]
-            uris: dict[str, str] = {}  # service -> worker URI, from "READY worker SERVICE=URI ..."
-            for svc, w in zip(plan, workers, strict=True):
+                plan.append((["idle"], []))
+            if "concurrent" in groups:
+                plan.append((["conc"], ["--threads", str(self.args.concurrent_threads)]))
+            workers = [self.start(["worker", "--ns", self.ns, *[a for s in svc for a in ("--service", s)], *extra],
+                                  self.cpus) for svc, extra in plan]
+            uris = self.uris  # service -> worker URI, from "READY worker SERVICE=URI ..."
+            for (svc, _extra), w in zip(plan, workers, strict=True):
                 uris.update(kv.partition("=")[::2] for kv in w.wait_ready(timeout)[1:])
-                self.pids.update({s: w.proc.pid for s in svc if s in ("bench", "idle")})
+                self.pids.update({s: w.proc.pid for s in svc if s in ("bench", "idle", "conc")})
             if "idle" in groups:
                 self.idle_helper = self.start(["idle", "--uri", uris["idle"]], self.cpus)
                 self.idle_helper.wait_ready(timeout)
+            if "concurrent" in groups:
+                port = uris["conc"].rsplit(":", 1)[1]
+                self.gather_helper = self.start(
+                    ["gather", "--ns", self.ns, "--service", "conc", "--max-in-flight", str(self.args.concurrent),
+                     "--worker-pid", str(self.pids["conc"]), "--port", port], self.cpus)
+                held = self.gather_helper.wait_ready(timeout)[1].split(",")
+                if len(held) != 1 or not held[0].startswith("conc."):
+                    raise RuntimeError(f"the gather helper's Pool('conc') holds {held}, expected 1 worker of conc")
         if pyro_threads is not None:
             ready = pyro_threads.wait_ready(timeout)
             self.pyro_threads_uri = ready[1]
@@ -197,7 +248,7 @@ class Bench:
         pool = pyrorpc.Pool(service, ns=self.ns, **kwargs)
         self.stack.callback(pool.close)
         # a figure is only worth its label if the pool holds exactly the workers started for it
-        want = 1 if service == "bench" else 2 if service == "bench2" else int(service[len("sleep"):])
+        want = {"bench": 1, "bench2": 2, "conc": 1}.get(service) or int(service[len("sleep"):])
         got = sorted(w.name for w in pool.workers())
         if len(got) != want or not all(name.startswith(service + ".") for name in got):
             raise RuntimeError(f"Pool({service!r}) holds {got}, expected {want} worker(s) of {service!r}")
@@ -223,7 +274,8 @@ class Bench:
         """Per group, the contenders in a fixed order (rotated per round). Each group is built by its own
         method, so no closure can see another group's clients."""
         makers = {"sync": self._sync_group, "oneway": self._oneway_group, "map": self._map_group,
-                  "threads": self._threads_group, "idle": self._idle_group, "sleep": self._sleep_group}
+                  "threads": self._threads_group, "idle": self._idle_group, "sleep": self._sleep_group,
+                  "async": self._async_group, "stream": self._stream_group, "concurrent": self._concurrent_group}
         return {group: make() for group, make in makers.items() if group in self.args.groups}
 
     def _sync_group(self) -> list[Contender]:
@@ -342,6 +394,101 @@ class Bench:
                 functools.partial(futures_run, pool.sleep10.future, m, 2 * k), ideal=k * 100.0))
         return group
 
+    def _async_group(self) -> list[Contender]:
+        """aio() against the sync path, side by side on the same worker process: one call at a time
+        (latency-bound, like the sync figure) and ``--threads`` callers at once."""
+        a = self.args
+        pid, loop = self.pids["bench"], self.loop
+        conn, pool = self.connect("bench"), self.pool("bench")
+        # a window as wide as the callers for the concurrent rows (the default of 16 would cap them)
+        wide = self.pool("bench", max_in_flight=a.threads)
+        tasks, n, warmup = a.threads, a.thread_calls, max(2, a.thread_calls // 20)
+
+        def checked(out: dict[str, Any], client: Any = None) -> dict[str, Any]:
+            if out.get("errors"):
+                raise RuntimeError(f"{out['errors']:.0f} calls failed (first: {out.get('first_error')})")
+            if client is not None and multiplexed(client) is False:
+                raise RuntimeError("aio() fell back to a thread per call: the worker did not accept multiplexing")
+            return out
+
+        def one(cid: str, label: str, call: Callable[[], Any], aio: Any = None) -> Contender:
+            if aio is not None:  # the client whose aio() this is
+                return Contender(cid, label, ASYNC_FIGURES,
+                                 lambda: checked(async_loop(loop, call, a.calls, a.warmup, pid), aio))
+            return Contender(cid, label, ASYNC_FIGURES, lambda: sync_loop(call, a.calls, a.warmup, pid))
+
+        def concurrent(cid: str, label: str, run: Callable[[], dict[str, Any]], aio: bool = False) -> Contender:
+            return Contender(cid, label, {"async_concurrent": "calls_per_s"},
+                             lambda: checked(run(), wide if aio else None))
+
+        return [
+            one("sync", "connect(): ping(), one at a time", lambda: conn.ping()),
+            one("aio", "connect(): await aping.aio() (async def), one at a time", lambda: conn.aping.aio(), conn),
+            one("aio_plain", "connect(): await ping.aio() (plain def), one at a time", lambda: conn.ping.aio(), conn),
+            one("pool_sync", "Pool (1 worker): ping(), one at a time", lambda: pool.ping()),
+            one("pool_aio", "Pool (1 worker): await aping.aio(), one at a time", lambda: pool.aping.aio(), pool),
+            concurrent("threads", f"Pool: {tasks} threads × ping()",
+                       lambda: threaded_run(lambda _i: lambda: wide.ping(), tasks, n, warmup)),
+            concurrent("futures", f"Pool: ping.future(), {tasks} in flight",
+                       lambda: futures_run(wide.ping.future, tasks * n, tasks)),
+            concurrent("aio", f"Pool: {tasks} tasks × await aping.aio()",
+                       lambda: async_concurrent(loop, lambda: wide.aping.aio(), tasks, n, warmup), True),
+            concurrent("aio_plain", f"Pool: {tasks} tasks × await ping.aio() (plain def)",
+                       lambda: async_concurrent(loop, lambda: wide.ping.aio(), tasks, n, warmup), True),
+        ]
+
+    def _stream_group(self) -> list[Contender]:
+        """Items/s of a generator method, streamed, against the sync call rate of the same worker measured
+        alongside; stock Pyro5 and RPyC iterate the same generator remotely (a round trip per item)."""
+        a = self.args
+        pid, loop = self.pids["bench"], self.loop
+        conn = self.connect("bench")
+        pyro = self.pyro_proxy()
+        rate = {"stream_rate": "items_per_s"}
+        group = [
+            Contender("sync", "connect(): ping() calls/s, one at a time (baseline)", {"stream_rate": "calls_per_s"},
+                      lambda: sync_loop(lambda: conn.ping(), a.calls, a.warmup, pid)),
+            Contender("stream", f"connect(): for x in items.stream({a.stream_items:,})", rate,
+                      lambda: stream_run(lambda k: conn.items.stream(k), a.stream_items, a.warmup)),
+            Contender("astream", f"connect(): async for x in items.astream({a.stream_items:,})", rate,
+                      lambda: astream_run(loop, lambda k: conn.items.astream(k), a.stream_items, a.warmup)),
+            Contender("pyro", f"stock Pyro5: for x in items({a.calls:,}) (item streaming)", rate,
+                      lambda: stream_run(lambda k: pyro.items(k), a.calls, a.warmup)),
+        ]
+        if self.rpyc:
+            root = self.rpyc_conn().root
+            group.append(Contender("rpyc", f"RPyC: for x in items({a.calls:,}) (generator netref)", rate,
+                                   lambda: stream_run(lambda k: root.items(k), a.calls, a.warmup)))
+
+        def memory() -> dict[str, Any]:
+            for _ in conn.items.stream(a.warmup):  # (a stream's connection and thread exist before "before")
+                pass
+            return stream_memory(conn.items.stream(a.rss_items), a.rss_items, pid, max(1, a.rss_items // 20))
+
+        group.append(Contender("rss", f"connect(): for x in items.stream({a.rss_items:,})",
+                               {"stream_rss": "rss_growth_kib"}, memory))
+        return group
+
+    def _concurrent_group(self) -> list[Contender]:
+        """``--concurrent`` awaits at once of an async method sleeping ``--concurrent-sleep`` seconds, on one
+        worker process of ``--concurrent-threads`` call threads, through one Pool - in a client process of
+        its own (``servers.py gather``), so the client's thread count is this figure's only."""
+        a = self.args
+        n, helper = a.concurrent, self.gather_helper
+
+        def measure() -> dict[str, Any]:
+            reply = helper.ask(f"run {n} {a.concurrent_sleep!r}", 300 + 10 * a.concurrent_sleep)
+            if reply[0] != "gathered":
+                raise RuntimeError("gather helper: " + " ".join(reply))
+            out: dict[str, Any] = json.loads(reply[1])
+            if out["errors"]:
+                raise RuntimeError(f"{out['errors']:.0f} of {n} awaits failed (first: {out.get('first_error')})")
+            out.update(worker_threads_setting=a.concurrent_threads, sleep_s=a.concurrent_sleep)
+            return out
+
+        return [Contender("pool_aio", f"Pool (1 worker, {a.concurrent_threads} threads): gather of {n:,} "
+                          f"aio() sleeping {a.concurrent_sleep:g} s", CONCURRENT_FIGURES, measure)]
+
     # the rounds
     def run_rounds(self) -> None:
         groups = self.contenders()
@@ -413,13 +560,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="idle connections held open in the idle figure (default 1000, smoke too)")
     parser.add_argument("--sleep-seconds", type=float, default=None,
                         help="ideal duration of each sleep-bound measure (default 2; smoke 0.3)")
+    parser.add_argument("--stream-items", type=int, default=None,
+                        help="items per pyrorpc stream in the stream figure (default 200000; smoke 5000)")
+    parser.add_argument("--rss-items", type=int, default=None,
+                        help="items streamed while the worker's RSS is watched (default 1000000; smoke 20000)")
+    parser.add_argument("--concurrent", type=int, default=None,
+                        help="awaits at once in the concurrent figure (default 10000; smoke 500)")
+    parser.add_argument("--concurrent-sleep", type=float, default=1.0,
+                        help="seconds each of those awaits sleeps on the worker (default 1)")
+    parser.add_argument("--concurrent-threads", type=int, default=4,
+                        help="call threads of the concurrent figure's worker process (default 4)")
     parser.add_argument("--only", default=None, metavar="NAME[,NAME]", help=f"run a subset of: {', '.join(GROUPS)}")
     parser.add_argument("--unpinned", action="store_true", help="do not pin processes to one CPU")
     parser.add_argument("--cpu", type=int, default=0, help="the CPU to pin every process to (default 0)")
     parser.add_argument("--no-rpyc", dest="rpyc", action="store_false", help="skip RPyC even if installed")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny run: 200 calls (20 per client thread), 1 round, pools of 1/2, small "
-                             "name-server registry (< 30 s)")
+                             "streams, 500 concurrent awaits, small name-server registry (< 30 s)")
     parser.add_argument("--json", metavar="PATH", help="write every raw number as JSON")
     parser.add_argument("--out", metavar="PATH", help="write the markdown report (e.g. docs/benchmarks.md)")
     parser.add_argument("--png", metavar="PATH", help="write a chart (needs matplotlib)")
@@ -431,6 +588,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.calls = args.calls if args.calls is not None else (200 if args.smoke else 5000)
     args.sleep_seconds = args.sleep_seconds if args.sleep_seconds is not None else (0.3 if args.smoke else 2.0)
     args.warmup = max(10, args.calls // 20)
+    args.stream_items = args.stream_items if args.stream_items is not None else (5000 if args.smoke else 200_000)
+    args.rss_items = args.rss_items if args.rss_items is not None else (20_000 if args.smoke else 1_000_000)
+    args.concurrent = args.concurrent if args.concurrent is not None else (500 if args.smoke else 10_000)
     args.thread_calls = args.thread_calls if args.thread_calls is not None else max(10, args.calls // 10)
     if args.rounds < 1:
         parser.error("`--rounds` must be at least 1 (3 or more for a meaningful spread)")
@@ -444,6 +604,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("`--idle-connections` must be at least 1")
     if args.sleep_seconds <= 0:
         parser.error("`--sleep-seconds` must be positive")
+    for name in ("stream_items", "rss_items", "concurrent", "concurrent_threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"`--{name.replace('_', '-')}` must be at least 1")
+    if args.concurrent_sleep < 0:
+        parser.error("`--concurrent-sleep` must not be negative")
     names = [n.strip() for n in (args.only or ",".join(GROUPS)).split(",") if n.strip()]
     unknown = [n for n in names if n not in GROUPS]
     if unknown or not names:
@@ -470,14 +635,16 @@ def main(argv: list[str] | None = None) -> int:
                        "pinned": not args.unpinned, "cpu": args.cpu, "rounds": args.rounds, "calls": args.calls,
                        "sleep_seconds": args.sleep_seconds, "smoke": args.smoke, "groups": sorted(args.groups),
                        "threads": args.threads, "thread_calls": args.thread_calls,
-                       "idle_connections": args.idle_connections,
+                       "idle_connections": args.idle_connections, "stream_items": args.stream_items,
+                       "rss_items": args.rss_items, "concurrent": args.concurrent,
+                       "concurrent_sleep": args.concurrent_sleep, "concurrent_threads": args.concurrent_threads,
                        "pool_sizes": list(SMOKE_POOL_SIZES if args.smoke else POOL_SIZES),
                        "machine": machine(), "server_pids": []})
     t0 = time.perf_counter()
     try:
         with children(results.meta["server_pids"]) as start, ExitStack() as stack:
             bench = Bench(args, stack, start, results)
-            if args.groups - {"ns"}:
+            if args.groups & RPC_GROUPS:
                 bench.start_servers()
                 bench.run_rounds()
         if "ns" in args.groups:

@@ -10,20 +10,29 @@ Kinds:
              ``--threadpool N`` its pool grows to N threads instead of Pyro5's default 80)
     rpyc     an RPyC ``ThreadedServer`` with the same methods (only if rpyc is installed)
     ns       pyrorpc's name server (``nameserver.daemon.run``)
-    worker   one pyrorpc ``WorkerHost`` per ``--service`` name, all serving ``BenchService``
+    worker   one pyrorpc ``WorkerHost`` per ``--service`` name, all serving ``BenchService`` (``--threads N``:
+             the call threads of each, default pyrorpc's)
     idle     a helper holding idle client connections to the worker at ``--uri``: each ``open N`` line on
              stdin opens N more (TCP + pyrorpc handshake, nothing else), ``close`` closes them all; each
              command is answered with a ``READY`` line
+    gather   a client of its own (so its threads are this figure's alone) with a ``Pool`` of ``--service``:
+             each ``run N SECONDS`` line on stdin awaits N ``asleep.aio(0)`` at once (warm-up), then N
+             ``asleep.aio(SECONDS)`` at once, watching its own threads, the ``--worker-pid``'s threads and
+             its own connections to the worker's ``--port``; answered with ``READY gathered JSON``
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
+import json
 import os
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pyrorpc
@@ -56,6 +65,19 @@ class BenchService:
 
     def sleep10(self) -> None:
         time.sleep(0.010)
+
+    # pyrorpc only (stock Pyro5 and RPyC have no async methods; generators are streamed by all three)
+    async def aping(self) -> None:
+        """``ping`` as an ``async def`` method: run on the worker's event loop."""
+        return None
+
+    async def asleep(self, seconds: float) -> None:
+        """I/O-bound: awaits without holding a worker thread."""
+        await asyncio.sleep(seconds)
+
+    def items(self, n: int) -> Iterator[int]:
+        """``0 .. n-1``, one at a time: streamed with ``stream()`` / ``astream()``."""
+        yield from range(n)
 
 
 def pin(cpus: str | None) -> None:
@@ -151,6 +173,9 @@ def serve_rpyc() -> None:
         def exposed_count(self) -> int:
             return bench.count()
 
+        def exposed_items(self, n: int) -> Iterator[int]:
+            return bench.items(n)  # a generator: the client gets a netref and iterates it remotely
+
     server = ThreadedServer(BenchRpyc, hostname="127.0.0.1", port=0,
                             protocol_config={"allow_public_attrs": False})
     threading.Thread(target=server.start, daemon=True).start()
@@ -171,8 +196,8 @@ def serve_ns() -> None:
     run("127.0.0.1", 0, storage="memory", lease_ttl=30.0, echo=echo)
 
 
-def serve_workers(ns: str, services: list[str]) -> None:
-    hosts = [pyrorpc.WorkerHost(BenchService, ns=ns, service=s).start() for s in services]
+def serve_workers(ns: str, services: list[str], threads: int | None) -> None:
+    hosts = [pyrorpc.WorkerHost(BenchService, ns=ns, service=s, threads=threads).start() for s in services]
     ready("worker " + " ".join(f"{h.service}={h.uri}" for h in hosts))
     # no graceful stop: the name server goes down with the same benchmark run, leases and all
     exit_when_parent_goes()
@@ -215,14 +240,56 @@ def hold_idle(uri: str) -> None:
     os._exit(0)
 
 
+# many awaits at once ------------------------------------------------------------------------------------
+
+def run_gathers(ns: str, service: str, max_in_flight: int, worker_pid: int, port: int) -> None:
+    """Answer ``run N SECONDS`` commands (see the module's doc) until stdin closes."""
+    from harness import connections_to, gathered_run, multiplexed, process_cpu, thread_count
+
+    me = os.getpid()
+    samplers = {"client_threads": lambda: thread_count(me), "worker_threads": lambda: thread_count(worker_pid),
+                "connections": lambda: connections_to(port)}  # (the worker serves this client only)
+    loop = asyncio.new_event_loop()  # one for every command: its channels stay open between them
+    pool = pyrorpc.Pool(service, ns=ns, max_in_flight=max_in_flight)
+    workers = [w.name for w in pool.workers()]
+    ready(f"gather {','.join(workers) or '-'}")
+    for line in sys.stdin:  # EOF: the benchmark is done (or gone)
+        cmd = line.split()
+        try:
+            if cmd[:1] != ["run"] or len(cmd) != 3:
+                ready(f"error unknown command {line.strip()!r}")
+                continue
+            n, seconds = int(cmd[1]), float(cmd[2])
+            warm = gathered_run(loop, lambda: pool.asleep.aio(0), n, {})
+            if warm["errors"]:
+                ready(f"error warm-up: {warm['errors']:.0f} of {n} awaits failed ({warm['first_error']})")
+                continue
+            if multiplexed(pool) is False:
+                ready("error aio() fell back to a thread per call: the worker did not accept multiplexing")
+                continue
+            worker0 = process_cpu(worker_pid)
+            out = gathered_run(loop, functools.partial(pool.asleep.aio, seconds), n, samplers)
+            out.update(worker_cpu_s=process_cpu(worker_pid) - worker0, warmup_seconds=warm["seconds"],
+                       client_threads_after=thread_count(me), worker_threads_after=thread_count(worker_pid),
+                       connections_after=connections_to(port))
+            ready("gathered " + json.dumps(out, separators=(",", ":")))
+        except Exception as exc:  # the benchmark reports it
+            ready(f"error {type(exc).__name__}: {exc}")
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["raw", "pyro", "rpyc", "ns", "worker", "idle"])
+    parser.add_argument("kind", choices=["raw", "pyro", "rpyc", "ns", "worker", "idle", "gather"])
     parser.add_argument("--cpus", default=None, help="pin to these CPUs, e.g. 0 (default: inherited)")
     parser.add_argument("--ns", default=None, help="name server HOST:PORT (worker)")
     parser.add_argument("--service", action="append", default=[], help="service to serve (worker; repeatable)")
     parser.add_argument("--threadpool", type=int, default=None, help="Pyro5 THREADPOOL_SIZE (pyro)")
+    parser.add_argument("--threads", type=int, default=None, help="call threads of each WorkerHost (worker)")
     parser.add_argument("--uri", default=None, help="the worker to hold idle connections to (idle)")
+    parser.add_argument("--max-in-flight", type=int, default=None, help="the Pool's max_in_flight (gather)")
+    parser.add_argument("--worker-pid", type=int, default=None, help="the worker process to watch (gather)")
+    parser.add_argument("--port", type=int, default=None, help="the worker's port (gather)")
     args = parser.parse_args(argv)
     pin(args.cpus)
     if args.kind == "raw":
@@ -237,10 +304,14 @@ def main(argv: list[str] | None = None) -> None:
         if not args.uri:
             parser.error("idle needs --uri")
         hold_idle(args.uri)
+    elif args.kind == "gather":
+        if not (args.ns and len(args.service) == 1 and args.max_in_flight and args.worker_pid and args.port):
+            parser.error("gather needs --ns, one --service, --max-in-flight, --worker-pid and --port")
+        run_gathers(args.ns, args.service[0], args.max_in_flight, args.worker_pid, args.port)
     else:
         if not args.ns or not args.service:
             parser.error("worker needs --ns and at least one --service")
-        serve_workers(args.ns, args.service)
+        serve_workers(args.ns, args.service, args.threads)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,19 @@ FIGURES = {
     "idle_threads": {"none", "idle"},
     "idle_fds": {"none", "idle"},
     "sleep": {"pool_k1", "pool_k2"},
+    "async_calls": {"sync", "aio", "aio_plain", "pool_sync", "pool_aio"},
+    "async_p50": {"sync", "aio", "aio_plain", "pool_sync", "pool_aio"},
+    "async_cpu_client": {"sync", "aio", "aio_plain", "pool_sync", "pool_aio"},
+    "async_cpu_server": {"sync", "aio", "aio_plain", "pool_sync", "pool_aio"},
+    "async_concurrent": {"threads", "futures", "aio", "aio_plain"},
+    "stream_rate": {"sync", "stream", "astream", "pyro"},
+    "stream_rss": {"rss"},
+    "concurrent_seconds": {"pool_aio"},
+    "concurrent_client_threads": {"pool_aio"},
+    "concurrent_worker_threads": {"pool_aio"},
+    "concurrent_connections": {"pool_aio"},
 }
+SIGNED = {"stream_rss"}  # a growth: the worker's RSS may also shrink
 NS_FIGURES = {"ns_lookup_p50", "ns_lookup_p99"}
 
 
@@ -64,7 +76,8 @@ def test_smoke_run_measures_every_figure(tmp_path):
         for contender, row in figures[fig].items():
             assert row["values"], (fig, contender)
             # CPU figures may round to 0 in a short run (10 ms clock ticks)
-            assert all(v is not None and math.isfinite(v) and v >= 0 for v in row["values"]), (fig, contender, row)
+            assert all(v is not None and math.isfinite(v) and (v >= 0 or fig in SIGNED)
+                       for v in row["values"]), (fig, contender, row)
     for k in (1, 2):
         assert figures["sleep"][f"pool_k{k}"]["ideal"] == k * 100
     # the idle figure ran with its connections really open on the worker, and only then
@@ -74,9 +87,17 @@ def test_smoke_run_measures_every_figure(tmp_path):
     assert idle_fds["idle"]["median"] >= idle_fds["none"]["median"] + 1000, idle_fds
     assert [d["idle_connections"] for d in figures["idle_calls"]["idle"]["details"]] == [1000]
     assert figures["threads_calls"]["pool"]["details"][0]["calls"] == 64 * meta["thread_calls"]
+    # the new groups ran at their smoke sizes: streams to their end, every concurrent await answered
+    assert figures["stream_rate"]["stream"]["details"][0]["items"] == meta["stream_items"] == 5000
+    assert figures["stream_rss"]["rss"]["details"][0]["items"] == meta["rss_items"] == 20_000
+    assert figures["async_concurrent"]["aio"]["details"][0]["calls"] == 64 * meta["thread_calls"]
+    gathered = figures["concurrent_seconds"]["pool_aio"]["details"][0]
+    assert gathered["calls"] == meta["concurrent"] == 500 and gathered["errors"] == 0
+    assert gathered["seconds"] >= meta["concurrent_sleep"] == 1.0
+    assert gathered["peak_connections"] >= 1 and gathered["peak_client_threads"] >= 1
 
     statuses = {t["target"]: t["status"] for t in data["targets"]}
-    assert len(statuses) == 14
+    assert len(statuses) == 20
     assert set(statuses.values()) <= {"pass", "miss", "n/a"}
     assert data["meta"]["pinned"] is True and data["meta"]["smoke"] is True
 
