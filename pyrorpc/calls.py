@@ -26,9 +26,10 @@ import Pyro5.errors
 from Pyro5.callcontext import current_context
 
 from . import compat
+from .aloop import PeerGone, Raised, guarded, wait
 from .connection import PENDING, Connection
+from .context import current_call, incoming
 from .context import enter as enter_call
-from .context import incoming
 from .context import leave as leave_call
 from .errors import CallTimeoutError, RemoteError, WorkerDrainingError, make_portable
 from .protocol import (
@@ -199,8 +200,9 @@ def _close_stream(result: Any) -> None:
 
 
 async def _in_context(ctx: contextvars.Context, coro: Any) -> Any:
-    """Await ``coro`` as a task made in ``ctx`` (so the method sees its call's context)."""
-    return await ctx.run(asyncio.ensure_future, coro)
+    """Await ``coro`` as a task made in ``ctx`` (so the method sees its call's context); SystemExit,
+    KeyboardInterrupt and GeneratorExit it raises come back as ``Raised`` (they would end the event loop)."""
+    return await ctx.run(asyncio.ensure_future, guarded(coro))
 
 
 def _unencodable(exc: BaseException) -> BaseException:
@@ -360,7 +362,7 @@ class CallHandler:
                     if type(result) is types.CoroutineType:
                         # an async def method, called on a plain connection: it runs on the event loop, and
                         # this connection waits for it (multiplexed connections hold no thread: mux.py)
-                        result = self._await_here(method, result, info)
+                        result = self._await_here(method, result, info, conn)
                 finally:
                     leave_call(token)
             if oneway:
@@ -416,7 +418,10 @@ class CallHandler:
             name, a, kw = call
             fn = self._method(target, obj, name)
             try:
-                results.append(fn(*a, **kw))
+                result = fn(*a, **kw)
+                if type(result) is types.CoroutineType:  # an async def method: awaited here, like a call
+                    result = self._await_here(name, result, current_call(), conn)
+                results.append(result)
             except BaseException as exc:  # SystemExit too: the caller's error, not the thread's end
                 self._note_remote(exc)
                 results.append(compat.wrap_exception(exc))
@@ -426,16 +431,20 @@ class CallHandler:
             self.stats.add(len(results) - 1, 0)
         return results, failed
 
-    def _await_here(self, method: str, coro: Any, info: Any) -> Any:
-        """Run a coroutine on the server's event loop and wait for it here, cancelling it at its deadline."""
+    def _await_here(self, method: str, coro: Any, info: Any, conn: Connection) -> Any:
+        """Run a coroutine on the server's event loop and wait for it here (a call thread), cancelling it at
+        its deadline, or when the caller closes ``conn`` meanwhile (its reply could not be delivered)."""
         ctx = contextvars.copy_context()  # (holds the call's CallInfo)
         future = self.async_runner.submit(_in_context(ctx, coro))
-        left = info.remaining()
         try:
-            return future.result(timeout=None if left is None else max(left, 0.0))
+            return wait(future, None if info is None else info.remaining(), conn.peer_closed)
         except concurrent.futures.TimeoutError:
-            future.cancel()
+            if not future.cancelled():  # (the coroutine's own TimeoutError is raised by wait as it is)
+                raise
             raise CallTimeoutError(f"{method}: cancelled on the worker at its deadline") from None
+        except PeerGone:
+            raise Pyro5.errors.ConnectionClosedError(
+                f"{method}: the caller closed its connection; cancelled on the worker") from None
 
     def _uncounted(self, conn: Connection, status: Any) -> Any:
         """For replies that are no call (pings, refusals): a pending rest is written without counting."""
@@ -533,6 +542,10 @@ class CallHandler:
 
     def _oneway_done(self, name: Any, peer: Any, future: concurrent.futures.Future[Any]) -> None:
         exc = None if future.cancelled() else future.exception()
+        if exc is None and not future.cancelled():
+            value = future.result()
+            if type(value) is Raised:  # SystemExit and the like, kept off the event loop
+                exc = value.exc
         if exc is not None:
             log.warning("%s: oneway call %s from %s failed: %s: %s", self.name, name, peer, type(exc).__name__, exc)
         self.stats.leave(exc is not None or future.cancelled())

@@ -22,9 +22,11 @@ _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _ONESHOT = select.EPOLLONESHOT
 _DONTWAIT = socket.MSG_DONTWAIT
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _NOT_READY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _HANDSHAKE_MAX = 16 * 1024  # bytes a connect message may have (a token and an object id)
 _TLS_CHUNK = 1 << 20  # bytes per TLS send: a retry after SSLWantWrite must repeat the same length
+_COMPACT = 1 << 20  # consumed bytes at the front of the read buffer worth dropping (when fewer remain)
 PENDING = 2  # a reply whose rest the I/O thread writes (the call stays in flight until then)
 
 # connection states
@@ -46,7 +48,7 @@ class Connection:
 
     __slots__ = ("sock", "fd", "peer", "tls", "state", "chunks", "size", "header", "deadline", "last_active",
                  "started", "instances", "tls_done", "out", "out_failed", "notice", "noticed", "mux", "wlock", "wq",
-                 "tasks", "calls", "paused", "wrote_at", "arrived")
+                 "tasks", "calls", "paused", "wrote_at", "arrived", "pos")
 
     def __init__(self, sock: socket.socket, peer: Any, tls: bool) -> None:
         self.sock = sock
@@ -55,7 +57,8 @@ class Connection:
         self.tls = tls
         self.state = HANDSHAKE
         self.chunks: list[bytes] = []
-        self.size = 0
+        self.size = 0  # bytes arrived and not yet taken as frames
+        self.pos = 0  # bytes of chunks[0] taken as frames already
         self.header: Any = None
         self.deadline = 0.0
         self.last_active = time.monotonic()
@@ -80,11 +83,28 @@ class Connection:
         return f"<Connection {self.peer} {self.state}>"
 
     # frames -----------------------------------------------------------------------------------
+    # What has arrived is ``chunks`` (as read); its first ``pos`` bytes are frames taken already. Frames are
+    # parsed at an offset into the first chunk, which is joined with the chunks after it only when the
+    # next frame runs past its end: a burst of N frames costs O(its bytes), not N copies of the rest.
     def feed(self, data: bytes) -> None:
         if not self.size:
             self.started = time.monotonic()
         self.chunks.append(data)
         self.size += len(data)
+
+    def frame_ready(self, max_size: int) -> bool:
+        """Whether the next frame has arrived whole (its header is parsed and kept in ``header``).
+
+        Raises:
+            ProtocolViolation: the bytes are not a Pyro5 frame, or it is too large.
+        """
+        header = self.header
+        if header is None:
+            if self.size < HEADER_SIZE:
+                return False
+            buf = self._head(HEADER_SIZE)  # (may move pos)
+            header = self.header = parse_header(buf, max_size, self.pos)
+        return self.size >= header.total
 
     def next_frame(self, max_size: int) -> tuple[Any, bytes] | None:
         """The next whole frame ``(header, payload)`` if it has arrived, else None.
@@ -92,41 +112,83 @@ class Connection:
         Raises:
             ProtocolViolation: the bytes are not a Pyro5 frame, or it is too large.
         """
-        if self.header is None:
+        header = self.header
+        if header is None:
             if self.size < HEADER_SIZE:
                 return None
-            buf = self._joined()
-            self.header = parse_header(buf, max_size)
-        header = self.header
+            buf = self._head(HEADER_SIZE)  # (may move pos)
+            header = self.header = parse_header(buf, max_size, self.pos)
         total = header.total
-        if self.size < total:
+        size = self.size
+        if size < total:
             return None
         self.arrived = self.started
-        buf = self._joined()
-        if self.size == total:
-            payload = buf[HEADER_SIZE:]
+        buf = self._head(total)
+        pos = self.pos
+        if size == total:  # the usual case: exactly one frame arrived
+            payload = buf[pos + HEADER_SIZE:]
             self.chunks = []
             self.size = 0
+            self.pos = 0
         else:
-            payload = buf[HEADER_SIZE:total]
-            rest = buf[total:]
-            self.chunks = [rest]
-            self.size = len(rest)
+            end = pos + total
+            payload = buf[pos + HEADER_SIZE:end]
+            size -= total
+            self.size = size
+            if end >= _COMPACT and size < end and len(self.chunks) == 1:
+                # drop a large consumed prefix (copying less than was consumed since the last time)
+                self.chunks = [buf[end:]]
+                self.pos = 0
+            else:
+                self.pos = end
             self.started = time.monotonic()
         self.header = None
         return header, payload
 
-    def _joined(self) -> bytes:
+    def _head(self, n: int) -> bytes:
+        """The first chunk, holding at least ``n`` unconsumed bytes from ``pos`` (there must be as many)."""
         chunks = self.chunks
-        if len(chunks) == 1:
-            return chunks[0]
-        buf = b"".join(chunks)
+        first = chunks[0]
+        pos = self.pos
+        if len(first) - pos >= n:
+            return first
+        # the frame runs past the first chunk: join its unconsumed rest with the chunks after it (the rest of
+        # the first chunk is less than a frame, so each byte is copied about once)
+        buf = b"".join([memoryview(first)[pos:], *chunks[1:]]) if pos else b"".join(chunks)
         self.chunks = [buf]
+        self.pos = 0
         return buf
 
     @property
     def pending(self) -> bool:
         return self.size > 0
+
+    def peer_closed(self) -> bool:
+        """Whether the peer closed a connection a call thread holds while it waits for a coroutine.
+
+        A stock client sends nothing while it waits for a reply, so end-of-file is all there is to see. Bytes
+        that did arrive stay for the thread's next read (a TLS peer's are read and kept in the buffer). A
+        multiplexed connection is the I/O thread's to read: only its state tells.
+        """
+        if self.state == CLOSED:
+            return True
+        if self.mux:
+            return False
+        sock = self.sock
+        try:
+            if not self.tls:
+                return not sock.recv(1, _PEEK)
+            if not _readable(sock, 0):
+                return False
+            data = sock.recv(_RECV)
+        except _NOT_READY:
+            return False
+        except (OSError, ssl.SSLError, ValueError):
+            return True
+        if not data:
+            return True
+        self.feed(data)
+        return False
 
 
 def _timeval(seconds: float) -> bytes:

@@ -54,7 +54,6 @@ from .protocol import (
     SERPENT_ID,
     ProtocolViolation,
     pack,
-    parse_header,
 )
 from .wire import SERIALIZER, loads
 
@@ -270,17 +269,19 @@ class IOLoop:
             if state in (HANDSHAKE, REFUSED, WRITING):
                 if now >= conn.deadline:
                     expired.append(conn)
-            elif conn.pending:
-                if now - conn.started > self.handshake_timeout:
-                    expired.append(conn)
             elif conn.mux:
                 if conn.wq and now - conn.wrote_at > self.send_timeout:
                     log.warning("%s: dropped %s: output not taken within %gs", self.name, conn.peer,
                                 self.send_timeout)
                     expired.append(conn)
+                elif conn.pending and not conn.paused and now - conn.started > self.handshake_timeout:
+                    expired.append(conn)  # a request started and never finished arriving (not: one we left unread)
                 elif conn.tasks:
                     self._sweep_streams(conn, now)
-                elif not conn.calls and not conn.wq and conn.last_active < idle_limit:
+                elif not conn.calls and not conn.wq and not conn.pending and conn.last_active < idle_limit:
+                    expired.append(conn)
+            elif conn.pending:
+                if now - conn.started > self.handshake_timeout:
                     expired.append(conn)
             elif state == IDLE and conn.last_active < idle_limit:
                 expired.append(conn)
@@ -346,9 +347,7 @@ class IOLoop:
             self._rearm(conn)
 
     def _frame_complete(self, conn: Connection) -> bool:
-        if conn.header is None:
-            conn.header = parse_header(conn._joined(), self.max_message_size)
-        return conn.size >= conn.header.total
+        return conn.frame_ready(self.max_message_size)
 
     def _read_available(self, conn: Connection) -> bool:
         """Read what the socket holds without blocking; False on EOF or a socket error."""

@@ -16,6 +16,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import select
 import ssl
 import threading
 import time
@@ -46,7 +47,7 @@ from .protocol import (
     pack,
     parse_annotations,
 )
-from .push import _aclose_quietly, _close_quietly, is_stream
+from .push import MAX_CREDIT, Pending, _aclose_quietly, _close_quietly, is_stream
 from .wire import SERIALIZER, loads
 
 if TYPE_CHECKING:
@@ -57,7 +58,14 @@ __all__ = ["MuxHandler"]
 
 log = logging.getLogger("pyrorpc.server")
 
+_EPOLLRDHUP = select.EPOLLRDHUP
+_EPOLLHUP = select.EPOLLHUP
+_EPOLLERR = select.EPOLLERR
 _MAX_CALLS = 4096  # requests outstanding on one connection before we stop reading it
+_OUT_HIGH = 8 << 20  # bytes of unsent output on one connection before we stop reading it (and pushing items)
+_OUT_LOW = 1 << 20  # ... and below which we start again
+_DECODE_INLINE = 64 * 1024  # larger (or compressed) requests are decoded on a call thread, not the I/O thread
+_FRAMES_PER_EVENT = 1024  # frames one event of a connection handles before the others get their turn
 _STREAM_KEY = "PRST"
 
 
@@ -65,6 +73,16 @@ def _result(flags: int, header: Any, data: bytes) -> bytes:
     if header.flags & FLAGS_CORR_ID:
         return pack(MSG_RESULT, flags | FLAGS_CORR_ID, header.seq, data, corr_id=header.corr_id)
     return pack(MSG_RESULT, flags, header.seq, data)
+
+
+class _Output(deque):  # type: ignore[type-arg]
+    """A connection's unsent output, and how many bytes it holds."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
 
 
 class MuxHandler:
@@ -79,6 +97,7 @@ class MuxHandler:
     _epoll: Any
     _last_refusal: float
     _refused_oneways: int
+    _closed: bool
 
     if TYPE_CHECKING:  # provided by the Server (declared here for the type checker only)
         def _submit(self, job: Any) -> None: ...
@@ -110,7 +129,7 @@ class MuxHandler:
     # the connection -----------------------------------------------------------------------------
     def _mux_accept(self, conn: Connection) -> None:
         conn.wlock = threading.Lock()
-        conn.wq = deque()
+        conn.wq = _Output()
         conn.tasks = {}
         conn.mux = True
 
@@ -118,10 +137,13 @@ class MuxHandler:
         """The I/O thread: write what waits, read what came, start every whole request."""
         ok = True
         with conn.wlock:
-            if conn.wq and ev & _EPOLLOUT:
-                ok = self._mux_flush(conn)
-            if ok and not conn.paused:
-                ok = self._read_available(conn)
+            if conn.paused and ev & (_EPOLLRDHUP | _EPOLLHUP | _EPOLLERR):
+                ok = False  # the peer left while we were not reading
+            else:
+                if conn.wq and ev & _EPOLLOUT:
+                    ok = self._mux_flush(conn)
+                if ok and not conn.paused:
+                    ok = self._read_available(conn)
         if not ok:
             self._drop(conn)
             return
@@ -129,14 +151,17 @@ class MuxHandler:
 
     def _mux_process(self, conn: Connection) -> None:
         max_size = self.max_message_size
+        budget = _FRAMES_PER_EVENT
+        more = False
         while conn.state != CLOSED and not conn.paused:
+            if budget <= 0:
+                more = True  # the others first: an event brings us back at once
+                break
+            budget -= 1
             try:
                 frame = conn.next_frame(max_size)
             except ProtocolViolation as exc:
-                log.warning("%s: dropped %s: %s", self.name, conn.peer, exc)
-                self._mux_send(conn, pack(MSG_RESULT, FLAGS_EXCEPTION, 0,
-                                          SERIALIZER.dumps(Pyro5.errors.ProtocolError(str(exc)))))
-                self._drop(conn)
+                self._mux_violation(conn, str(exc))
                 return
             if frame is None:
                 break
@@ -147,13 +172,22 @@ class MuxHandler:
                 log.exception("%s: error on a multiplexed connection from %s", self.name, conn.peer)
                 self._drop(conn)
                 return
-        self._mux_arm(conn)
+        self._mux_arm(conn, more)
 
-    def _mux_arm(self, conn: Connection) -> None:
+    def _mux_violation(self, conn: Connection, reason: str) -> None:
+        log.warning("%s: dropped %s: %s", self.name, conn.peer, reason)
+        self._mux_send(conn, pack(MSG_RESULT, FLAGS_EXCEPTION, 0,
+                                  SERIALIZER.dumps(Pyro5.errors.ProtocolError(reason))))
+        self._drop(conn)
+
+    def _mux_arm(self, conn: Connection, more: bool = False) -> None:
         with conn.wlock:
             if conn.state == CLOSED:
                 return
-            events = (0 if conn.paused else _EPOLLIN) | (_EPOLLOUT if conn.wq else 0)
+            # paused: only a hang-up wakes us (the peer leaving must still cancel what runs for it)
+            events = _EPOLLRDHUP if conn.paused else _EPOLLIN
+            if conn.wq or more:
+                events |= _EPOLLOUT  # (a writable socket is an event at once: how `more` gets its turn)
             try:
                 self._epoll.modify(conn.fd, events | _ONESHOT)
                 return
@@ -161,25 +195,56 @@ class MuxHandler:
                 pass
         self._drop(conn)
 
+    def _pause_check(self, conn: Connection) -> bool:
+        """Update ``conn.paused`` (``wlock`` held); True when it just resumed (the I/O thread must look at
+        what is buffered: see ``_resume``)."""
+        if conn.paused:
+            if conn.calls < _MAX_CALLS // 2 and conn.wq.nbytes < _OUT_LOW:
+                conn.paused = False
+                return True
+        elif conn.calls >= _MAX_CALLS or conn.wq.nbytes > _OUT_HIGH:
+            conn.paused = True
+        return False
+
+    def _resume(self, conn: Connection) -> None:
+        """From a thread other than the I/O thread: a writable event makes the I/O thread start the requests
+        still buffered (``wlock`` held)."""
+        if conn.state != CLOSED:
+            try:
+                self._epoll.modify(conn.fd, _EPOLLIN | _EPOLLOUT | _ONESHOT)
+            except (OSError, ValueError):
+                pass
+
     def _mux_flush(self, conn: Connection) -> bool:
         """Write queued output without blocking (``wlock`` held); False if the connection failed."""
         wq = conn.wq
         sock = conn.sock
         tls = conn.tls
+        was_high = wq.nbytes > _OUT_LOW
         while wq:
             out = wq[0]
             try:
                 sent = sock.send(out[:_TLS_CHUNK]) if tls else sock.send(out[:1 << 20], _DONTWAIT)
             except _NOT_READY:
-                return True
+                break
             except (OSError, ssl.SSLError, ValueError) as exc:
                 log.info("%s: could not send to %s: %s", self.name, conn.peer, exc)
                 return False
             conn.wrote_at = time.monotonic()
+            wq.nbytes -= sent
             if sent >= len(out):
                 wq.popleft()
             else:
                 wq[0] = memoryview(out)[sent:]
+        self._pause_check(conn)
+        if was_high and wq.nbytes <= _OUT_LOW:
+            # streams held back while the output was backed up may go on
+            for entry in list(conn.tasks.values()):
+                if is_stream(entry) and entry.blocked:
+                    if entry.is_async:
+                        self.async_runner.call_soon(entry.unblock)
+                    else:
+                        entry.unblock()
         return True
 
     def _mux_send(self, conn: Connection, data: bytes) -> bool:
@@ -189,8 +254,12 @@ class MuxHandler:
         with conn.wlock:
             if conn.state == CLOSED:
                 return False
-            if conn.wq:
-                conn.wq.append(data)
+            wq = conn.wq
+            if wq:
+                wq.append(data)
+                wq.nbytes += len(data)
+                if not conn.paused:
+                    self._pause_check(conn)
                 return True
             try:
                 sent = conn.sock.send(data[:_TLS_CHUNK]) if conn.tls else conn.sock.send(data, _DONTWAIT)
@@ -201,8 +270,10 @@ class MuxHandler:
                 failed = True
                 sent = 0
             if not failed and sent < len(data):
-                conn.wq.append(memoryview(data)[sent:] if sent else data)
+                wq.append(memoryview(data)[sent:] if sent else data)
+                wq.nbytes += len(data) - sent
                 conn.wrote_at = time.monotonic()
+                self._pause_check(conn)
                 arm = True
         if failed:
             self._drop(conn)
@@ -217,7 +288,10 @@ class MuxHandler:
         for entry in entries:
             if is_stream(entry) and not entry.is_async:
                 entry.cancel()
-        if self.async_runner.started and any(not is_stream(e) or e.is_async for e in entries):
+            elif type(entry) is Pending:
+                entry.cancelled = True
+        if self.async_runner.started and any(isinstance(e, asyncio.Task) or (is_stream(e) and e.is_async)
+                                             for e in entries):
             try:
                 self.async_runner.call_soon(self._cancel_all_async, conn)
             except RuntimeError:
@@ -225,10 +299,7 @@ class MuxHandler:
 
     def _cancel_all_async(self, conn: Connection) -> None:
         for entry in list(conn.tasks.values()):
-            if is_stream(entry):
-                if entry.is_async:
-                    entry.cancel()
-            else:
+            if isinstance(entry, asyncio.Task) or (is_stream(entry) and entry.is_async):
                 entry.cancel()
 
     # frames -------------------------------------------------------------------------------------
@@ -244,36 +315,47 @@ class MuxHandler:
                 except ValueError:
                     n = -1
                 if not 0 < n < 1 << 31:
-                    raise_bad = Pyro5.errors.ProtocolError("bad credit")
-                    self._mux_send(conn, pack(MSG_RESULT, FLAGS_EXCEPTION, 0, SERIALIZER.dumps(raise_bad)))
-                    self._drop(conn)
+                    self._mux_violation(conn, "bad credit")
                     return
-            if self.async_runner.started:
-                # async entries live on the loop: look them up there (after the start of the request)
-                self.async_runner.call_soon(self._mux_control, conn, header.seq, msg_type, n)
-            else:
-                self._mux_control(conn, header.seq, msg_type, n)
+            self._mux_control(conn, header.seq, msg_type, n)
         elif msg_type == MSG_PING:
             self._mux_send(conn, pack(MSG_PING, 0, header.seq, b"pong", serializer_id=header.serializer_id))
         else:
-            exc = Pyro5.errors.ProtocolError(f"message type {msg_type} refused on a multiplexed connection")
-            self._mux_send(conn, pack(MSG_RESULT, FLAGS_EXCEPTION, 0, SERIALIZER.dumps(exc)))
-            self._drop(conn)
+            self._mux_violation(conn, f"message type {msg_type} refused on a multiplexed connection")
 
     def _mux_control(self, conn: Connection, seq: int, msg_type: int, n: int) -> None:
-        entry = conn.tasks.get(seq)
+        """MSG_CANCEL / MSG_CREDIT (the I/O thread): a request not started yet remembers it; a sync stream
+        takes it here; an async task or stream on the event loop."""
+        with conn.wlock:
+            entry = conn.tasks.get(seq)
+            if type(entry) is Pending:
+                if msg_type == MSG_CANCEL:
+                    entry.cancelled = True
+                else:
+                    entry.credit = min(entry.credit + n, MAX_CREDIT)
+                return
         if entry is None:
-            return  # finished already, or never started: nothing to do
+            return  # finished already, or never was: nothing to do
+        if is_stream(entry) and not entry.is_async:
+            if msg_type == MSG_CANCEL:
+                entry.cancel()
+            else:
+                entry.add_credit(n)
+        else:
+            self.async_runner.call_soon(self._mux_control_async, conn, seq, msg_type, n)
+
+    def _mux_control_async(self, conn: Connection, seq: int, msg_type: int, n: int) -> None:
+        entry: Any = conn.tasks.get(seq)
         if is_stream(entry):
             if msg_type == MSG_CANCEL:
                 entry.cancel()
             else:
                 entry.add_credit(n)
-        elif msg_type == MSG_CANCEL:
-            entry.cancel()  # an asyncio task (we are on its loop)
+        elif isinstance(entry, asyncio.Task) and msg_type == MSG_CANCEL:
+            entry.cancel()
 
     def _mux_invoke(self, conn: Connection, header: Any, payload: bytes) -> None:
-        """Decode a request and start it: on a call thread, or on the event loop for async methods."""
+        """A request arrived (the I/O thread): count it and start it, or have a call thread decode it."""
         flags, seq = header.flags, header.seq
         oneway = bool(flags & FLAGS_ONEWAY)
         if header.serializer_id != SERPENT_ID:
@@ -281,18 +363,36 @@ class MuxHandler:
                 exc = Pyro5.errors.ProtocolError(f"serializer {header.serializer_id} refused: only serpent")
                 self._mux_send(conn, self._error_frame(exc, seq, None, header))
             return
+        if not oneway:
+            with conn.wlock:
+                duplicate = seq in conn.tasks
+                if not duplicate:
+                    conn.tasks[seq] = Pending()
+            if duplicate:
+                self._mux_violation(conn, f"sequence number {seq} is already in use by a request in progress")
+                return
         if not self.stats.enter():
             self._last_refusal = time.monotonic()
             if oneway:
                 self._refused_oneways += 1
             else:
+                conn.tasks.pop(seq, None)
                 self._mux_send(conn, self._error_frame(
                     WorkerDrainingError(f"{self.name} is shutting down; the call did not run"), seq, None, header))
             return
         with conn.wlock:
             conn.calls += 1
-            if conn.calls >= _MAX_CALLS:
-                conn.paused = True  # read no more until some finish
+            self._pause_check(conn)
+        if len(payload) > _DECODE_INLINE or flags & FLAGS_COMPRESSED:
+            self._submit(partial(self._mux_start, conn, header, payload, True))  # decoding takes a while
+        else:
+            self._mux_start(conn, header, payload, False)
+
+    def _mux_start(self, conn: Connection, header: Any, payload: bytes, threaded: bool) -> None:
+        """Decode a request and start it: on a call thread (this one if ``threaded``), or as a task on the
+        event loop for async methods."""
+        flags, seq = header.flags, header.seq
+        oneway = bool(flags & FLAGS_ONEWAY)
         try:
             ann_size = header.ann_size
             annotations = parse_annotations(payload[:ann_size]) if ann_size else {}
@@ -306,7 +406,8 @@ class MuxHandler:
             target = self.objects.get(object_id)
             if target is None:
                 raise Pyro5.errors.DaemonError("unknown object")
-            info = context.incoming(annotations, conn.peer, method if isinstance(method, str) else None)
+            info = context.incoming(annotations, conn.peer, method if isinstance(method, str) else None,
+                                    time.time() - (time.monotonic() - conn.arrived) if threaded else None)
             credit: int | None = None
             raw = annotations.get(_STREAM_KEY)
             if raw is not None:
@@ -314,24 +415,25 @@ class MuxHandler:
                     credit = int(raw)
                 except ValueError:
                     credit = 0
-                if not 0 < credit < 1 << 31:
+                if credit <= 0:
                     raise Pyro5.errors.ProtocolError(f"bad stream credit {raw!r}")
+                credit = min(credit, MAX_CREDIT)
             if flags & FLAGS_BATCH or method == "__getattr__" or method == "__setattr__":
-                self._submit(partial(self._mux_sync, conn, header, target, method, None, vargs, kwargs, info,
-                                     annotations, None))
-                return
-            obj = self._instance(target, conn)
-            fn = self._method(target, obj, method)
-            if method in target.async_methods:
-                self.async_runner.call_soon(self._mux_start_async, conn, header, method, fn, vargs, kwargs, info,
-                                            oneway, credit)
-            elif oneway:
-                self._mux_done(conn, None, None, count=False)  # the oneway run counts itself out
-                corr = None
-                self._oneway((fn, vargs, kwargs, conn.peer, corr, annotations, info))
+                job = partial(self._mux_sync, conn, header, target, method, None, vargs, kwargs, info, annotations,
+                              None)
             else:
-                self._submit(partial(self._mux_sync, conn, header, target, method, fn, vargs, kwargs, info,
-                                     annotations, credit))
+                obj = self._instance(target, conn)
+                fn = self._method(target, obj, method)
+                if method in target.async_methods:
+                    self.async_runner.call_soon(self._mux_start_async, conn, header, method, fn, vargs, kwargs,
+                                                info, oneway, credit)
+                    return
+                if oneway:
+                    self._mux_done(conn, None, None, count=False)  # the oneway run counts itself out
+                    self._oneway((fn, vargs, kwargs, conn.peer, None, annotations, info))
+                    return
+                job = partial(self._mux_sync, conn, header, target, method, fn, vargs, kwargs, info, annotations,
+                              credit)
         except BaseException as exc:
             if oneway:
                 log.warning("%s: oneway call failed: %s: %s", self.name, type(exc).__name__, exc)
@@ -339,32 +441,52 @@ class MuxHandler:
                 return
             if isinstance(exc, ProtocolViolation):
                 exc = Pyro5.errors.ProtocolError(str(exc))
-            self._mux_done(conn, self._error_frame(exc, seq, exc.__traceback__, header), True)
+            self._mux_done(conn, self._error_frame(exc, seq, exc.__traceback__, header), True, seq=seq)
+            return
+        if threaded:
+            job()
+        else:
+            self._submit(job)
 
-    def _mux_done(self, conn: Connection, data: bytes | None, failed: bool | None, count: bool = True) -> None:
-        """A request is answered (``data``, or None for no answer): out of flight, and of the connection's
-        outstanding requests (which may let it be read again)."""
+    def _mux_done(self, conn: Connection, data: bytes | None, failed: bool | None, count: bool = True,
+                  seq: int | None = None) -> None:
+        """A request is answered (``data``, or None for no answer): out of flight, out of the connection's
+        outstanding requests (which may let it be read again), and its sequence number free (``seq``)."""
         if data is not None:
             self._mux_send(conn, data)
         if count:
             self.stats.leave(bool(failed))
         with conn.wlock:
+            if seq is not None:
+                conn.tasks.pop(seq, None)
             conn.calls -= 1
-            resume = conn.paused and conn.calls < _MAX_CALLS // 2 and conn.state != CLOSED
-            if resume:
-                conn.paused = False
-        if resume:
-            # the I/O thread is to start the requests still buffered: a writable event wakes it now
-            with conn.wlock:
-                if conn.state != CLOSED:
-                    try:
-                        self._epoll.modify(conn.fd, _EPOLLIN | _EPOLLOUT | _ONESHOT)
-                    except (OSError, ValueError):
-                        pass
+            if self._pause_check(conn):
+                self._resume(conn)
+
+    def _unstarted_refused(self, conn: Connection, header: Any, method: Any) -> bool:
+        """Before a request starts: refuse it unrun when draining (the client sends it elsewhere) or closed,
+        or when the client gave it up already. True if it was refused (and answered)."""
+        entry = conn.tasks.get(header.seq)
+        if type(entry) is Pending and entry.cancelled:
+            self._mux_done(conn, None, False, seq=header.seq)
+            return True
+        if self._closed:
+            self._mux_done(conn, None, True, seq=header.seq)
+            return True
+        if self.stats.draining:
+            self._last_refusal = time.monotonic()
+            data = None if header.flags & FLAGS_ONEWAY else self._error_frame(
+                WorkerDrainingError(f"{self.name} is shutting down; {method} did not run"), header.seq, None, header)
+            self._mux_done(conn, data, False, seq=header.seq)
+            return True
+        return False
 
     # sync methods (a call thread) ---------------------------------------------------------------
     def _mux_sync(self, conn: Connection, header: Any, target: _Target, method: Any, fn: Any, vargs: Any,
                   kwargs: Any, info: context.CallInfo, annotations: dict[str, bytes], credit: int | None) -> None:
+        if self._unstarted_refused(conn, header, method):
+            return
+        oneway = header.flags & FLAGS_ONEWAY
         failed = True
         data: bytes | None = None
         token = context.enter(info)
@@ -387,7 +509,6 @@ class MuxHandler:
                 result = fn(*vargs, **kwargs)
                 if inspect.iscoroutine(result) or inspect.isasyncgen(result):
                     # a plain method that returned a coroutine: it runs on the event loop from here
-                    data = None
                     self.async_runner.call_soon(self._mux_start_async, conn, header, method, lambda: result, (), {},
                                                 info, False, credit)
                     return
@@ -403,11 +524,14 @@ class MuxHandler:
             data = self._error_frame(exc, header.seq, exc.__traceback__, header)
         finally:
             context.leave(token)
-        self._mux_done(conn, data, failed)
+        self._mux_done(conn, None if oneway else data, failed, seq=None if oneway else header.seq)
 
     # async methods (the event loop) -------------------------------------------------------------
     def _mux_start_async(self, conn: Connection, header: Any, method: str, fn: Any, vargs: Any, kwargs: Any,
                          info: context.CallInfo, oneway: bool, credit: int | None) -> None:
+        seq = None if oneway else header.seq
+        if self._unstarted_refused(conn, header, method):
+            return
         ctx = contextvars.copy_context()
         ctx.run(context.enter, info)
         try:
@@ -419,7 +543,7 @@ class MuxHandler:
                 log.warning("%s: oneway call %s failed: %s: %s", self.name, method, type(exc).__name__, exc)
                 self._mux_done(conn, None, True)
             else:
-                self._mux_done(conn, self._error_frame(exc, header.seq, exc.__traceback__, header), True)
+                self._mux_done(conn, self._error_frame(exc, header.seq, exc.__traceback__, header), True, seq=seq)
             return
         loop = asyncio.get_running_loop()  # (a callback on the server's loop)
         if credit is not None and not oneway:
@@ -433,12 +557,16 @@ class MuxHandler:
             else:
                 _close_quietly(result)
                 err = TypeError(f"{method} did not return a coroutine")
-            self._mux_done(conn, None if oneway else self._error_frame(err, header.seq, None, header), True)
+            self._mux_done(conn, None if oneway else self._error_frame(err, header.seq, None, header), True, seq=seq)
             return
         expired = [False]
         task = ctx.run(loop.create_task, self._mux_await(conn, header, method, result, info, oneway, expired))
         if not oneway:
-            conn.tasks[header.seq] = task
+            with conn.wlock:
+                pending = conn.tasks.get(header.seq)
+                conn.tasks[header.seq] = task
+            if type(pending) is Pending and pending.cancelled:
+                task.cancel()  # the client gave it up while it was on its way here
         left = info.remaining()
         if left is not None:
             timer = loop.call_later(max(left, 0.0), _expire, task, expired)
@@ -453,22 +581,27 @@ class MuxHandler:
             if not oneway:
                 data = _result(0, header, self._encode_result(method, result))
             failed = False
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            cancelling = getattr(task, "cancelling", None)
             if expired[0]:
                 log.info("%s: %s cancelled at its deadline", self.name, method)
                 if not oneway:
                     data = self._error_frame(CallTimeoutError(
                         f"{method}: cancelled on the worker at its deadline"), header.seq, None, header)
-            # else: the caller gave it up (MSG_CANCEL) or went away: nobody waits for an answer
+            elif cancelling is not None and not cancelling() and not oneway:
+                # nobody cancelled this task: the method's own CancelledError (an inner task's) is its result
+                data = self._error_frame(exc, header.seq, exc.__traceback__, header)
+            # else: the caller gave it up (MSG_CANCEL) or went away, or the server is closing: nobody waits
+            if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()  # cancelled before it began: it never runs (and is not "never awaited")
         except BaseException as exc:
             if oneway:
                 log.warning("%s: oneway call %s failed: %s: %s", self.name, method, type(exc).__name__, exc)
             else:
                 data = self._error_frame(exc, header.seq, exc.__traceback__, header)
-        finally:
-            if conn.tasks.get(header.seq) is asyncio.current_task():
-                del conn.tasks[header.seq]
-        self._mux_done(conn, data, failed)
+        self._mux_done(conn, data, failed, seq=None if oneway else header.seq)
+
 
 def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
     if not task.done():

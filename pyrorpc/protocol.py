@@ -69,13 +69,14 @@ class Header(NamedTuple):
         return HEADER_SIZE + self.ann_size + self.data_size
 
 
-def parse_header(raw: bytes | bytearray | memoryview, max_size: int) -> Header:
-    """Check and parse a 40-byte header; refuses a frame over ``max_size`` before its payload is read.
+def parse_header(raw: bytes | bytearray | memoryview, max_size: int, offset: int = 0) -> Header:
+    """Check and parse a 40-byte header (at ``offset`` in ``raw``); refuses a frame over ``max_size`` before
+    its payload is read.
 
     Raises:
         ProtocolViolation: not a Pyro5 header, wrong version or magic, unknown type, or too large.
     """
-    tag, version, msg_type, ser_id, flags, seq, data_size, ann_size, corr, _res, magic = HEADER.unpack_from(raw)
+    tag, version, msg_type, ser_id, flags, seq, data_size, ann_size, corr, _res, magic = HEADER.unpack_from(raw, offset)
     if tag != b"PYRO" or magic != MAGIC:
         raise ProtocolViolation("not a Pyro5 message")
     if version != PROTOCOL_VERSION:

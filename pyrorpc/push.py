@@ -38,6 +38,20 @@ _BATCH_ITEMS = 256  # stream items per frame at most
 _FLUSH_AFTER = 0.002  # seconds items wait in a frame for more before it is sent
 _SLOW_ITEM = 0.001  # a generator slower than this per item: each item goes out at once
 _GONE = object()  # _send_items: the connection is gone (nothing to report to anyone)
+MAX_CREDIT = 1 << 16  # items a client may have granted and not yet received
+OUT_HIGH = 8 << 20  # bytes of unsent output on a connection past which streams wait (mux.py's _OUT_HIGH)
+OUT_LOW = 1 << 20  # ... and below which they go on
+
+
+class Pending:
+    """A request read but not started yet (in ``conn.tasks`` under its sequence number): what the client
+    said about it meanwhile (MSG_CANCEL, MSG_CREDIT) waits here."""
+
+    __slots__ = ("credit", "cancelled")
+
+    def __init__(self) -> None:
+        self.credit = 0
+        self.cancelled = False
 
 
 def _result(flags: int, header: Any, data: bytes) -> bytes:
@@ -52,7 +66,7 @@ class _Stream:
 
     __slots__ = ("server", "conn", "header", "source", "is_async", "credit", "lock", "parked", "cancelled",
                  "finished", "stall", "progress", "wakeup", "method", "info", "batch", "batch_no", "armed",
-                 "started", "error")
+                 "started", "error", "blocked")
 
     def __init__(self, server: Any, conn: Connection, header: Any, source: Any, is_async: bool, credit: int,
                  info: context.CallInfo, method: str) -> None:
@@ -77,12 +91,25 @@ class _Stream:
         self.armed = -1  # the frame a flush timer is set for
         self.started = 0.0  # when the frame being filled got its first item
         self.error: BaseException | None = None  # why a timer flush ended the stream
+        self.blocked = False  # waiting for the connection's output to drain (the client reads slowly)
 
     # called from the I/O thread (sync streams) or on the event loop (async streams)
     def add_credit(self, n: int) -> None:
         with self.lock:
-            self.credit += n
+            self.credit = min(self.credit + n, MAX_CREDIT)
             self.progress = time.monotonic()
+            resume = self.parked and not self.cancelled
+            if resume:
+                self.parked = False
+        if self.wakeup is not None:
+            self.wakeup.set()
+        if resume:
+            self.server._submit(partial(self.server._pump, self))
+
+    def unblock(self) -> None:
+        """The connection's output drained (sync streams: any thread; async ones: on the event loop)."""
+        with self.lock:
+            self.blocked = False
             resume = self.parked and not self.cancelled
             if resume:
                 self.parked = False
@@ -130,7 +157,7 @@ class PushStreams:
             raise TypeError(f"{method} returned {type(result).__name__}, which is not iterable: it cannot be "
                             "streamed") from None
         stream = _Stream(self, conn, header, source, False, credit, info, method)
-        conn.tasks[header.seq] = stream
+        self._register(stream)
         self._pump(stream)
 
     def _astream_start(self, conn: Connection, header: Any, method: str, result: Any, credit: int,
@@ -138,8 +165,18 @@ class PushStreams:
         """On the event loop: start an async stream (of an async generator, or of what a coroutine returns)."""
         stream = _Stream(self, conn, header, result, True, credit, info, method)
         stream.wakeup = asyncio.Event()
-        conn.tasks[header.seq] = stream
+        self._register(stream)
         ctx.run(asyncio.get_running_loop().create_task, self._astream(stream))
+
+    def _register(self, stream: _Stream) -> None:
+        """The stream takes its request's place in ``conn.tasks``, with what the client said meanwhile."""
+        conn = stream.conn
+        with conn.wlock:
+            pending = conn.tasks.get(stream.header.seq)
+            conn.tasks[stream.header.seq] = stream
+            if type(pending) is Pending:
+                stream.credit = min(stream.credit + pending.credit, MAX_CREDIT)
+                stream.cancelled = pending.cancelled
 
     # frames -------------------------------------------------------------------------------------
     def _send_items(self, stream: _Stream, items: list[Any]) -> Any:
@@ -252,6 +289,11 @@ class PushStreams:
                 with stream.lock:
                     if stream.finished:
                         return
+                    if not stream.cancelled and stream.conn.wq.nbytes > OUT_HIGH:
+                        stream.blocked = stream.parked = True  # unblock() resumes it when the output drains
+                        if stream.conn.wq.nbytes > OUT_LOW:  # (unless it drained meanwhile)
+                            return
+                        stream.blocked = stream.parked = False
                     if not stream.cancelled and stream.credit <= 0:
                         err = self._flush(stream)
                         if err is not None:
@@ -291,6 +333,16 @@ class PushStreams:
                     agen = await agen  # an async def that returns an iterable
                 agen = agen.__aiter__() if hasattr(agen, "__aiter__") else _aiter_sync(iter(agen))
             while not stream.cancelled:
+                if stream.conn.wq.nbytes > OUT_HIGH:
+                    stream.blocked = True
+                    wakeup.clear()
+                    if stream.conn.wq.nbytes > OUT_LOW:
+                        try:
+                            await asyncio.wait_for(wakeup.wait(), stream.stall)
+                        except asyncio.TimeoutError:
+                            stream.cancelled = True
+                    stream.blocked = False
+                    continue
                 if stream.credit <= 0:
                     with stream.lock:
                         err = self._flush(stream)

@@ -28,7 +28,7 @@ from typing import Any
 
 import Pyro5.errors
 
-from .aloop import AsyncRunner
+from .aloop import AsyncRunner, PeerGone, Raised, wait
 from .connection import CLOSED
 from .protocol import FLAGS_CORR_ID, FLAGS_ITEMSTREAMRESULT, MSG_RESULT, pack, pack_annotations
 from .wire import SERIALIZER
@@ -49,12 +49,30 @@ def stream_reply(header: Any, stream_id: str) -> bytes:
 
 
 async def _anext(agen: AsyncGenerator[Any, Any]) -> Any:
-    # created on the loop, so the loop's async generator hooks see the generator (shutdown_asyncgens)
-    return await agen.__anext__()
+    # created on the loop, so the loop's async generator hooks see the generator (shutdown_asyncgens);
+    # SystemExit and KeyboardInterrupt would end the event loop: they come back as a value (aloop.guarded)
+    try:
+        return await agen.__anext__()
+    except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
+        return Raised(exc)
 
 
-async def _aclose(agen: AsyncGenerator[Any, Any]) -> None:
-    await agen.aclose()
+async def _aclose(agen: AsyncGenerator[Any, Any]) -> Any:
+    try:
+        await agen.aclose()
+    except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
+        return Raised(exc)
+    return None
+
+
+def _failure(future: Any) -> BaseException | None:
+    """What a finished ``_aclose`` raised, if anything."""
+    if future.cancelled():
+        return None
+    exc = future.exception()
+    if exc is None and type(future.result()) is Raised:
+        exc = future.result().exc
+    return exc
 
 
 class _Stream:
@@ -115,10 +133,15 @@ class StockStreams:
             done = False
             try:
                 if stream.is_async:
+                    # waited for in slices: a caller that gave up and closed its connection frees this thread
+                    # (the generator is cancelled, its finally runs)
                     try:
-                        return self.runner.submit(_anext(stream.it)).result()
+                        return wait(self.runner.submit(_anext(stream.it)), None, stream.conn.peer_closed)
                     except StopAsyncIteration:
                         raise StopIteration from None
+                    except PeerGone:
+                        raise Pyro5.errors.ConnectionClosedError(
+                            "the caller closed its connection; its item stream is cancelled") from None
                 return next(stream.it)
             except BaseException:
                 done = True  # like Pyro5: a stream that raised (StopIteration too) is removed
@@ -227,8 +250,7 @@ class StockStreams:
             except Exception as exc:  # the loop is gone
                 log.info("could not close item stream %s: %s", stream_id, exc)
                 return
-            future.add_done_callback(
-                lambda f: self._log_close_error(stream_id, None if f.cancelled() else f.exception()))
+            future.add_done_callback(lambda f: self._log_close_error(stream_id, _failure(f)))
             return
         close = getattr(it, "close", None)
         if close is None:
