@@ -321,7 +321,9 @@ def markdown_report(results: Results, argv: list[str]) -> str:
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
         f"Run: {meta['date']}, {meta['rounds']} interleaved rounds, {meta['calls']} calls per contender per round, "
         + (f"every process pinned to CPU {meta['cpu']}." if meta["pinned"] else "unpinned.")
-        + f" Took {meta['seconds']:.0f} s.",
+        + f" Took {meta['seconds']:.0f} s."
+        + (f" Load average (1/5/15 min) {_load(meta['loadavg_start'])} at the start, {_load(meta['loadavg_end'])} at "
+           "the end (this run's own processes count too: about 1 while it runs)." if "loadavg_end" in meta else ""),
         "",
         results.table(),
         "",
@@ -393,6 +395,10 @@ def markdown_report(results: Results, argv: list[str]) -> str:
     if results.notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in results.notes]
     return "\n".join(lines) + "\n"
+
+
+def _load(values: list[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
 
 
 def fmt(value: float, unit: str) -> str:

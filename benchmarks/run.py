@@ -9,7 +9,7 @@ By default every process (this client, each server) is pinned to one CPU, becaus
 CPUs costs ~10x a same-CPU one on a small VM and would swamp the CPU-cost differences being measured;
 ``--unpinned`` leaves scheduling to the OS.
 
-    python benchmarks/run.py                                   # full run, ~2.5 minutes on 2 slow vCPUs
+    python benchmarks/run.py                                   # full run, ~4.5 minutes on 2 slow vCPUs
     python benchmarks/run.py --out docs/benchmarks.md --json docs/benchmarks.json --png docs/benchmarks.png
     python benchmarks/run.py --smoke                           # tiny run (< 30 s), what the test runs
     python benchmarks/run.py --only sync,oneway --rounds 3     # a subset
@@ -639,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
                        "rss_items": args.rss_items, "concurrent": args.concurrent,
                        "concurrent_sleep": args.concurrent_sleep, "concurrent_threads": args.concurrent_threads,
                        "pool_sizes": list(SMOKE_POOL_SIZES if args.smoke else POOL_SIZES),
-                       "machine": machine(), "server_pids": []})
+                       "machine": machine(), "server_pids": [],
+                       # other work on the machine skews every figure: what the run started and ended with
+                       "loadavg_start": list(os.getloadavg())})
     t0 = time.perf_counter()
     try:
         with children(results.meta["server_pids"]) as start, ExitStack() as stack:
@@ -653,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: every process this run started has been stopped", file=sys.stderr)
         return 130
     results.meta["seconds"] = time.perf_counter() - t0
+    results.meta["loadavg_end"] = list(os.getloadavg())
     results.evaluate()
     print(results.table())
     print()

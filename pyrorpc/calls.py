@@ -28,7 +28,7 @@ from Pyro5.callcontext import current_context
 from . import compat
 from .aloop import PeerGone, Raised, guarded, wait
 from .connection import PENDING, Connection
-from .context import current_call, incoming
+from .context import CallInfo, current_call, incoming
 from .context import enter as enter_call
 from .context import leave as leave_call
 from .errors import CallTimeoutError, RemoteError, WorkerDrainingError, make_portable
@@ -311,8 +311,17 @@ class CallHandler:
         object_id = None
         try:
             ann_size = header.ann_size
+            left: float | None = None
             if ann_size:
-                annotations = parse_annotations(payload[:ann_size])
+                if payload[:4] == b"PRDL" and int.from_bytes(payload[4:8], "big") + 8 == ann_size:
+                    # what a pyrorpc client sends with every call: just its remaining time (the hot path)
+                    annotations = None
+                    try:
+                        left = float(payload[8:ann_size])
+                    except ValueError:
+                        left = None
+                else:
+                    annotations = parse_annotations(payload[:ann_size])
                 body = payload[ann_size:]
             else:
                 annotations = None
@@ -332,9 +341,18 @@ class CallHandler:
             context.correlation_id = uuid.UUID(bytes=header.corr_id) if flags & FLAGS_CORR_ID else None
             context.annotations = annotations or {}
             # the call context; its deadline counts from the request's arrival (not from when a thread got it)
-            info = incoming(annotations, conn.peer, method if type(method) is str else None,
-                            time.time() - (time.monotonic() - conn.arrived))
-            if info.deadline is not None and info.expired:
+            now = time.time()
+            if annotations is None:
+                deadline = None
+                if left is not None and 0.0 <= left < 1e9:
+                    deadline = now - (time.monotonic() - conn.arrived) + left
+                elif left is not None and left < 0.0:
+                    deadline = now - (time.monotonic() - conn.arrived)
+                info = CallInfo(deadline, {}, conn.peer, method if type(method) is str else None)
+            else:
+                info = incoming(annotations, conn.peer, method if type(method) is str else None,
+                                now - (time.monotonic() - conn.arrived))
+            if info.deadline is not None and now >= info.deadline:
                 raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
             if flags & FLAGS_BATCH:
                 token = enter_call(info)
