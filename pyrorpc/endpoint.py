@@ -297,7 +297,10 @@ class Endpoint:
                 # the worker said it is draining while we waited: it will close soon, so a call sent now
                 # could be lost at that moment; this one never left, so it goes elsewhere
                 raise NotSent(WorkerDrainingError(f"{self.name} is draining"))
-            timeout, annotations = outgoing_bytes(timeout)  # the call context: deadline and metadata
+            # the call context: deadline and metadata (for a pyrorpc worker; a stock Pyro5 daemon sees none)
+            timeout, annotations = outgoing_bytes(timeout)
+            if not conn.context:
+                annotations = b""
             conn.set_timeout(timeout)
             self._on_wire(conn.sock, handle)
             flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0

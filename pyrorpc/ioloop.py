@@ -450,10 +450,13 @@ class IOLoop:
                 reply = {"handshake": response, "meta": self.metadata(data["object"])}
                 wants = data.get("pyrorpc")
                 if isinstance(wants, dict):
+                    # a pyrorpc peer: what we do beyond Pyro5's protocol (docs/protocol.md); a stock peer
+                    # asked for nothing and sees none of it
                     conn.notice = bool(wants.get("notice"))  # told when we drain (see Server.drain)
+                    extensions = reply["pyrorpc"] = {"notice": 1, "context": 1}
                     if wants.get("mux"):
                         self._mux_accept(conn)  # many requests at once on this connection (mux.py)
-                        reply["pyrorpc"] = {"mux": 1}
+                        extensions["mux"] = 1
             except AuthenticationError as exc:
                 reason = str(exc)
                 log.warning("%s: refused connection from %s: %s", self.name, conn.peer, exc)

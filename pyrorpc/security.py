@@ -266,6 +266,9 @@ def open_connection(uri: Pyro5.core.URI, settings: Settings, *,
         raise Pyro5.errors.CommunicationError(f"cannot connect to {uri.location}: {exc}") from None
     try:
         meta, conn.mux = handshake_reply(uri, settings, header.msg_type, reply, token)
+        extensions = reply.get("pyrorpc") if isinstance(reply, dict) else None
+        # a pyrorpc server takes the call context (deadline, metadata) in annotations; a stock one is sent none
+        conn.context = isinstance(extensions, dict) and bool(extensions.get("context"))
     except BaseException:
         sock.close()
         raise

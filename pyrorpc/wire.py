@@ -47,6 +47,7 @@ class LimitedConnection(socketutil.SocketConnection):
     broken = False  # a message was refused mid-stream (or the peer dropped us): close, never reuse
     draining = False  # the server said (MSG_NOTICE) it is draining: send nothing more on this connection
     mux = False  # the server accepted a multiplexed connection (security.open_connection(mux=True))
+    context = False  # the server takes the call context in annotations (a pyrorpc server)
 
     def set_timeout(self, seconds: float) -> None:
         """Kernel timeouts for every send and receive; a change under 5% is not worth a system call."""

@@ -246,3 +246,25 @@ def test_a_call_that_waited_past_its_deadline_for_a_thread_does_not_run(sink: An
         busy.result(5)
         assert p.record("later") == "later"
     assert _ran == ["later"]
+
+
+def test_a_stock_pyro5_daemon_is_sent_no_annotations() -> None:
+    """Extensions are negotiated: a stock Pyro5 daemon sees exactly what a stock client would send."""
+    import Pyro5.server
+    from Pyro5.callcontext import current_context
+
+    @Pyro5.server.expose
+    class Stock:
+        def seen(self) -> Any:
+            return sorted(current_context.annotations)
+
+    daemon = Pyro5.server.Daemon(host="127.0.0.1", port=0)
+    uri = daemon.register(Stock())
+    thread = threading.Thread(target=daemon.requestLoop, daemon=True)
+    thread.start()
+    try:
+        with pyrorpc.call_metadata(r="x"), pyrorpc.connect(str(uri), timeout=5) as p:
+            assert p.seen() == []
+    finally:
+        daemon.shutdown()
+        thread.join(5)
