@@ -259,6 +259,8 @@ class MuxChannel(asyncio.Protocol):
         elif msg_type == MSG_ITEMS:
             entry = self.pending.get(seq)
             if type(entry) is ChannelStream:
+                if self._sizes:
+                    self._sizes.pop(seq, None)  # accepted: it was not too large
                 entry.items(flags, body)
         elif msg_type == protocol.MSG_NOTICE:
             self.draining = True
@@ -437,7 +439,8 @@ class MuxChannel(asyncio.Protocol):
         if self._paused:
             await self._writable()
         seq, frame = self._request(method, args, kwargs, 0, annotations)
-        self._sizes.pop(seq, None)
+        # (its size stays known until its first items: a worker that refuses an oversized request drops the
+        # connection, and the largest request not yet answered is the one it refused)
         stream = ChannelStream(self, seq, method)
         self.pending[seq] = stream
         assert self.transport is not None
@@ -504,6 +507,17 @@ class ChannelStream:
     def fail(self, error: BaseException) -> None:
         self.error = error
         self._wake()
+
+    def abort(self, error: BaseException) -> None:
+        """From any thread: the stream's owner was closed; the consumer gets ``error``, the worker a cancel."""
+        def on_loop() -> None:
+            if not self.done:
+                self.fail(error)
+                self.close()
+        try:
+            self.channel.loop.call_soon_threadsafe(on_loop)
+        except RuntimeError:  # its loop is closed: nobody can be waiting on it
+            pass
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -675,6 +689,7 @@ class BlockingStream:
         self.method = method
         self.taken = 0
         self.done = False
+        self.aborted: BaseException | None = None  # abort(): why the consumer's next read fails
 
     @classmethod
     def start(cls, conn: LimitedConnection, method: str, args: Any, kwargs: Any,
@@ -736,6 +751,15 @@ class BlockingStream:
                     and header.flags & protocol.FLAGS_EXCEPTION:
                 self.done = True
                 raise _refusal(SERIALIZER.loads(body))
+
+    def abort(self, error: BaseException) -> None:
+        """From any thread: the stream's owner was closed. The consumer's read fails (it raises ``error``)
+        and the worker sees the connection close (the generator's finally runs)."""
+        self.aborted = error
+        try:
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def took(self, n: int) -> None:
         self.taken += n

@@ -133,6 +133,7 @@ class Endpoint:
         # aio(): one multiplexed channel per event loop, and coroutines waiting for a call slot (woken with
         # call_soon_threadsafe by whichever thread frees one)
         self._channels: dict[asyncio.AbstractEventLoop, list[MuxChannel]] = {}
+        self._streams: set[Any] = set()  # streams running (close() ends them; each leaves when it ends)
         self._opening: dict[asyncio.AbstractEventLoop, asyncio.Task[MuxChannel]] = {}
         self._slot_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
         self._async_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
@@ -376,6 +377,9 @@ class Endpoint:
             for waiters in (self._slot_waiters, self._async_waiters):
                 while waiters:
                     self._wake_one(waiters)
+        # streams never end by themselves: their consumers fail now, and the workers close the generators
+        for stream in list(self._streams):
+            stream.abort(RuntimeError(f"{self.name}: closed while the stream of {stream.method} was running"))
         for channel in channels:  # (each closes once its calls are answered, at once with abort)
             channel.close_from_any_thread(abort)
         for conn in idle:
@@ -649,6 +653,7 @@ class Endpoint:
             if mapped is exc:
                 raise
             raise mapped from exc
+        self._streams.add(stream)
         return self._items(stream, method, timeout)
 
     def _items(self, stream: BlockingStream, method: str, timeout: float) -> Generator[Any, None, None]:
@@ -660,6 +665,8 @@ class Endpoint:
                 try:
                     items = stream.next_items(timeout)
                 except BaseException as exc:
+                    if stream.aborted is not None:
+                        raise stream.aborted from None
                     mapped = self._stream_error(exc, method, timeout, received)
                     if mapped is exc:
                         raise
@@ -674,6 +681,7 @@ class Endpoint:
                         stream.took(taken)
                         taken = 0
         finally:
+            self._streams.discard(stream)
             stream.close()
 
     async def astream(self, method: str, args: Any, kwargs: dict[str, Any] | None,
@@ -691,6 +699,7 @@ class Endpoint:
             stream = await channel.open_stream(method, args, kwargs or {}, annotations + _STREAM_REQUEST)
         except NotWritten as exc:
             raise NotSent(exc) from exc
+        self._streams.add(stream)
         taken = 0
         half = STREAM_WINDOW // 2
         received = False
@@ -715,6 +724,7 @@ class Endpoint:
                         stream.took(taken)
                         taken = 0
         finally:
+            self._streams.discard(stream)
             stream.close()
 
     def _stream_error(self, exc: BaseException, method: str, timeout: float, received: bool) -> BaseException:

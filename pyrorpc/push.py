@@ -24,6 +24,7 @@ import Pyro5.errors
 
 from . import context
 from .connection import Connection
+from .errors import CallTimeoutError
 from .protocol import FLAGS_CORR_ID, MSG_ITEMS, MSG_RESULT, pack
 from .wire import SERIALIZER
 
@@ -262,7 +263,7 @@ class PushStreams:
     def _stream_stop(self, stream: _Stream) -> None:
         """End a cancelled stream: with the error a flush met, if any, else without a word (nobody waits)."""
         err = stream.error
-        data = None if err is None else self._error_frame(err, stream.header.seq, None, stream.header)
+        data = None if err is None else self._error_frame(err, stream.header.seq, err.__traceback__, stream.header)
         self._stream_end(stream, data, err is not None)
 
     def _stream_done(self, stream: _Stream, exc: BaseException | None) -> None:
@@ -356,6 +357,7 @@ class PushStreams:
                         except asyncio.TimeoutError:
                             log.info("%s: stream of %s closed: no item taken for %gs", self.name, stream.method,
                                      stream.stall)
+                            stream.error = _stalled(stream)
                             stream.cancelled = True
                     continue
                 t0 = time.monotonic()
@@ -382,7 +384,18 @@ class PushStreams:
             if isinstance(entry, _Stream) and not entry.is_async and entry.parked \
                     and now - entry.progress > entry.stall:
                 log.info("%s: stream of %s closed: no item taken for %gs", self.name, entry.method, entry.stall)
+                entry.error = _stalled(entry)
                 entry.cancel()
+
+
+def _stalled(stream: _Stream) -> BaseException:
+    """The error a stream ends with when its consumer took no item for its stall limit (raised here so it
+    carries a remote traceback: the worker is fine, the consumer was slow)."""
+    try:
+        raise CallTimeoutError(f"{stream.method}: the worker closed the stream: no item was taken for "
+                               f"{stream.stall:g}s")
+    except CallTimeoutError as exc:
+        return exc
 
 
 def is_stream(entry: Any) -> bool:

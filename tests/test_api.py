@@ -101,8 +101,8 @@ def test_imports_flow_one_way():
                                     "pyrorpc.errors",
                                     "pyrorpc.protocol", "pyrorpc.streams", "pyrorpc.wire"}
     # mux (multiplexed connections) sits beside calls: both are mixins of the server
-    assert imports("push.py") <= {"pyrorpc.aloop", "pyrorpc.connection", "pyrorpc.context", "pyrorpc.protocol",
-                                  "pyrorpc.wire"}
+    assert imports("push.py") <= {"pyrorpc.aloop", "pyrorpc.connection", "pyrorpc.context", "pyrorpc.errors",
+                                  "pyrorpc.protocol", "pyrorpc.wire"}
     assert imports("mux.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.context",
                                  "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.push", "pyrorpc.wire"}
     assert imports("server.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.ioloop",
