@@ -483,7 +483,7 @@ class ChannelStream:
     gives the stream up (MSG_CANCEL) unless it ended.
     """
 
-    __slots__ = ("channel", "seq", "method", "frames", "end", "error", "waiter", "taken", "done")
+    __slots__ = ("channel", "seq", "method", "frames", "end", "error", "waiter", "taken", "done", "__weakref__")
 
     def __init__(self, channel: MuxChannel, seq: int, method: str) -> None:
         self.channel = channel

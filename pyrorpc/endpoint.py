@@ -7,6 +7,7 @@ import asyncio
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Generator
 from typing import Any
@@ -133,7 +134,9 @@ class Endpoint:
         # aio(): one multiplexed channel per event loop, and coroutines waiting for a call slot (woken with
         # call_soon_threadsafe by whichever thread frees one)
         self._channels: dict[asyncio.AbstractEventLoop, list[MuxChannel]] = {}
-        self._streams: set[Any] = set()  # streams running (close() ends them; each leaves when it ends)
+        # streams running (close() ends them); weak, so a stream dropped unstarted is still collected (and
+        # its __del__ cancels it)
+        self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
         self._opening: dict[asyncio.AbstractEventLoop, asyncio.Task[MuxChannel]] = {}
         self._slot_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
         self._async_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
@@ -378,7 +381,9 @@ class Endpoint:
                 while waiters:
                     self._wake_one(waiters)
         # streams never end by themselves: their consumers fail now, and the workers close the generators
-        for stream in list(self._streams):
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
             stream.abort(RuntimeError(f"{self.name}: closed while the stream of {stream.method} was running"))
         for channel in channels:  # (each closes once its calls are answered, at once with abort)
             channel.close_from_any_thread(abort)
@@ -653,7 +658,7 @@ class Endpoint:
             if mapped is exc:
                 raise
             raise mapped from exc
-        self._streams.add(stream)
+        self._track(stream)
         return self._items(stream, method, timeout)
 
     def _items(self, stream: BlockingStream, method: str, timeout: float) -> Generator[Any, None, None]:
@@ -681,7 +686,8 @@ class Endpoint:
                         stream.took(taken)
                         taken = 0
         finally:
-            self._streams.discard(stream)
+            with self._lock:
+                self._streams.discard(stream)
             stream.close()
 
     async def astream(self, method: str, args: Any, kwargs: dict[str, Any] | None,
@@ -699,7 +705,7 @@ class Endpoint:
             stream = await channel.open_stream(method, args, kwargs or {}, annotations + _STREAM_REQUEST)
         except NotWritten as exc:
             raise NotSent(exc) from exc
-        self._streams.add(stream)
+        self._track(stream)
         taken = 0
         half = STREAM_WINDOW // 2
         received = False
@@ -724,8 +730,18 @@ class Endpoint:
                         stream.took(taken)
                         taken = 0
         finally:
-            self._streams.discard(stream)
+            with self._lock:
+                self._streams.discard(stream)
             stream.close()
+
+    def _track(self, stream: Any) -> None:
+        """A stream just started: close() is to end it (one that starts while close() runs ends at once)."""
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._streams.add(stream)
+        if closed:
+            stream.abort(RuntimeError(f"{self.name}: closed while the stream of {stream.method} was starting"))
 
     def _stream_error(self, exc: BaseException, method: str, timeout: float, received: bool) -> BaseException:
         """What a stream's failure means for its consumer (pyrorpc's errors, like ``call``)."""

@@ -261,7 +261,8 @@ class PushStreams:
         self._mux_done(conn, data, failed)
 
     def _stream_stop(self, stream: _Stream) -> None:
-        """End a cancelled stream: with the error a flush met, if any, else without a word (nobody waits)."""
+        """End a cancelled stream: with its error if it has one (a failed flush, or the consumer stalled: the
+        client is told), else without a word (the client cancelled it or went away: nobody waits)."""
         err = stream.error
         data = None if err is None else self._error_frame(err, stream.header.seq, err.__traceback__, stream.header)
         self._stream_end(stream, data, err is not None)
