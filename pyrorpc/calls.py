@@ -326,15 +326,7 @@ class CallHandler:
             else:
                 annotations = None
                 body = payload
-            if flags & FLAGS_COMPRESSED:
-                body = decompress(body, self.max_message_size)
-            try:
-                object_id, method, vargs, kwargs = loads(body)
-            except Exception as exc:
-                raise Pyro5.errors.SerializeError(f"cannot decode the request: {exc}") from None
-            target = self.objects.get(object_id)
-            if target is None:
-                raise Pyro5.errors.DaemonError("unknown object")
+            object_id, target, method, vargs, kwargs = self._decode_request(flags, body)
             context = current_context
             context.client = conn  # like Pyro5: .sock is the connection's socket
             context.client_sock_addr = conn.peer
@@ -414,6 +406,25 @@ class CallHandler:
                     self._hand_over_write(conn, failed)
                 else:
                     stats.leave(failed)
+
+    def _decode_request(self, flags: int, body: bytes) -> tuple[Any, _Target, Any, Any, Any]:
+        """A request's body (after its annotations): ``(object_id, target, method, vargs, kwargs)``.
+
+        Raises:
+            ProtocolViolation: a bad compressed payload.
+            Pyro5.errors.SerializeError: the body cannot be decoded.
+            Pyro5.errors.DaemonError: no such object here.
+        """
+        if flags & FLAGS_COMPRESSED:
+            body = decompress(body, self.max_message_size)
+        try:
+            object_id, method, vargs, kwargs = loads(body)
+        except Exception as exc:
+            raise Pyro5.errors.SerializeError(f"cannot decode the request: {exc}") from None
+        target = self.objects.get(object_id)
+        if target is None:
+            raise Pyro5.errors.DaemonError("unknown object")
+        return object_id, target, method, vargs, kwargs
 
     def _encode_result(self, method: str, result: Any) -> bytes:
         try:

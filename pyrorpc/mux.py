@@ -43,12 +43,11 @@ from .protocol import (
     MSG_RESULT,
     SERPENT_ID,
     ProtocolViolation,
-    decompress,
     pack,
     parse_annotations,
 )
 from .push import MAX_CREDIT, Pending, _aclose_quietly, _close_quietly, is_stream
-from .wire import SERIALIZER, loads
+from .wire import SERIALIZER
 
 if TYPE_CHECKING:
     from .aloop import AsyncRunner
@@ -117,6 +116,8 @@ class MuxHandler:
         def _run_batch(self, target: _Target, conn: Connection, calls: Any) -> tuple[list[Any], bool]: ...
 
         def _encode_result(self, method: str, result: Any) -> bytes: ...
+
+        def _decode_request(self, flags: int, body: bytes) -> tuple[Any, _Target, Any, Any, Any]: ...
 
         def _oneway(self, job: tuple[Any, ...]) -> None: ...
 
@@ -396,16 +397,7 @@ class MuxHandler:
         try:
             ann_size = header.ann_size
             annotations = parse_annotations(payload[:ann_size]) if ann_size else {}
-            body = payload[ann_size:]
-            if flags & FLAGS_COMPRESSED:
-                body = decompress(body, self.max_message_size)
-            try:
-                object_id, method, vargs, kwargs = loads(body)
-            except Exception as exc:
-                raise Pyro5.errors.SerializeError(f"cannot decode the request: {exc}") from None
-            target = self.objects.get(object_id)
-            if target is None:
-                raise Pyro5.errors.DaemonError("unknown object")
+            _object_id, target, method, vargs, kwargs = self._decode_request(flags, payload[ann_size:])
             info = context.incoming(annotations, conn.peer, method if isinstance(method, str) else None,
                                     time.time() - (time.monotonic() - conn.arrived) if threaded else None)
             credit: int | None = None

@@ -99,31 +99,31 @@ class _Stream:
         with self.lock:
             self.credit = min(self.credit + n, MAX_CREDIT)
             self.progress = time.monotonic()
-            resume = self.parked and not self.cancelled
-            if resume:
-                self.parked = False
-        if self.wakeup is not None:
-            self.wakeup.set()
-        if resume:
-            self.server._submit(partial(self.server._pump, self))
+            resume = self._unpark(not self.cancelled)
+        self._wake(resume)
 
     def unblock(self) -> None:
         """The connection's output drained (sync streams: any thread; async ones: on the event loop)."""
         with self.lock:
             self.blocked = False
-            resume = self.parked and not self.cancelled
-            if resume:
-                self.parked = False
-        if self.wakeup is not None:
-            self.wakeup.set()
-        if resume:
-            self.server._submit(partial(self.server._pump, self))
+            resume = self._unpark(not self.cancelled)
+        self._wake(resume)
 
     def cancel(self) -> None:
         with self.lock:
             self.cancelled = True
-            resume = self.parked
+            resume = self._unpark(True)  # (a parked generator is resumed to be closed)
+        self._wake(resume)
+
+    def _unpark(self, may_run: bool) -> bool:
+        """(``lock`` held) True if a parked sync generator is to run again: it is no longer parked then."""
+        resume = self.parked and may_run
+        if resume:
             self.parked = False
+        return resume
+
+    def _wake(self, resume: bool) -> None:
+        """An async stream's pump wakes up; a sync one that was parked gets a call thread."""
         if self.wakeup is not None:
             self.wakeup.set()
         if resume:
