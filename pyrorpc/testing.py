@@ -117,8 +117,35 @@ class ChildProcess:
         return self.proc.poll() is None
 
     def signal(self, signo: int) -> None:
-        if self.alive():
-            self.proc.send_signal(signo)
+        """Send ``signo``. For SIGSTOP, return only once every thread of the process has stopped.
+
+        The kernel stops a process's threads one after another once one of them runs: on a busy
+        machine a thread can still answer a request for a few milliseconds after ``kill()``
+        returned, which a test that then expects silence must not see.
+        """
+        if not self.alive():
+            return
+        self.proc.send_signal(signo)
+        if signo == getattr(signal, "SIGSTOP", None):
+            self._wait_stopped(5.0)
+
+    def _wait_stopped(self, timeout: float) -> None:
+        task_dir = f"/proc/{self.proc.pid}/task"
+        if not os.path.isdir(task_dir):
+            return  # not Linux: nothing to poll
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                states = []
+                for tid in os.listdir(task_dir):
+                    with open(f"{task_dir}/{tid}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                return  # the process went away
+            if states and all(s in ("T", "t") for s in states):
+                return
+            time.sleep(0.001)
+        raise RuntimeError(f"process {self.proc.pid} did not stop within {timeout} s of SIGSTOP")
 
     def kill(self) -> int:
         """SIGKILL it and everything it started (its session), reap it; returns its exit status."""
