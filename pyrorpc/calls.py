@@ -27,6 +27,7 @@ from Pyro5.callcontext import current_context
 
 from . import compat
 from .aloop import PeerGone, Raised, guarded, wait
+from .codec import loads_call
 from .connection import PENDING, Connection
 from .context import CallInfo, current_call, incoming
 from .context import enter as enter_call
@@ -48,7 +49,7 @@ from .protocol import (
     parse_annotations,
 )
 from .streams import StockStreams, stream_reply
-from .wire import SERIALIZER, loads
+from .wire import SERIALIZER
 
 __all__ = ["DAEMON_NAME", "INSTANCE_MODES", "PENDING", "CallHandler", "DaemonObject", "ServerStats"]
 
@@ -418,7 +419,7 @@ class CallHandler:
         if flags & FLAGS_COMPRESSED:
             body = decompress(body, self.max_message_size)
         try:
-            object_id, method, vargs, kwargs = loads(body)
+            object_id, method, vargs, kwargs = loads_call(body)
         except Exception as exc:
             raise Pyro5.errors.SerializeError(f"cannot decode the request: {exc}") from None
         target = self.objects.get(object_id)

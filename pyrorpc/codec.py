@@ -18,7 +18,7 @@ from typing import Any
 import serpent
 from Pyro5 import serializers
 
-__all__ = ["SERIALIZER", "BytesSerpent", "dumps", "loads", "set_proxy_factory"]
+__all__ = ["SERIALIZER", "BytesSerpent", "dumps", "loads", "loads_call", "set_proxy_factory"]
 
 
 class BytesSerpent(serializers.SerpentSerializer):
@@ -36,7 +36,7 @@ class BytesSerpent(serializers.SerpentSerializer):
         return loads(data)
 
     def loadsCall(self, data: Any) -> Any:  # noqa: N802 - Pyro5 API
-        return loads(data)
+        return loads_call(data)
 
     @classmethod
     def dict_to_class(cls, data: dict[str, Any]) -> Any:
@@ -137,6 +137,11 @@ class _Fallback(Exception):
     pass
 
 
+# whole messages common enough to skip the parser: a reply of None, True or False
+_COMMON: dict[bytes, Any] = {(_HEADER + text).encode(): value for text, value in _NAMES.items()}
+_MISSING = object()
+
+
 def loads(data: bytes | bytearray | memoryview, *, fallback: bool = True) -> Any:
     """Decode serpent bytes (what ``SerpentSerializer.loads`` returns, classes recreated).
 
@@ -148,6 +153,10 @@ def loads(data: bytes | bytearray | memoryview, *, fallback: bool = True) -> Any
     Raises:
         ValueError / SyntaxError: not a serpent literal (as ``serpent.loads`` raises).
     """
+    if type(data) is bytes and len(data) < 32:
+        value = _COMMON.get(data, _MISSING)
+        if value is not _MISSING:
+            return value
     try:
         text = bytes(data).decode("utf-8")
     except UnicodeDecodeError:
@@ -163,12 +172,46 @@ def loads(data: bytes | bytearray | memoryview, *, fallback: bool = True) -> Any
     return _recreate(serpent.loads(data))
 
 
-def _parse(text: str, start: int) -> tuple[Any, bool]:
-    """(value, whether a dict with ``__class__`` was seen); raises _Fallback for anything unusual."""
+# a request body starts with its object id and method name, plain strings in every call pyrorpc or Pyro5 makes
+_CALL = re.compile(r"\('([^'\\\n\r\x00]*)','([^'\\\n\r\x00]*)',")
+_CALL_START = len(_HEADER)
+_NO_ARGUMENTS = "(),{})"
+
+
+def loads_call(data: bytes | bytearray | memoryview) -> Any:
+    """``loads`` for a request body, ``(object_id, method, args, kwargs)``: the object id and method name
+    are read with one regular expression, and a call without arguments costs nothing more; the rest
+    is parsed as ``loads`` would (same result, same errors)."""
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("serpent data is not valid UTF-8") from None
+    if text.startswith(_HEADER):
+        call = _CALL.match(text, _CALL_START)
+        if call is not None:
+            end = call.end()
+            if len(text) - end == 6 and text.endswith(_NO_ARGUMENTS):
+                return call.group(1), call.group(2), (), {}
+            try:
+                value, classes = _parse(text, end, [call.group(1), call.group(2)])
+                return _recreate(value) if classes else value
+            except (_Fallback, TypeError, ValueError, SyntaxError, IndexError, MemoryError, RecursionError):
+                pass
+    return loads(data)
+
+
+def _parse(text: str, start: int, call: list[Any] | None = None) -> tuple[Any, bool]:
+    """(value, whether a dict with ``__class__`` was seen); raises _Fallback for anything unusual.
+
+    With ``call`` the text from ``start`` continues a tuple whose first items (``call``) were read
+    already, each followed by its comma (``loads_call``)."""
     if "\x00" in text:
         raise _Fallback
     stack: list[list[Any]] = []  # [opener, items, commas, colons]
     top: list[Any] | None = None
+    if call is not None:
+        top = ["(", call, len(call), 0]
+        stack.append(top)
     result: Any = _Fallback
     classes = False
     pos = start

@@ -14,7 +14,7 @@ import Pyro5.server
 import pytest
 
 from pyrorpc import compat, protocol
-from pyrorpc.codec import SERIALIZER, dumps, loads
+from pyrorpc.codec import SERIALIZER, dumps, loads, loads_call
 
 
 def test_wire_constants_match_pyro5():
@@ -145,6 +145,41 @@ def test_fast_codec_matches_serpent():
         assert _same(loads(reference), SERIALIZER.recreate_classes(serpent.loads(reference)))
 
     check()
+
+
+def test_request_decoder_matches_serpent():
+    """``loads_call`` (the worker's request decoder, with its fast paths for the object id, the method name
+    and a call without arguments) reads every request as serpent does, and refuses what serpent refuses."""
+    import hypothesis
+    import serpent
+    from hypothesis import strategies as st
+
+    leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20),
+                       st.binary(max_size=10))
+    values = st.recursive(leaves, lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.tuples(inner, inner), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+        max_leaves=12)
+    names = st.one_of(st.sampled_from(["calc", "Pyro.Daemon", "obj_5f3a", "", "it's", 'a"b', "a\\b", "x\ny", "é"]),
+                      st.text(max_size=12))
+    calls = st.tuples(names, names, st.one_of(st.tuples(), st.lists(values, max_size=3).map(tuple)),
+                      st.dictionaries(st.text(max_size=6), values, max_size=3))
+
+    @hypothesis.settings(max_examples=400, deadline=None)
+    @hypothesis.given(calls)
+    def check(call):
+        for data in (dumps(call), serpent.dumps(call, module_in_classname=True, bytes_repr=True)):
+            assert _same(loads_call(data), SERIALIZER.recreate_classes(serpent.loads(data)))
+
+    check()
+    header = b"# serpent utf-8 python3.2\n"
+    for bad in (b"('a','b',(),{}", b"('a','b',(),{}))", b"('a','b',(),{})x", b"('a','b',()(),{})", b"('a','b',(),{},,)"):
+        with pytest.raises((ValueError, SyntaxError)):
+            serpent.loads(header + bad)
+        with pytest.raises((ValueError, SyntaxError)):
+            loads_call(header + bad)
+    # shapes serpent reads that are no 4-tuple come back as they are (the worker then refuses the request)
+    assert loads_call(header + b"('a','b',)") == ("a", "b")
+    assert loads_call(header + b"('a','b',1,2,3)") == ("a", "b", 1, 2, 3)
 
 
 def _same(a, b):
