@@ -172,7 +172,8 @@ def test_request_decoder_matches_serpent():
 
     check()
     header = b"# serpent utf-8 python3.2\n"
-    for bad in (b"('a','b',(),{}", b"('a','b',(),{}))", b"('a','b',(),{})x", b"('a','b',()(),{})", b"('a','b',(),{},,)"):
+    for bad in (b"('a','b',(),{}", b"('a','b',(),{}))", b"('a','b',(),{})x", b"('a','b',()(),{})",
+                b"('a','b',(),{},,)"):
         with pytest.raises((ValueError, SyntaxError)):
             serpent.loads(header + bad)
         with pytest.raises((ValueError, SyntaxError)):
