@@ -25,14 +25,19 @@ DEFAULT_LEASE_TTL = 10.0
 
 
 def open_storage(storage: str | None) -> Any:
-    """A Pyro5 storage for ``memory`` (default), ``PATH.sqlite`` / ``PATH.db`` or Pyro5's ``sql:PATH``.
+    """A Pyro5 storage for ``memory`` (default), ``PATH.sqlite`` / ``PATH.db``, Pyro5's ``sql:PATH``, or
+    ``etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`` (a registry shared by every name server on that etcd cluster;
+    needs the ``etcd`` extra).
 
     Raises:
-        ValueError: for anything else.
+        ValueError: for anything else, a bad etcd URL, etcd3gw missing or etcd not answering.
     """
     if storage in (None, "", "memory"):
         return Pyro5.nameserver.MemoryStorage()
     assert storage is not None
+    if storage.startswith("etcd://"):
+        from .etcd import EtcdStorage
+        return EtcdStorage.from_url(storage)
     path = storage[4:] if storage.startswith("sql:") else storage
     if storage.startswith("sql:") or path.endswith((".sqlite", ".sqlite3", ".db")):
         if not path or path == ":memory:":
@@ -41,7 +46,7 @@ def open_storage(storage: str | None) -> Any:
             return Pyro5.nameserver.SqlStorage(path)
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open storage {path!r}: {exc}") from None
-    raise ValueError(f"storage must be 'memory' or PATH.sqlite, got {storage!r}")
+    raise ValueError(f"storage must be 'memory', PATH.sqlite or etcd://HOST:PORT[,HOST:PORT...], got {storage!r}")
 
 
 class NameServerDaemon:

@@ -76,6 +76,19 @@ class IndexedStorage(MutableMapping):  # type: ignore[type-arg]
                 if not members:
                     del self.by_service[svc]
 
+    def changed(self, key: str, value: Entry | None) -> None:
+        """``key`` changed in the inner storage by another way than this mapping (an etcd watch: another
+        name server wrote it, or its lease ran out); ``value`` is its new ``(uri, metadata)`` or None."""
+        if value is not None:
+            uri, metadata = value
+            services = services_of(metadata)
+            if services and all(self.by_service.get(svc, {}).get(key) == (uri, frozenset(metadata))
+                                for svc in services) and self.service_by_name.get(key) == services:
+                return  # the same registration (a new load report): no membership change
+        self._unindex(key)
+        if value is not None:
+            self._index(key, value[0], value[1] or ())
+
     # MutableMapping
     def __getitem__(self, key: str) -> Any:
         return self.inner[key]
@@ -171,9 +184,15 @@ class NameServer(Pyro5.nameserver.NameServer):
 
     def __init__(self, storageProvider: Any = None) -> None:  # noqa: N803 - Pyro5's signature
         inner = storageProvider if storageProvider is not None else Pyro5.nameserver.MemoryStorage()
-        self.leases: dict[str, Lease] = {}
+        # a storage that keeps leases itself (etcd) takes the lease and lock calls, and its ``leases`` mapping
+        # stands for ours; memory and SQLite leases live in this process
+        self._backend: Any = inner if getattr(type(inner), "keeps_leases", False) else None
+        self.leases: dict[str, Lease] = {} if self._backend is None else self._backend.leases
         self._leasing = threading.local()
         super().__init__(IndexedStorage(inner, self._forget))
+        if self._backend is not None:
+            self._backend.attach(self.lock, self.storage.changed)
+            return
         # leases restart their clock on load: a persisted worker that does not come back expires
         for wname, (uri, meta) in inner.everything(return_metadata=True).items():
             ttl = lease_ttl_of(meta)
@@ -182,6 +201,14 @@ class NameServer(Pyro5.nameserver.NameServer):
 
     def set_metadata(self, name: str, metadata: Any) -> None:
         """Pyro5's set_metadata; a leased entry keeps its lease (and so still expires if not renewed)."""
+        if self._backend is not None:
+            if not isinstance(name, str):
+                raise TypeError("name must be a str")
+            if isinstance(metadata, str):
+                raise TypeError("metadata should not be a str, but another iterable (set, list, etc)")
+            with self.lock:
+                self._backend.set_metadata(name, set(metadata) if metadata is not None else None)
+            return
         self._leasing.active = True
         try:
             super().set_metadata(name, metadata)
@@ -224,6 +251,8 @@ class NameServer(Pyro5.nameserver.NameServer):
         tags = {t for t in metadata if isinstance(t, str) and not t.startswith(LEASE_TAG)}
         tags.add(f"{LEASE_TAG}{ttl:g}")
         clean_load = check_load(load)
+        if self._backend is not None:
+            return dict(self._backend.lease(name, uri, tags, clean_load, ttl))
         with self.lock:
             current = self.leases.get(name)
             try:
@@ -250,6 +279,8 @@ class NameServer(Pyro5.nameserver.NameServer):
         a holder that dies without unlocking loses it one TTL later."""
         if not isinstance(owner, str) or not owner or len(owner) > 200:
             raise TypeError("owner must be a non-empty str of at most 200 characters")
+        if self._backend is not None:
+            return bool(self._backend.acquire_lock(name, owner, ttl))
         tag = LOCK_TAG + owner
         with self.lock:
             now = time.monotonic()
@@ -269,6 +300,8 @@ class NameServer(Pyro5.nameserver.NameServer):
 
     def release_lock(self, name: str, owner: str) -> bool:
         """Release the lock ``name`` if ``owner`` holds it; returns whether it did."""
+        if self._backend is not None:
+            return bool(self._backend.release_lock(name, owner))
         with self.lock:
             try:
                 _uri, meta = self.storage[name]
@@ -308,6 +341,8 @@ class NameServer(Pyro5.nameserver.NameServer):
 
     def expire(self) -> list[str]:
         """Drop every registration whose lease was not renewed within its TTL; returns their names."""
+        if self._backend is not None:
+            return []  # the backend's leases expire by themselves (etcd deletes the keys)
         now = time.monotonic()
         with self.lock:
             dead = [name for name, lease in self.leases.items() if lease.expired(now)]

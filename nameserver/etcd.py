@@ -1,0 +1,660 @@
+"""etcd storage for the name server: one registry, its leases and locks in etcd, shared by several name servers.
+
+Keys live under a prefix (``/pyrorpc/ns/`` unless the URL names another: ``etcd://h:p,h:p/myapp``):
+``reg/NAME`` holds the JSON ``{"uri", "metadata": [...], "ttl": s|null, "load": {...}, "lease": id}``. A
+leased registration is attached to an etcd lease of ``ceil(ttl)`` seconds (etcd grants no less than its minimum,
+2 s with its default timing); a renewal is a keepalive of that lease, plus a write only when the load report
+changed (at once for its fixed fields, at most every ``load_interval`` seconds for the counters). When a worker
+stops renewing, etcd deletes the key. A lock is a leased registration created by a transaction "if absent", and
+renewed only while its key is still the holder's, so two name servers over one etcd never both grant it.
+
+Every name server keeps the whole ``reg/`` range in memory: one read at start, then a prefix watch from that
+revision; lookups and the service index are local reads. Writes go to etcd and into the copy at once (tagged
+with their revision, so an older watch event never undoes them). If the member it talks to fails, the name
+server moves to the next endpoint of the URL and resumes the watch from the last revision it saw (a full read
+if etcd compacted that away); reads are served from the copy meanwhile. ``Pyro5.NameServer`` (each name
+server's own address) is kept locally, never shared.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from typing import Any
+
+import Pyro5.core
+import Pyro5.errors
+
+log = logging.getLogger("pyrorpc.nameserver.etcd")
+
+DEFAULT_PREFIX = "/pyrorpc/ns/"
+LOCAL_NAMES = frozenset({Pyro5.core.NAMESERVER_NAME})  # each name server's own, never shared
+LEASE_TAG = "pyrorpc.lease:"
+LOCK_TAG = "pyrorpc.lock:"
+LOCK_URI = "PYRO:pyrorpc.lock@localhost:1"
+COUNTERS = frozenset({"in_flight", "calls", "errors", "connections"})  # load fields that change all the time
+MIN_TTL, MAX_TTL = 0.2, 86400.0
+
+Entry = tuple[str, frozenset[str]]
+Listener = Callable[[str, "Entry | None"], None]
+
+
+class EtcdError(Pyro5.errors.NamingError):
+    """etcd could not be reached (on any endpoint) or refused an operation."""
+
+
+def parse_url(url: str) -> tuple[list[tuple[str, int]], str]:
+    """``etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`` -> ([(host, port), ...], key prefix ending in ``/``).
+
+    Raises:
+        ValueError: not such a URL (the message names the bad part).
+    """
+    if not url.startswith("etcd://"):
+        raise ValueError(f"an etcd storage URL starts with etcd://, got {url!r}")
+    rest = url[len("etcd://"):]
+    hosts, slash, path = rest.partition("/")
+    endpoints = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"etcd endpoints are HOST:PORT[,HOST:PORT...], got {item.strip()!r} in {url!r}")
+        endpoints.append((host, int(port)))
+    prefix = "/" + path.strip("/") + "/" if slash and path.strip("/") else DEFAULT_PREFIX
+    return endpoints, prefix
+
+
+def etcd_ttl(ttl: float) -> int:
+    """The etcd lease TTL for a registration TTL: whole seconds, rounded up (etcd raises it to its minimum)."""
+    return max(1, math.ceil(ttl))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _range_end(prefix: bytes) -> bytes:
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+class Record:
+    """One registration as this name server has it, with what the service index and leases need to know.
+
+    ``renewed`` is when this name server last saw it written or renewed (``time.monotonic()``); ``expired()``
+    is always False: etcd deletes a registration whose lease ran out.
+    """
+
+    __slots__ = ("uri", "metadata", "ttl", "load", "lease", "rev", "renewed", "seen")
+
+    def __init__(self, uri: str, metadata: frozenset[str], ttl: float | None, load: dict[str, Any],
+                 lease: int, rev: int) -> None:
+        self.uri, self.metadata, self.ttl, self.load, self.lease, self.rev = uri, metadata, ttl, load, lease, rev
+        self.renewed = self.seen = time.monotonic()  # seen: when this version was written or first read
+
+    def expired(self, now: float) -> bool:
+        return False
+
+    def encode(self) -> bytes:
+        return json.dumps({"uri": self.uri, "metadata": sorted(self.metadata), "ttl": self.ttl,
+                           "load": self.load, "lease": self.lease}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, value: bytes, rev: int) -> "Record":
+        """Raises ValueError/TypeError/KeyError for a value pyrorpc did not write."""
+        d = json.loads(value)
+        ttl = d.get("ttl")
+        load = d.get("load") or {}
+        if not isinstance(load, dict):
+            raise TypeError("load")
+        return cls(str(d["uri"]), frozenset(str(t) for t in d.get("metadata") or ()),
+                   None if ttl is None else float(ttl), load, int(d.get("lease") or 0), rev)
+
+
+class EtcdClient:
+    """The members of one etcd cluster, talked to over one HTTP session (kept-alive connections, no
+    connection per request) through etcd3gw. An operation that cannot reach the current member moves on to
+    the next one and is retried until ``retry_for`` seconds have passed (an election takes about a second)."""
+
+    def __init__(self, endpoints: list[tuple[str, int]], *, timeout: float = 3.0, retry_for: float = 6.0) -> None:
+        try:
+            import etcd3gw
+            import requests
+            from etcd3gw import exceptions
+        except ImportError:
+            raise ValueError("etcd storage needs etcd3gw: pip install 'pyrorpc[etcd]'") from None
+        self.session = requests.Session()
+        self.session.trust_env = False  # no proxy from the environment between us and etcd
+        self.session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=len(endpoints),
+                                                                    pool_maxsize=64))
+        self.clients = [etcd3gw.Etcd3Client(host=h, port=p, timeout=timeout, session=self.session)
+                        for h, p in endpoints]
+        self.names = [f"{h}:{p}" for h, p in endpoints]
+        self.retry_for = retry_for
+        self.transient = (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError,
+                          exceptions.InternalServerError)
+        self.error = exceptions.Etcd3Exception
+        self._current = 0
+        self._lock = threading.Lock()
+
+    def current(self) -> Any:
+        return self.clients[self._current]
+
+    def failed(self, client: Any, why: object) -> None:
+        """``client``'s member failed: use the next endpoint (unless another thread moved on already)."""
+        with self._lock:
+            i = self._current
+            if self.clients[i] is client and len(self.clients) > 1:
+                self._current = (i + 1) % len(self.clients)
+                log.warning("etcd %s failed (%s); using %s", self.names[i], why, self.names[self._current])
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` to the v3 API ``path`` of the current member, moving on as needed.
+
+        Raises:
+            EtcdError: no member answered within ``retry_for``, or etcd refused the request.
+        """
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.02
+        while True:
+            client = self.current()
+            try:
+                reply: dict[str, Any] = client.post(client.get_url(path), json=body)
+                return reply
+            except self.transient as exc:
+                why = _detail(exc)
+                self.failed(client, why)
+                if time.monotonic() + delay > deadline:
+                    raise EtcdError(f"etcd unavailable ({', '.join(self.names)}): {why}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+            except self.error as exc:
+                raise EtcdError(f"etcd refused {path}: {_detail(exc)}") from None
+
+    # the v3 operations the storage needs
+    def range(self, key: bytes, end: bytes | None = None, **options: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"key": _b64(key), **options}
+        if end is not None:
+            body["range_end"] = _b64(end)
+        return self.post("/kv/range", body)
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        """Returns the revision of the write."""
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = lease
+        return int(self.post("/kv/put", body)["header"]["revision"])
+
+    def delete(self, key: bytes, end: bytes | None = None) -> int:
+        body: dict[str, Any] = {"key": _b64(key)}
+        if end is not None:
+            body["range_end"] = _b64(end)
+        return int(self.post("/kv/deleterange", body)["header"]["revision"])
+
+    def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+            failure: list[dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
+        reply = self.post("/kv/txn", {"compare": compare, "success": success, "failure": failure})
+        return bool(reply.get("succeeded", False)), reply
+
+    def grant(self, ttl: int) -> int:
+        return int(self.post("/lease/grant", {"TTL": ttl, "ID": 0})["ID"])
+
+    def keepalive(self, lease: int) -> int:
+        """The lease's TTL after renewal, or -1 when it no longer exists (and its keys are gone)."""
+        return int(self.post("/lease/keepalive", {"ID": lease})["result"].get("TTL", -1))
+
+    def revoke(self, lease: int) -> int:
+        """Revoke ``lease`` (its keys are deleted); returns the revision after it, 0 if it was gone."""
+        try:
+            return int(self.post("/kv/lease/revoke", {"ID": lease})["header"]["revision"])
+        except EtcdError as exc:
+            if "lease not found" in str(exc):
+                return 0
+            raise
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _detail(exc: BaseException) -> str:
+    detail = getattr(exc, "detail_text", None)
+    if detail:
+        try:
+            return str(json.loads(detail).get("message") or detail)[:300]
+        except (ValueError, AttributeError):
+            return str(detail)[:300]
+    return str(exc)[:300] or type(exc).__name__
+
+
+class LeaseView(Mapping):  # type: ignore[type-arg]
+    """The leased registrations of an EtcdStorage, as the NameServer's ``leases`` mapping (name -> Record).
+
+    Leases end in etcd, so ``pop`` (the NameServer forgetting one) changes nothing here."""
+
+    def __init__(self, entries: dict[str, Record]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, name: str) -> Record:
+        rec = self._entries[name]
+        if rec.ttl is None:
+            raise KeyError(name)
+        return rec
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, rec in list(self._entries.items()) if rec.ttl is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def pop(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
+    """A Pyro5 name-server storage kept in etcd (see the module docstring), and the NameServer's lease backend
+    (``lease``, ``set_metadata``, ``acquire_lock``, ``release_lock``, ``leases``).
+
+    The constructor reads the registry once; ``attach(lock, listener)`` starts the watch, which applies
+    changes under ``lock`` and calls ``listener(name, (uri, metadata) or None)`` for every change it did not
+    make through this mapping (so the NameServer's service index follows registrations made elsewhere).
+
+    Raises:
+        ValueError: etcd3gw is missing or no endpoint answered.
+    """
+
+    keeps_leases = True  # the NameServer hands it leases and locks (SqlStorage fails any getattr: a class flag)
+
+    def __init__(self, endpoints: list[tuple[str, int]], prefix: str = DEFAULT_PREFIX, *,
+                 load_interval: float = 5.0, timeout: float = 3.0, retry_for: float = 6.0,
+                 check_interval: float = 1.0) -> None:
+        self.etcd = EtcdClient(endpoints, timeout=timeout, retry_for=retry_for)
+        self.prefix = prefix.encode() + b"reg/"
+        self.end = _range_end(self.prefix)
+        self.load_interval = load_interval
+        self.timeout = timeout
+        self.check_interval = check_interval
+        self.entries: dict[str, Record] = {}
+        self.local: dict[str, Entry] = {}
+        self.leases = LeaseView(self.entries)
+        self.revision = 0  # every change up to this revision is in `entries`
+        self._tombstones: dict[str, int] = {}  # name -> revision of a delete applied ahead of the watch
+        self._lock: Any = threading.RLock()
+        self._listener: Listener | None = None
+        self._closed = threading.Event()
+        self._watch_resp: Any = None
+        self._watch_client: Any = None
+        self._threads: list[threading.Thread] = []
+        try:
+            self._resync(notify=False)
+        except EtcdError as exc:
+            self.etcd.close()
+            raise ValueError(f"cannot read the registry from etcd: {exc}") from None
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "EtcdStorage":
+        endpoints, prefix = parse_url(url)
+        return cls(endpoints, prefix, **options)
+
+    def attach(self, lock: Any, listener: Listener | None) -> None:
+        """Share the NameServer's ``lock`` and start following etcd (watch + endpoint health check)."""
+        self._lock, self._listener = lock, listener
+        for target, name in ((self._watch_loop, "ns-etcd-watch"), (self._check_loop, "ns-etcd-check")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    # keys and the local copy ---------------------------------------------------------------------------
+    def _key(self, name: str) -> bytes:
+        return self.prefix + name.encode()
+
+    def _name(self, key: bytes) -> str | None:
+        if not key.startswith(self.prefix):
+            return None
+        try:
+            name = key[len(self.prefix):].decode()
+        except UnicodeDecodeError:
+            return None
+        return None if name in LOCAL_NAMES else name
+
+    def _apply(self, name: str, rec: Record | None, rev: int, notify: bool) -> None:
+        """Put etcd's state of ``name`` at revision ``rev`` into the copy, unless the copy is newer."""
+        with self._lock:
+            cur = self.entries.get(name)
+            if rev <= (cur.rev if cur is not None else self._tombstones.get(name, 0)):
+                return
+            if rec is None:
+                self._tombstones[name] = rev
+                if cur is None:
+                    return
+                del self.entries[name]
+            else:
+                self._tombstones.pop(name, None)
+                self.entries[name] = rec
+            if notify and self._listener is not None:
+                self._listener(name, None if rec is None else (rec.uri, rec.metadata))
+
+    def _decode(self, kv: dict[str, Any]) -> tuple[str, Record] | None:
+        name = self._name(base64.b64decode(kv["key"]))
+        if name is None:
+            return None
+        try:
+            return name, Record.decode(base64.b64decode(kv.get("value", "")), int(kv["mod_revision"]))
+        except (ValueError, TypeError, KeyError):
+            log.warning("etcd key for %r does not hold a pyrorpc registration; ignored", name)
+            return None
+
+    def _resync(self, notify: bool) -> None:
+        """Read the whole registry (at start, and when the watch lost history to a compaction)."""
+        reply = self.etcd.range(self.prefix, self.end)
+        rev = int(reply["header"]["revision"])
+        fresh = dict(filter(None, (self._decode(kv) for kv in reply.get("kvs", ()))))
+        with self._lock:
+            for name in [n for n in self.entries if n not in fresh]:
+                self._apply(name, None, rev, notify)
+            for name, rec in fresh.items():
+                self._apply(name, rec, rec.rev, notify)
+            self.revision = max(self.revision, rev)
+            self._tombstones = {n: r for n, r in self._tombstones.items() if r > self.revision}
+
+    # the Pyro5 storage protocol ------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Entry:
+        local = self.local.get(name)
+        if local is not None:
+            return local
+        rec = self.entries[name]
+        return rec.uri, rec.metadata
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        uri, metadata = value
+        meta = frozenset(metadata or ())
+        if name in LOCAL_NAMES:
+            self.local[name] = (str(uri), meta)
+            return
+        old = self.entries.get(name)
+        rec = Record(str(uri), meta, None, {}, 0, 0)  # a plain registration: no lease
+        rec.rev = self.etcd.put(self._key(name), rec.encode())
+        self._apply(name, rec, rec.rev, notify=False)
+        if old is not None and old.lease:
+            self._revoke_quietly(old.lease)
+
+    def __delitem__(self, name: str) -> None:
+        if name in self.local:
+            del self.local[name]
+            return
+        old = self.entries[name]
+        self._apply(name, None, self.etcd.delete(self._key(name)), notify=False)
+        if old.lease:
+            self._revoke_quietly(old.lease)  # or a renewal would keep a lease without its registration
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.local, *self.entries])
+
+    def __len__(self) -> int:
+        return len(self.local) + len(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.local or name in self.entries
+
+    def clear(self) -> None:
+        self.local.clear()
+        rev = self.etcd.delete(self.prefix, self.end)
+        with self._lock:
+            for name in list(self.entries):
+                self._apply(name, None, rev, notify=False)
+
+    def optimized_prefix_list(self, prefix: str, return_metadata: bool = False) -> Any:
+        return None
+
+    def optimized_regex_list(self, regex: str, return_metadata: bool = False) -> Any:
+        return None
+
+    def optimized_metadata_search(self, metadata_all: Any = None, metadata_any: Any = None,
+                                  return_metadata: bool = False) -> Any:
+        return None
+
+    def everything(self, return_metadata: bool = False) -> Any:
+        with self._lock:
+            items = [*self.local.items(), *((n, (r.uri, r.metadata)) for n, r in self.entries.items())]
+        return {n: (uri, set(meta)) if return_metadata else uri for n, (uri, meta) in items}
+
+    def remove_items(self, items: Any) -> None:
+        for name in list(items):
+            if name in self:
+                del self[name]
+
+    def close(self) -> None:
+        self._closed.set()
+        self._kick_watch()
+        for thread in self._threads:
+            thread.join(2.0)
+        self.etcd.close()
+
+    # leases ------------------------------------------------------------------------------------------
+    def lease(self, name: str, uri: str, tags: Any, load: dict[str, Any], ttl: float) -> dict[str, Any]:
+        """Register ``name`` under an etcd lease of ``ttl``, or renew it (a keepalive; a write only when the
+        load report is due, see the module docstring). Arguments are checked by the NameServer."""
+        tags = frozenset(tags)
+        rec = self.entries.get(name)
+        created = rec is None
+        if rec is not None and rec.lease and rec.uri == uri and rec.metadata == tags and rec.ttl == ttl:
+            if self.etcd.keepalive(rec.lease) > 0:
+                rec.renewed = time.monotonic()
+                if not self._load_due(rec, load) or self._put_leased(name, uri, tags, ttl, load, rec.lease):
+                    return {"ttl": ttl, "created": False}
+            created = True  # the lease ran out: etcd dropped the registration
+        lease_id = self.etcd.grant(etcd_ttl(ttl))
+        if not self._put_leased(name, uri, tags, ttl, load, lease_id):
+            raise EtcdError(f"etcd lost a new lease for {name!r}")
+        if rec is not None and rec.lease and rec.lease != lease_id:
+            self._revoke_quietly(rec.lease)
+        return {"ttl": ttl, "created": created}
+
+    def _load_due(self, rec: Record, load: dict[str, Any]) -> bool:
+        if load == rec.load:
+            return False
+        if any(load.get(k) != rec.load.get(k) for k in (set(load) | set(rec.load)) - COUNTERS):
+            return True
+        return time.monotonic() - rec.seen >= self.load_interval
+
+    def _put_leased(self, name: str, uri: str, tags: frozenset[str], ttl: float | None, load: dict[str, Any],
+                    lease: int) -> bool:
+        """Write a registration under ``lease``; False if etcd no longer has that lease."""
+        rec = Record(uri, tags, ttl, dict(load), lease, 0)
+        try:
+            rec.rev = self.etcd.put(self._key(name), rec.encode(), lease)
+        except EtcdError as exc:
+            if "lease not found" in str(exc):
+                return False
+            raise
+        self._apply(name, rec, rec.rev, notify=True)
+        return True
+
+    def _revoke_quietly(self, lease: int) -> None:
+        try:
+            self.etcd.revoke(lease)
+        except EtcdError as exc:  # it runs out by itself
+            log.info("could not revoke etcd lease %x: %s", lease, exc)
+
+    def set_metadata(self, name: str, metadata: Any) -> None:
+        """Pyro5's set_metadata; a leased registration keeps its lease.
+
+        Raises:
+            Pyro5.errors.NamingError: unknown name."""
+        rec = self.entries.get(name)
+        if rec is None:
+            if name in self.local:
+                self.local[name] = (self.local[name][0], frozenset(metadata or ()))
+                return
+            raise Pyro5.errors.NamingError("unknown name: " + name)
+        meta = frozenset(metadata or ())
+        if not rec.lease or not self._put_leased(name, rec.uri, meta, rec.ttl, rec.load, rec.lease):
+            self[name] = rec.uri, meta
+            if self._listener is not None:
+                self._listener(name, (rec.uri, meta))
+
+    # locks -------------------------------------------------------------------------------------------
+    def _read(self, name: str) -> Record | None:
+        """etcd's current registration of ``name`` (a linearizable read, not the local copy)."""
+        return self._first(self.etcd.range(self._key(name)).get("kvs"))
+
+    def _first(self, kvs: Any) -> Record | None:
+        if not kvs:
+            return None
+        found = self._decode(kvs[0])
+        if found is None:
+            raise EtcdError("the registration in etcd was not written by pyrorpc")
+        return found[1]
+
+    def _txn_key(self, name: str, compare: dict[str, Any], success: list[dict[str, Any]]
+                 ) -> tuple[bool, int, Record | None]:
+        """A transaction on ``name``'s key: (succeeded, revision, the key's record when it failed)."""
+        key = _b64(self._key(name))
+        ok, reply = self.etcd.txn([{"key": key, "result": "EQUAL", **compare}], success,
+                                  [{"request_range": {"key": key}}])
+        current = None if ok else self._first(reply["responses"][0]["response_range"].get("kvs"))
+        return ok, int(reply["header"]["revision"]), current
+
+    def _put_op(self, name: str, rec: Record) -> list[dict[str, Any]]:
+        return [{"request_put": {"key": _b64(self._key(name)), "value": _b64(rec.encode()), "lease": rec.lease}}]
+
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew the lock ``name`` for ``owner`` (see NameServer.acquire_lock), atomically in etcd.
+
+        Raises:
+            ValueError: a bad ``ttl``, or ``name`` is a plain registration."""
+        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not MIN_TTL <= ttl <= MAX_TTL:
+            raise ValueError(f"ttl must be between {MIN_TTL} and {MAX_TTL} seconds")
+        ttl = float(ttl)
+        tag = LOCK_TAG + owner
+        cur = self._read(name)
+        for _attempt in range(5):
+            if cur is not None:
+                holder = next((t for t in cur.metadata if t.startswith(LOCK_TAG)), None)
+                if holder is None and not cur.lease:
+                    raise ValueError(f"{name!r} is a plain registration, not a lock")
+                if holder != tag:
+                    return False
+                if cur.ttl == ttl and self.etcd.keepalive(cur.lease) > 0:
+                    # renewed; it is ours if the key is still the version we read (not removed, not retaken)
+                    ok, _rev, cur = self._txn_key(name, {"target": "MOD", "mod_revision": cur.rev}, [])
+                    if ok:
+                        return True
+                    continue
+            old = cur
+            rec = Record(LOCK_URI, frozenset({tag, f"{LEASE_TAG}{ttl:g}"}), ttl, {}, self.etcd.grant(etcd_ttl(ttl)),
+                         0)
+            compare = ({"target": "CREATE", "create_revision": 0} if old is None
+                       else {"target": "MOD", "mod_revision": old.rev})
+            ok, rec.rev, cur = self._txn_key(name, compare, self._put_op(name, rec))
+            if ok:
+                self._apply(name, rec, rec.rev, notify=True)
+                if old is not None and old.lease:
+                    self._revoke_quietly(old.lease)
+                return True
+            self._revoke_quietly(rec.lease)
+        return False
+
+    def release_lock(self, name: str, owner: str) -> bool:
+        """Release the lock ``name`` if ``owner`` holds it; returns whether it did."""
+        cur = self._read(name)
+        if cur is None or LOCK_TAG + owner not in cur.metadata:
+            return False
+        ok, rev, _cur = self._txn_key(name, {"target": "MOD", "mod_revision": cur.rev},
+                                      [{"request_delete_range": {"key": _b64(self._key(name))}}])
+        if not ok:
+            return False
+        self._apply(name, None, rev, notify=True)
+        if cur.lease:
+            self._revoke_quietly(cur.lease)
+        return True
+
+    # following etcd ----------------------------------------------------------------------------------
+    def _watch_loop(self) -> None:
+        while not self._closed.is_set():
+            client = self.etcd.current()
+            try:
+                why = self._watch(client)
+            except Exception as exc:  # a broken stream, a member gone, garbage: move on, never stop
+                why = f"{type(exc).__name__}: {_detail(exc)}"
+            if self._closed.is_set():
+                return
+            if why:
+                self.etcd.failed(client, why)
+            self._closed.wait(0.05)
+
+    def _watch(self, client: Any) -> str | None:
+        """Follow the registry on ``client``'s member until its stream ends; returns why, or None to go on."""
+        body = {"create_request": {"key": _b64(self.prefix), "range_end": _b64(self.end),
+                                   "start_revision": self.revision + 1}}
+        resp = client.session.post(client.get_url("/watch"), json=body, stream=True, timeout=(self.timeout, None))
+        self._watch_resp, self._watch_client = resp, client
+        try:
+            if resp.status_code != 200:
+                return f"watch refused: HTTP {resp.status_code}"
+            if self.etcd.current() is not client:
+                return None  # moved on meanwhile
+            for line in resp.iter_lines(chunk_size=None):
+                if self._closed.is_set():
+                    return None
+                if not line.strip():
+                    continue
+                result = json.loads(line).get("result")
+                if result is None:
+                    return f"watch error: {line[:200]!r}"
+                if int(result.get("compact_revision") or 0) > 0 or result.get("canceled"):
+                    log.warning("etcd watch from revision %d lost history; reading the registry again",
+                                self.revision + 1)
+                    self._resync(notify=True)
+                    return None
+                self._on_events(result.get("events") or ())
+            return "watch stream ended"
+        finally:
+            self._watch_resp = self._watch_client = None
+            resp.close()
+
+    def _on_events(self, events: Any) -> None:
+        with self._lock:
+            for event in events:
+                kv = event["kv"]
+                rev = int(kv["mod_revision"])
+                if event.get("type") == "DELETE":
+                    name = self._name(base64.b64decode(kv["key"]))
+                    if name is not None:
+                        self._apply(name, None, rev, notify=True)
+                else:
+                    found = self._decode(kv)
+                    if found is not None:
+                        self._apply(found[0], found[1], rev, notify=True)
+                self.revision = max(self.revision, rev)
+            if self._tombstones:
+                self._tombstones = {n: r for n, r in self._tombstones.items() if r > self.revision}
+
+    def _kick_watch(self) -> None:
+        """End the watch's blocking read (it then reconnects to the current member, or stops when closed)."""
+        resp = self._watch_resp
+        conn = getattr(getattr(resp, "raw", None), "connection", None)
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _check_loop(self) -> None:
+        """Ask the current member for the registry's size (a quorum read) every ``check_interval``; a member
+        that fails it, or a watch left on another member, makes the watch move to the current one."""
+        body = {"key": _b64(self.prefix), "range_end": _b64(self.end), "count_only": True}
+        while not self._closed.wait(self.check_interval):
+            client = self.etcd.current()
+            try:
+                client.post(client.get_url("/kv/range"), json=body)
+            except Exception as exc:
+                self.etcd.failed(client, _detail(exc))
+            watching = self._watch_client
+            if watching is not None and watching is not self.etcd.current():
+                self._kick_watch()
