@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 import Pyro5.core
@@ -22,6 +24,7 @@ MAX_THREADS = 1_000_000
 MAX_COUNT = 2**63 - 1
 MAX_HOST_LENGTH = 255
 MAX_STARTED = 1e12  # a Unix time (year 33658): clients read anything later as "unknown"
+MAX_WATCH = 30.0  # seconds a watch_service call waits at most
 _MAX_LOAD_KEYS = 32
 
 Entry = tuple[str, frozenset[str]]
@@ -48,8 +51,11 @@ class IndexedStorage(MutableMapping):  # type: ignore[type-arg]
 
     Every mutation of the registry goes through this mapping, so the index stays exact whichever
     NameServer method (inherited or ours) changed it. ``on_forget(name)`` is called for every name that
-    is removed or overwritten, so the owner can drop its lease.
+    is removed or overwritten, so the owner can drop its lease; ``on_change(services)`` for every change of
+    a service's membership (set it after construction; the NameServer bumps that service's version).
     """
+
+    on_change: Callable[[Iterable[str]], None] | None = None
 
     def __init__(self, inner: Any, on_forget: Callable[[str], None]) -> None:
         self.inner = inner
@@ -67,14 +73,19 @@ class IndexedStorage(MutableMapping):  # type: ignore[type-arg]
             for svc in services:
                 self.by_service.setdefault(svc, {})[name] = entry
             self.service_by_name[name] = services
+            if self.on_change is not None:
+                self.on_change(services)
 
     def _unindex(self, name: str) -> None:
-        for svc in self.service_by_name.pop(name, ()):
+        services = self.service_by_name.pop(name, ())
+        for svc in services:
             members = self.by_service.get(svc)
             if members is not None:
                 members.pop(name, None)
                 if not members:
                     del self.by_service[svc]
+        if services and self.on_change is not None:
+            self.on_change(services)
 
     def changed(self, key: str, value: Entry | None) -> None:
         """``key`` changed in the inner storage by another way than this mapping (an etcd watch: another
@@ -117,10 +128,13 @@ class IndexedStorage(MutableMapping):  # type: ignore[type-arg]
     def clear(self) -> None:
         names = list(self.inner)
         self.inner.clear()
+        services = list(self.by_service)
         self.by_service.clear()
         self.service_by_name.clear()
         for name in names:
             self.on_forget(name)
+        if services and self.on_change is not None:
+            self.on_change(services)
 
     # the optional storage protocol of Pyro5's NameServer
     def optimized_prefix_list(self, prefix: str, return_metadata: bool = False) -> Any:
@@ -177,7 +191,8 @@ class NameServer(Pyro5.nameserver.NameServer):
     Inherited methods (``lookup``, ``register``, ``list``, ``yplookup``, ``remove``, ...) keep their
     behaviour; ``yplookup(meta_all={"pyrorpc.service:S"})`` is answered from the service index. Added:
     ``lease`` (register-or-renew with a load report), ``service_workers``, ``services``, ``expire``,
-    ``acquire_lock`` / ``release_lock`` (a leased mutex, e.g. for "only one scheduler fires").
+    ``acquire_lock`` / ``release_lock`` (a leased mutex, e.g. for "only one scheduler fires"),
+    ``watch_service`` (a long poll: a service's workers as soon as its membership changes).
     """
 
     default_lease_ttl = 10.0
@@ -189,7 +204,15 @@ class NameServer(Pyro5.nameserver.NameServer):
         self._backend: Any = inner if getattr(type(inner), "keeps_leases", False) else None
         self.leases: dict[str, Lease] = {} if self._backend is None else self._backend.leases
         self._leasing = threading.local()
+        # membership versions: "EPOCH:N", N from one counter for every service, EPOCH random per name server,
+        # so a version is never reused, not even by another name server or after a restart
+        self._epoch = secrets.token_hex(4)
+        self._version_count = 0
+        self._versions: dict[str, str] = {}
+        self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        self._watch_lock = threading.Lock()
         super().__init__(IndexedStorage(inner, self._forget))
+        self.storage.on_change = self._membership_changed
         if self._backend is not None:
             self._backend.attach(self.lock, self.storage.changed)
             return
@@ -214,6 +237,66 @@ class NameServer(Pyro5.nameserver.NameServer):
             super().set_metadata(name, metadata)
         finally:
             self._leasing.active = False
+
+    def _membership_changed(self, services: Iterable[str]) -> None:
+        """A service's membership changed (any thread): bump its version, wake its watchers."""
+        woken: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        with self._watch_lock:
+            for svc in services:
+                self._version_count += 1
+                self._versions[svc] = f"{self._epoch}:{self._version_count}"
+                woken.extend(self._watchers.pop(svc, ()))
+        for loop, fut in woken:
+            try:
+                loop.call_soon_threadsafe(_wake, fut)
+            except RuntimeError:  # its loop closed (the server is shutting down)
+                pass
+
+    def membership_version(self, service: str) -> str:
+        """The current membership version of ``service`` (it changes whenever one of its workers is
+        registered, re-registered, removed or expires; not on a lease renewal)."""
+        with self._watch_lock:
+            return self._versions.get(service, f"{self._epoch}:0")
+
+    async def watch_service(self, service: str, version: Any = None, timeout: float = 10.0,
+                            with_metadata: bool = False) -> dict[str, Any]:
+        """A long poll: ``{"version": v, "workers": [...]}`` (records as ``service_workers`` gives them) as
+        soon as the membership version of ``service`` differs from ``version`` (at once for None, or a
+        version from another name server or an earlier run), else after ``timeout`` seconds (capped at
+        MAX_WATCH). Runs on the server's event loop: a waiting watch holds no call thread when its caller
+        uses a multiplexed connection.
+
+        Raises:
+            TypeError, ValueError: a bad argument, naming it.
+        """
+        if not isinstance(service, str):
+            raise TypeError("service must be a str")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(float(timeout), MAX_WATCH)
+        while True:
+            with self._watch_lock:
+                current = self._versions.get(service, f"{self._epoch}:0")
+                left = deadline - loop.time()
+                if current != version or left <= 0:
+                    break
+                waiter = (loop, loop.create_future())
+                self._watchers.setdefault(service, []).append(waiter)
+            try:
+                await asyncio.wait_for(waiter[1], left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                with self._watch_lock:
+                    waiting = self._watchers.get(service)
+                    if waiting is not None and waiter in waiting:
+                        waiting.remove(waiter)
+                        if not waiting:
+                            del self._watchers[service]
+        with self.lock:  # the version and the records of one moment (index changes happen under this lock)
+            return {"version": self.membership_version(service), "workers": self.service_workers(service,
+                                                                                                  with_metadata)}
 
     def _forget(self, name: str) -> None:
         if not getattr(self._leasing, "active", False):
@@ -351,6 +434,11 @@ class NameServer(Pyro5.nameserver.NameServer):
                 for name in dead:
                     self.leases.pop(name, None)
         return dead
+
+
+def _wake(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _count(key: str, low: int, high: int) -> Callable[[Any], Any]:

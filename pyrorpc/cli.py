@@ -17,9 +17,10 @@ from typing import Any
 import click
 
 from .compat import remote_traceback
-from .config import MAX_TIMEOUT, MIN_TIMEOUT, Address, Settings
+from .config import MAX_TIMEOUT, MIN_TIMEOUT, Address, Addresses, Settings
 
-NS_HELP = "name server HOST:PORT (env PYRORPC_NS, default 127.0.0.1:9090)"
+NS_HELP = ("name server HOST:PORT, or several: HOST:PORT,HOST:PORT (the first that answers; env PYRORPC_NS, "
+           "default 127.0.0.1:9090)")
 
 
 class HostPort(click.ParamType):
@@ -37,6 +38,21 @@ class HostPort(click.ParamType):
 
 
 HOST_PORT = HostPort()
+
+
+class HostPorts(click.ParamType):
+    """``HOST:PORT[,HOST:PORT...]`` (name servers) as a click parameter type."""
+
+    name = "HOST:PORT[,...]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Addresses:
+        try:
+            return Addresses.parse(value, what=param.name if param is not None else "ns")
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+HOST_PORTS = HostPorts()
 
 
 class Seconds(click.FloatRange):
@@ -81,7 +97,7 @@ def security_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def ns_option(func: Callable[..., Any]) -> Callable[..., Any]:
     """--ns plus the security options: what every networked command takes."""
-    return click.option("--ns", type=HOST_PORT, envvar="PYRORPC_NS", default=None, help=NS_HELP)(
+    return click.option("--ns", type=HOST_PORTS, envvar="PYRORPC_NS", default=None, help=NS_HELP)(
         security_options(func))
 
 
@@ -112,7 +128,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{name}: {msg}" if msg else name
 
 
-def settings_for(ns: Address | None = None, **overrides: Any) -> Settings:
+def settings_for(ns: Addresses | None = None, **overrides: Any) -> Settings:
     ctx = click.get_current_context(silent=True)
     security = ctx.meta.get("pyrorpc.security", {}) if ctx is not None else {}
     try:
@@ -177,7 +193,7 @@ def ns_start(host: str, port: int, storage: str, lease_ttl: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @ns_option
 @user_errors
-def ns_list(service: str | None, as_json: bool, ns: Address | None) -> None:
+def ns_list(service: str | None, as_json: bool, ns: Addresses | None) -> None:
     """List registrations (all, or the workers of SERVICE)."""
     from .naming import NameServerClient
     client = NameServerClient(settings_for(ns))
@@ -201,7 +217,7 @@ def ns_list(service: str | None, as_json: bool, ns: Address | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @ns_option
 @user_errors
-def ns_lookup(name: str, as_json: bool, ns: Address | None) -> None:
+def ns_lookup(name: str, as_json: bool, ns: Addresses | None) -> None:
     """Show the URI and metadata registered under NAME."""
     import Pyro5.errors
 
@@ -226,7 +242,7 @@ def ns_lookup(name: str, as_json: bool, ns: Address | None) -> None:
 @click.argument("name")
 @ns_option
 @user_errors
-def ns_remove(name: str, ns: Address | None) -> None:
+def ns_remove(name: str, ns: Addresses | None) -> None:
     """Remove the registration NAME."""
     import Pyro5.errors
 
@@ -250,7 +266,7 @@ def ns_remove(name: str, ns: Address | None) -> None:
 @ns.command("ping")
 @ns_option
 @user_errors
-def ns_ping(ns: Address | None) -> None:
+def ns_ping(ns: Addresses | None) -> None:
     """Check that the name server answers."""
     from .naming import NameServerClient
     client = NameServerClient(settings_for(ns))
@@ -323,7 +339,7 @@ def load_class(spec: str) -> type:
 def worker_start(spec: str, service: str | None, processes: int, threads: int | None,
                  max_connections: int | None, idle_timeout: float | None, host: str | None,
                  port: int, instance_mode: str, lease_ttl: float | None, drain_timeout: float | None,
-                 max_restarts: int, restart_window: float, parent_fd: int | None, ns: Address | None) -> None:
+                 max_restarts: int, restart_window: float, parent_fd: int | None, ns: Addresses | None) -> None:
     """Serve MODULE:CLASS as a service until SIGTERM/SIGINT (which drains calls first).
 
     With --processes N a supervisor runs N worker processes and restarts one that exits (after a backoff);
@@ -413,7 +429,7 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
 @click.option("--watch", is_flag=True, help="refresh every second until Ctrl-C")
 @ns_option
 @user_errors
-def workers_cmd(service: str | None, as_json: bool, watch: bool, ns: Address | None) -> None:
+def workers_cmd(service: str | None, as_json: bool, watch: bool, ns: Addresses | None) -> None:
     """Table of workers (all services, or SERVICE) from their lease reports; --watch keeps it live."""
     from .errors import NameServerUnavailableError
     from .naming import NameServerClient
@@ -501,7 +517,7 @@ def parse_literal(text: str) -> Any:
 @timeout_option
 @user_errors
 def call_cmd(target: str, method: str, args: tuple[str, ...], kwargs: tuple[str, ...], oneway: bool,
-             as_json: bool, show_traceback: bool, ns: Address | None, timeout: float | None) -> None:
+             as_json: bool, show_traceback: bool, ns: Addresses | None, timeout: float | None) -> None:
     """Call METHOD on TARGET (service, worker name or PYRO: URI); ARGs are Python literals."""
     from .proxy import connect
     kw: dict[str, Any] = {}

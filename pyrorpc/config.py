@@ -64,6 +64,91 @@ class Address(NamedTuple):
         return cls(host, port)
 
 
+MAX_NAME_SERVERS = 16
+
+
+class Addresses(tuple[Address, ...]):
+    """One or more name-server addresses, the first being the primary: ``HOST:PORT[,HOST:PORT...]``.
+
+    Where one address is meant it stands for its first: ``host`` and ``port`` are the primary's, and a
+    list of one compares equal to that Address (``Settings().ns == Address("127.0.0.1", 9090)``).
+    ``str()`` gives the comma-separated list, as ``--ns`` and ``PYRORPC_NS`` take it.
+    """
+
+    def __new__(cls, items: "Any" = ()) -> "Addresses":
+        return super().__new__(cls, items)
+
+    @property
+    def primary(self) -> Address:
+        return self[0]
+
+    @property
+    def host(self) -> str:
+        return self[0].host
+
+    @property
+    def port(self) -> int:
+        return self[0].port
+
+    def __str__(self) -> str:
+        return ",".join(str(a) for a in self)
+
+    def __repr__(self) -> str:
+        return f"Addresses({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if len(self) == 1 and isinstance(other, tuple) and not isinstance(other, Addresses) and len(other) == 2 \
+                and isinstance(other[0], str):
+            return self[0] == other
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self[0]) if len(self) == 1 else tuple.__hash__(self)
+
+    @classmethod
+    def parse(cls, value: Any, *, what: str = "ns") -> "Addresses":
+        """``HOST:PORT[,HOST:PORT...]``, an Address, a ``(host, port)`` pair, or a list of these.
+
+        Raises:
+            ValueError: naming ``what``: an empty list or entry, a malformed address, one given twice, or
+                more than MAX_NAME_SERVERS.
+        """
+        if isinstance(value, Addresses):
+            return value
+        if isinstance(value, Address) or (isinstance(value, tuple) and len(value) == 2
+                                          and isinstance(value[0], str) and isinstance(value[1], int)):
+            items: list[Any] = [value]
+        elif isinstance(value, str):
+            if not value.strip():
+                raise ValueError(f"{what} must be HOST:PORT or a comma-separated list of them, got {value!r}")
+            items = value.split(",")
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ValueError(f"{what} must be HOST:PORT or a comma-separated list of them, got {value!r}")
+        if not items:
+            raise ValueError(f"{what} must name at least one HOST:PORT")
+        if len(items) > MAX_NAME_SERVERS:
+            raise ValueError(f"{what} lists {len(items)} addresses; at most {MAX_NAME_SERVERS} are allowed")
+        parsed: list[Address] = []
+        for item in items:
+            if isinstance(item, str) and not item.strip():
+                raise ValueError(f"{what} has an empty entry: {value!r}")
+            try:
+                address = Address.parse(item, what=what)
+            except ValueError as exc:
+                if len(items) == 1:
+                    raise
+                raise ValueError(f"{exc} (in the list {value!r})") from None
+            if address in parsed:
+                raise ValueError(f"{what} lists {address} twice: {value!r}")
+            parsed.append(address)
+        return cls(parsed)
+
+
 def _is_ipv6(host: str) -> bool:
     try:
         ipaddress.IPv6Address(host)
@@ -82,7 +167,7 @@ class Settings:
     ================  =====================  ==================  ==================================================
     field             env variable           default             meaning
     ================  =====================  ==================  ==================================================
-    ns                PYRORPC_NS             127.0.0.1:9090      name server address
+    ns                PYRORPC_NS             127.0.0.1:9090      name server HOST:PORT, or several: a:9090,b:9090
     host              PYRORPC_HOST           127.0.0.1           interface a worker binds to
     timeout           PYRORPC_TIMEOUT        30.0                seconds a call may take before CallTimeoutError
     connect_timeout   PYRORPC_CONNECT_TIMEOUT 5.0                seconds to connect + handshake, name server calls
@@ -100,9 +185,14 @@ class Settings:
     tls_ca            PYRORPC_TLS_CA         None                CA bundle to verify peers (client: enables TLS)
     tls_mutual        PYRORPC_TLS_MUTUAL     False               servers require client certificates from tls_ca
     ================  =====================  ==================  ==================================================
+
+    ``ns`` may list several name servers (``"a:9090,b:9090"``, a list, or an ``Addresses``): clients and
+    workers use whichever answers, starting with the first, and stay with one that works. Name servers
+    that are to serve one registry need shared storage (``ns start --storage etcd://...``); with memory
+    storage each keeps its own.
     """
 
-    ns: Address = Address("127.0.0.1", 9090)
+    ns: Addresses = Addresses([Address("127.0.0.1", 9090)])
     host: str = "127.0.0.1"
     timeout: float = 30.0
     connect_timeout: float = 5.0
@@ -121,7 +211,7 @@ class Settings:
     tls_mutual: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ns", Address.parse(self.ns, what="ns"))
+        object.__setattr__(self, "ns", Addresses.parse(self.ns, what="ns"))
         for name in ("timeout", "connect_timeout", "lease_ttl", "refresh", "idle_timeout"):
             value = getattr(self, name)
             if value is None and name == "lease_ttl":
@@ -188,7 +278,7 @@ class Settings:
 
 def _convert(name: str, raw: str) -> Any:
     if name == "ns":
-        return Address.parse(raw, what="ns")
+        return Addresses.parse(raw, what="ns")
     if name in ("threads", "max_in_flight", "max_message_size", "max_connections"):
         try:
             return int(raw)

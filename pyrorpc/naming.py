@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import logging
 import math
+import socket
+import threading
 import time
+import weakref
 from typing import Any
 
 import Pyro5.core
 import Pyro5.errors
 
 from .compat import remote_traceback
-from .config import Address, Settings
-from .errors import AuthenticationError, NameServerUnavailableError
+from .config import Address, Addresses, Settings
+from .errors import AuthenticationError, MessageTooLargeError, NameServerUnavailableError
 from .security import open_connection
-from .wire import invoke
+from .wire import LimitedConnection, invoke
+
+log = logging.getLogger("pyrorpc.naming")
 
 SERVICE_TAG = "pyrorpc.service:"
 LEASE_TAG = "pyrorpc.lease:"
@@ -135,55 +141,256 @@ def _threads(value: Any) -> int:
     return _clamp(value, 1, MAX_THREADS)
 
 
+# Operations that may run twice with the same outcome: after a connection is lost mid-call they are sent
+# again (on a fresh connection, or to the next name server). ``remove`` and ``release_lock`` would answer
+# differently the second time, so they are not.
+IDEMPOTENT = frozenset({"ping", "count", "lookup", "list", "yplookup", "register", "set_metadata", "lease",
+                        "lease_many", "service_workers", "services", "watch_service", "acquire_lock"})
+MAX_WATCH = 30.0  # seconds a watch_service call may wait on the name server (it caps it the same way)
+_MAX_IDLE = 4  # idle connections kept per name server and kind (plain, multiplexed)
+_BACKOFF = (1.0, 30.0)  # seconds a name server that failed is tried after the others: first, at most
+
+
+def _infos(records: Any, service: str) -> builtins.list[WorkerInfo]:
+    return [WorkerInfo.from_record(r["name"], r["uri"], r.get("metadata"), r.get("load"), r.get("age"), r.get("ttl"),
+                                   service=service) for r in records]
+
+
+def _ns_uri(address: Address) -> Pyro5.core.URI:
+    return Pyro5.core.URI(f"PYRO:{Pyro5.core.NAMESERVER_NAME}@{address}")
+
+
+def _about(address: Address, exc: Exception) -> str:
+    """``exc``'s message (which names the address) saying that the address is the name server's."""
+    text, where = str(exc), str(address)
+    if where in text:
+        return text.replace(where, f"the name server at {where}", 1)
+    return f"name server at {where}: {text}"
+
+
+class _Unreachable(Exception):
+    """One name server did not answer (internal): ``sent`` when the request may have reached it."""
+
+    def __init__(self, message: str, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class _Connections:
+    """The idle connections of one NameServerClient, per (address, multiplexed); a finalizer closes them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: dict[tuple[Address, bool], list[LimitedConnection]] = {}
+        self.busy: set[LimitedConnection] = set()
+        self.closed = False
+
+    def take(self, key: tuple[Address, bool]) -> LimitedConnection | None:
+        """An idle connection that is still open (a server that closed it, or is draining, made it
+        readable), or None."""
+        while True:
+            with self.lock:
+                idle = self.idle.get(key)
+                if not idle:
+                    return None
+                conn = idle.pop()
+                self.busy.add(conn)
+            if conn.idle_and_alive():
+                return conn
+            self.drop(conn)
+
+    def opened(self, conn: LimitedConnection) -> None:
+        with self.lock:
+            self.busy.add(conn)
+
+    def give(self, key: tuple[Address, bool], conn: LimitedConnection) -> None:
+        with self.lock:
+            self.busy.discard(conn)
+            idle = self.idle.setdefault(key, [])
+            if not (self.closed or conn.broken or conn.draining or len(idle) >= _MAX_IDLE):
+                idle.append(conn)
+                return
+        conn.close()
+
+    def drop(self, conn: LimitedConnection) -> None:
+        with self.lock:
+            self.busy.discard(conn)
+        conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections; cut the busy ones short (a call waiting on one fails at once)."""
+        with self.lock:
+            self.closed = True
+            idle = [c for conns in self.idle.values() for c in conns]
+            self.idle.clear()
+            busy = list(self.busy)
+        for conn in idle:
+            conn.close()
+        for conn in busy:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class NameServerClient:
-    """Talks to one name server. Each operation uses its own short connection, so the client is thread
-    safe and never pins a name-server thread; every operation has the ``connect_timeout``.
+    """Talks to a name server, or to the first that answers of several (``Settings.ns`` may list them).
+
+    Operations go over long-lived authenticated connections (one handshake, then one round trip per
+    operation), kept idle between operations; threads share the client safely, each operation on a
+    connection of its own. A connection found closed is replaced, and an operation whose connection broke
+    is sent again once on a fresh one when running it twice is harmless (``IDEMPOTENT``). When a name
+    server fails the client moves on to the next in the list and stays with the one that answers; a
+    failed one is tried again, after the others, once its backoff has passed. Every operation has the
+    ``connect_timeout``. ``close()`` (or a ``with`` block) closes the connections; the client can still be
+    used afterwards, with a connection per operation.
 
     Raises (from every operation):
-        NameServerUnavailableError: the name server could not be reached or did not answer in time.
+        NameServerUnavailableError: no name server could be reached or answered in time (the message
+            names each one tried).
+        AuthenticationError: a name server refused our credentials.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.address: Address = settings.ns
-        self.uri = Pyro5.core.URI(f"PYRO:{Pyro5.core.NAMESERVER_NAME}@{self.address}")
+        self.addresses: Addresses = settings.ns
+        self._current = self.addresses[0]
+        self._failures: dict[Address, tuple[int, float]] = {}  # address -> (strikes, retry after)
+        self._state_lock = threading.Lock()
+        self._conns = _Connections()
+        self._finalizer = weakref.finalize(self, self._conns.close)
+        self._methods: frozenset[str] | None = None  # what the server's handshake listed
         self._leasing: bool | None = None  # does the server speak pyrorpc's lease API?
 
     def __repr__(self) -> str:
-        return f"<NameServerClient {self.address}>"
+        return f"<NameServerClient {self.addresses}>"
 
+    def __enter__(self) -> "NameServerClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the kept connections (an operation under way on one fails with NameServerUnavailableError)."""
+        self._conns.close()
+
+    @property
+    def address(self) -> Address:
+        """The name server in use: the last one that answered (the first listed until one did)."""
+        return self._current
+
+    @property
+    def uri(self) -> Pyro5.core.URI:
+        return _ns_uri(self._current)
+
+    # the one call path -----------------------------------------------------------------------------------
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            conn, meta = open_connection(self.uri, self.settings)
-        except AuthenticationError as exc:
-            raise AuthenticationError(self._about(exc)) from None
-        except Pyro5.errors.CommunicationError as exc:
-            raise NameServerUnavailableError(self._about(exc)) from None
-        try:
-            conn.set_timeout(self.settings.connect_timeout)
-            if self._leasing is None:
-                self._leasing = "lease" in (meta.get("methods") or ())
-            try:
-                return invoke(conn, method, args, kwargs)
-            except Pyro5.errors.TimeoutError as exc:
-                if remote_traceback(exc) is not None:
-                    raise
-                raise NameServerUnavailableError(f"name server at {self.address} did not answer within "
-                                                 f"{self.settings.connect_timeout:g}s") from None
-            except Pyro5.errors.CommunicationError as exc:
-                if remote_traceback(exc) is not None:
-                    raise
-                raise NameServerUnavailableError(f"name server at {self.address}: connection lost: {exc}") \
-                    from None
-        finally:
-            conn.close()
+        return self._call_with(method, args, kwargs)
 
-    def _about(self, exc: Exception) -> str:
-        """``exc``'s message (which names the address) saying that the address is the name server's."""
-        text, where = str(exc), str(self.address)
-        if where in text:
-            return text.replace(where, f"the name server at {where}", 1)
-        return f"name server at {where}: {text}"
+    def _call_with(self, method: str, args: Any, kwargs: Any, *, timeout: float | None = None,
+                   mux: bool = False) -> Any:
+        """Run ``method`` on the first name server that answers, starting with the one in use."""
+        failed: list[str] = []
+        candidates = self._candidates()
+        for address in candidates:
+            try:
+                result = self._call_at(address, method, args, kwargs, timeout, mux)
+            except _Unreachable as exc:
+                self._failed(address)
+                failed.append(str(exc))
+                if exc.sent and method not in IDEMPOTENT:
+                    break  # it may have run: running it on another name server could do it twice
+                continue
+            self._answered(address)
+            return result
+        if len(candidates) == 1 or len(failed) == 1:
+            raise NameServerUnavailableError(failed[0])
+        tried = ", ".join(str(a) for a in candidates[:len(failed)])
+        raise NameServerUnavailableError(f"no name server answered ({tried}): " + "; ".join(failed))
+
+    def _candidates(self) -> list[Address]:
+        """The name server in use first, then the others in order; those in their backoff last."""
+        now = time.monotonic()
+        with self._state_lock:
+            current = self._current
+            others = [a for a in self.addresses if a != current]
+            ready = [a for a in others if self._failures.get(a, (0, 0.0))[1] <= now]
+            waiting = sorted((a for a in others if a not in ready), key=lambda a: self._failures[a][1])
+        return [current, *ready, *waiting]
+
+    def _failed(self, address: Address) -> None:
+        if len(self.addresses) == 1:
+            return
+        with self._state_lock:
+            strikes = self._failures.get(address, (0, 0.0))[0] + 1
+            backoff = min(_BACKOFF[1], _BACKOFF[0] * 2 ** min(strikes - 1, 8))
+            self._failures[address] = (strikes, time.monotonic() + backoff)
+
+    def _answered(self, address: Address) -> None:
+        if address != self._current or self._failures:
+            with self._state_lock:
+                self._failures.pop(address, None)
+                if address != self._current:
+                    log.info("name server %s answers; using it (was %s)", address, self._current)
+                    self._current = address
+
+    def _call_at(self, address: Address, method: str, args: Any, kwargs: Any, timeout: float | None,
+                 mux: bool) -> Any:
+        """One operation on the name server at ``address``, over a kept connection if there is one; sent
+        again once on a fresh connection if a kept one broke and the operation is idempotent."""
+        key = (address, mux)
+        conn = self._conns.take(key)
+        if conn is not None:
+            try:
+                return self._invoke(key, conn, method, args, kwargs, timeout)
+            except _Unreachable as exc:
+                if exc.sent and method not in IDEMPOTENT:
+                    raise
+                log.debug("name server %s: kept connection lost (%s); reconnecting", address, exc)
+        return self._invoke(key, self._connect(address, mux), method, args, kwargs, timeout)
+
+    def _connect(self, address: Address, mux: bool) -> LimitedConnection:
+        try:
+            conn, meta = open_connection(_ns_uri(address), self.settings, mux=mux)
+        except AuthenticationError as exc:
+            raise AuthenticationError(_about(address, exc)) from None
+        except Pyro5.errors.CommunicationError as exc:
+            raise _Unreachable(_about(address, exc), sent=False) from None
+        methods = meta.get("methods")
+        self._methods = frozenset(m for m in methods if isinstance(m, str)) \
+            if isinstance(methods, (set, frozenset, list, tuple)) else frozenset()
+        self._leasing = "lease" in self._methods
+        self._conns.opened(conn)
+        return conn
+
+    def _invoke(self, key: tuple[Address, bool], conn: LimitedConnection, method: str, args: Any, kwargs: Any,
+                timeout: float | None) -> Any:
+        address = key[0]
+        wait = self.settings.connect_timeout if timeout is None else timeout
+        try:
+            conn.set_timeout(wait)
+            result = invoke(conn, method, args, kwargs)
+        except Pyro5.errors.TimeoutError as exc:
+            if remote_traceback(exc) is not None:
+                self._conns.give(key, conn)
+                raise
+            self._conns.drop(conn)
+            raise _Unreachable(f"name server at {address} did not answer within {wait:g}s", sent=True) from None
+        except Pyro5.errors.CommunicationError as exc:
+            if remote_traceback(exc) is not None:
+                self._conns.give(key, conn)
+                raise
+            self._conns.drop(conn)
+            raise _Unreachable(f"name server at {address}: connection lost: {exc}", sent=True) from None
+        except BaseException as exc:
+            if remote_traceback(exc) is not None or isinstance(exc, MessageTooLargeError):
+                self._conns.give(key, conn)  # the name server's own answer: the connection is fine
+            else:
+                self._conns.drop(conn)
+            raise
+        self._conns.give(key, conn)
+        return result
 
     @property
     def leasing(self) -> bool:
@@ -231,11 +438,34 @@ class NameServerClient:
         """Live workers of ``service`` (O(its workers) on pyrorpc's name server); ``WorkerInfo.metadata``
         is filled only ``with_metadata``."""
         if self.leasing:
-            records = self._call("service_workers", service, with_metadata)
-            return [WorkerInfo.from_record(r["name"], r["uri"], r.get("metadata"), r.get("load"), r.get("age"),
-                                           r.get("ttl"), service=service) for r in records]
+            return _infos(self._call("service_workers", service, with_metadata), service)
         found = self._call("yplookup", meta_all=[SERVICE_TAG + service], return_metadata=True)
         return [WorkerInfo.from_record(name, uri, meta, service=service) for name, (uri, meta) in found.items()]
+
+    @property
+    def can_watch(self) -> bool:
+        """True when the server pushes membership changes (``watch_service``): False for a stock Pyro5 one."""
+        if self._methods is None:
+            self.ping()
+        return "watch_service" in (self._methods or ())
+
+    def watch_service(self, service: str, version: Any = None, timeout: float = 10.0,
+                      with_metadata: bool = False) -> tuple[Any, builtins.list[WorkerInfo]]:
+        """``(version, workers)`` of ``service`` as soon as its membership version differs from ``version``
+        (at once for None or a version of another name server), else after ``timeout`` seconds (at most
+        MAX_WATCH); ``workers`` as ``service_workers`` gives them. The name server bumps the version on every
+        registration, removal and expiry of a worker of the service (not on a lease renewal), so a caller
+        that passes back the version it got learns of each change within a round trip.
+
+        The call waits on the name server's event loop, over a multiplexed connection of its own: a waiting
+        watch holds no thread there. pyrorpc's name server only (see ``can_watch``).
+        """
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
+            raise ValueError(f"`timeout` must be a number of seconds >= 0, got {timeout!r}")
+        timeout = min(float(timeout), MAX_WATCH)
+        reply = self._call_with("watch_service", (service, version, timeout, with_metadata), {},
+                                timeout=timeout + self.settings.connect_timeout, mux=True)
+        return reply["version"], _infos(reply["workers"], service)
 
     def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
         """Take or renew the named lock for ``owner`` (pyrorpc's name server only); False if held by

@@ -108,13 +108,16 @@ class Pool(Dispatcher):
     goes to another worker, always; a call lost after it was sent is retried elsewhere only for
     ``@idempotent`` methods (at most ``retries`` times), else ``WorkerLostError``. A failing worker is
     ejected for ``cooldown`` seconds (doubling while it keeps failing) and then tried again. Membership
-    comes from the name server every ``refresh`` seconds and at once after a failure; while the name
-    server is unreachable the pool keeps the workers it knows. Remote methods whose names collide with
+    is pushed by pyrorpc's name server (a ``watch_service`` long poll, so a new worker gets calls and a
+    departed one stops getting them within a round trip of the name server knowing), with a full refresh
+    at least every ``refresh`` seconds; against a stock Pyro5 name server it is polled every ``refresh``
+    seconds and at once after a failure. While the name server is unreachable the pool keeps the workers
+    it knows. Remote methods whose names collide with
     ``close``, ``method`` or ``workers`` are reached through ``pool.method("workers")(...)``.
 
     Args:
         service: the service name.
-        ns: name server ``HOST:PORT``.
+        ns: name server ``HOST:PORT``, or several (``"a:9090,b:9090"``): the first that answers.
         strategy: ``least-loaded``, ``power-of-two``, ``round-robin``, ``random`` or a Strategy object.
         timeout: default call timeout; also how long a call waits for a worker to exist.
         max_in_flight: calls in flight per worker from this pool (capped by the worker's threads, except
@@ -156,12 +159,15 @@ class Pool(Dispatcher):
         self._refresh_now = threading.Event()
         self._stop = threading.Event()
         self.refreshed_at = 0.0
+        self._version: Any = None  # of the membership, from the name server (watch_service)
         self._refresh()  # raises NameServerUnavailableError at once if the name server is down
         # The refresher holds the pool weakly, and a finalizer stops it: a pool dropped without close() is
         # collected, and its thread and connections go with it.
-        self._finalizer = weakref.finalize(self, _release, self._stop, self._refresh_now, self._lock, self._members)
+        self._finalizer = weakref.finalize(self, _release, self._stop, self._refresh_now, self._lock, self._members,
+                                           self._naming)
         self._refresher = threading.Thread(
-            target=_refresh_loop, args=(weakref.ref(self), self._stop, self._refresh_now, self._settings.refresh),
+            target=_refresh_loop, args=(weakref.ref(self), self._stop, self._refresh_now, self._settings.refresh,
+                                        self._naming, service),
             name=f"pool-{service}-refresh", daemon=True)
         self._refresher.start()
 
@@ -178,7 +184,15 @@ class Pool(Dispatcher):
 
     # membership
     def _refresh(self) -> None:
-        infos = self._naming.service_workers(self._service)
+        """Fetch the membership now (with its version where the name server has them)."""
+        if self._naming.can_watch:
+            version, infos = self._naming.watch_service(self._service, None, 0)
+            self._apply(infos, version)
+        else:
+            self._apply(self._naming.service_workers(self._service))
+
+    def _apply(self, infos: list[WorkerInfo], version: Any = None) -> None:
+        """Make the members those of ``infos``: new workers join, departed ones are closed."""
         with self._lock:
             if self._stop.is_set():
                 return  # closed (or collected) meanwhile: open nothing new
@@ -202,6 +216,7 @@ class Pool(Dispatcher):
                 # so idempotent ones go elsewhere instead of waiting for their timeout.
                 gone.endpoint.close(abort=gone.suspect)
             self.refreshed_at = time.monotonic()
+            self._version = version
             self._invalidate()
             self._changed.notify_all()
         self._window.wake()
@@ -540,35 +555,55 @@ class Pool(Dispatcher):
 
 
 def _refresh_loop(pool_ref: "weakref.ref[Pool]", stop: threading.Event, refresh_now: threading.Event,
-                  period: float) -> None:
-    """The refresher thread: holds its pool only while refreshing it, so an unreferenced pool is collected."""
+                  period: float, naming: NameServerClient, service: str) -> None:
+    """The refresher thread: holds its pool only while applying a membership to it, so an unreferenced pool
+    is collected. Against pyrorpc's name server it keeps a watch going (each one returns at a membership
+    change, or after ``period`` with the current one: a full refresh); against a stock Pyro5 one it polls
+    every ``period`` seconds, and at once when a caller asks (``refresh_now``)."""
     while not stop.is_set():
-        refresh_now.wait(period)
-        if stop.is_set():
-            return
-        refresh_now.clear()
-        pool = pool_ref()
-        if pool is None:
-            return
         pause = 0.0
         try:
+            if naming.can_watch:
+                pool = pool_ref()
+                version = pool._version if pool is not None else None
+                del pool
+                version, infos = naming.watch_service(service, version, period)
+                if stop.is_set():
+                    return
+                pool = pool_ref()
+                if pool is None:
+                    return
+                pool._apply(infos, version)
+                del pool
+                continue
+            refresh_now.wait(period)
+            if stop.is_set():
+                return
+            refresh_now.clear()
+            pool = pool_ref()
+            if pool is None:
+                return
             pool._refresh()
+            del pool
         except NameServerUnavailableError as exc:
-            log.debug("pool %s: keeping %d known workers: %s", pool._service, len(pool._members), exc)
+            if stop.is_set():
+                return
+            log.debug("pool %s: keeping the workers it knows: %s", service, exc)
             pause = min(1.0, period)
         except Exception:  # pragma: no cover - never let the refresher die
-            log.exception("pool %s: membership refresh failed", pool._service)
+            log.exception("pool %s: membership refresh failed", service)
             pause = period
-        del pool
+        pool = None  # (not held while pausing)
         if pause:
             stop.wait(pause)
 
 
 def _release(stop: threading.Event, refresh_now: threading.Event, lock: threading.Lock,
-             members: dict[str, _Member]) -> None:
+             members: dict[str, _Member], naming: NameServerClient) -> None:
     """Finalizer of a Pool (close() or garbage collection): stop its refresher, close its connections."""
     stop.set()
     refresh_now.set()
+    naming.close()  # (ends a watch under way at once)
     with lock:
         gone = list(members.values())
         members.clear()

@@ -34,13 +34,17 @@ class WorkerHost:
 
     ``start()`` binds, serves in a thread and registers with the name server under ``S.<host>.<pid>.<id>``
     with the tag ``pyrorpc.service:S``; a heartbeat renews the lease every TTL/3 with this worker's load
-    and re-registers after a name server restart. ``stop()`` (also on exit and, inside ``serve()``, on
+    and re-registers after a name server restart. The heartbeat goes over one kept, authenticated connection
+    to the name server (no handshake per renewal); given several name servers, it renews with the one that
+    answers and moves on to the next when it fails. ``stop()`` (also on exit and, inside ``serve()``, on
     SIGTERM/SIGINT) deregisters first, stops accepting, lets in-flight calls finish (``drain_timeout``)
     and closes.
 
     Args:
         cls: the service class (``@pyrorpc.service``) or any class, then ``service=`` names it.
-        ns: name server ``HOST:PORT`` (env ``PYRORPC_NS``).
+        ns: name server ``HOST:PORT``, or several (``"a:9090,b:9090"``; env ``PYRORPC_NS``). Name servers
+            that share a registry need shared storage (etcd): with memory storage each keeps its own, and the
+            worker is registered only with the one it renews with.
         service: service name; defaults to the one given by ``@pyrorpc.service``.
         host, port: where to listen (port 0 = any free port).
         instance_mode: ``single`` (one shared instance, default), ``session`` (per connection) or ``percall``.
@@ -224,6 +228,8 @@ class WorkerHost:
                             self.name, self.settings.drain_timeout, self.stats.in_flight)
             server.close()
             leaving.join(0.5)
+            if not leaving.is_alive():
+                self._naming.close()
             self._drained = drained
             self._stopped.set()
             log.info("worker %s stopped (drained=%s)", self.name, drained)
