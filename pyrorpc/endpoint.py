@@ -66,9 +66,13 @@ def _set_done(fut: "asyncio.Future[None]") -> None:
         fut.set_result(None)
 
 
-def _retrieve(task: "asyncio.Task[Any]") -> None:
-    if not task.cancelled():
-        task.exception()  # (whoever awaited it has it; nobody may have)
+def _outcome(task: "asyncio.Task[Any]") -> None:
+    """Raise what ended ``task`` (CancelledError if it was cancelled); return if it succeeded."""
+    if task.cancelled():
+        raise asyncio.CancelledError()
+    exc = task.exception()
+    if exc is not None:
+        raise exc
 
 
 class CallHandle:
@@ -138,6 +142,9 @@ class Endpoint:
         # its __del__ cancels it)
         self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
         self._opening: dict[asyncio.AbstractEventLoop, asyncio.Task[MuxChannel]] = {}
+        # the coroutines waiting for an opening, each on a future of its own: cancelling one is O(1)
+        # (many awaiting asyncio.shield(task) would each add a callback to the task and remove it: O(n))
+        self._open_waiters: dict[asyncio.Task[MuxChannel], list[asyncio.Future[None]]] = {}
         self._slot_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
         self._async_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
 
@@ -506,13 +513,22 @@ class Endpoint:
                         for old in self._channels.pop(other):  # an event loop that ended (asyncio.run)
                             old.close_from_any_thread()
                     task = self._opening[loop] = loop.create_task(self._open_channel(loop))
-                    task.add_done_callback(_retrieve)
+                    self._open_waiters[task] = []
+                    task.add_done_callback(self._opened)
             for old in retired:
                 old.close()  # (once its calls are answered)
             if wanted:
                 assert task is not None
+                waiter = loop.create_future()
+                with self._lock:
+                    waiters = self._open_waiters.get(task)
+                    if waiters is not None:
+                        waiters.append(waiter)
                 try:
-                    await asyncio.shield(task)
+                    if waiters is None:
+                        _outcome(task)  # it ended, and its waiters were woken already
+                    else:
+                        await waiter
                 except Exception:
                     if channel is None:
                         raise
@@ -542,6 +558,21 @@ class Endpoint:
             elif best is None or len(channel.pending) < len(best.pending):
                 best = channel
         return best
+
+    def _opened(self, task: "asyncio.Task[MuxChannel]") -> None:
+        """An opening ended (its loop's thread): wake every coroutine still waiting for it with its outcome."""
+        with self._lock:
+            waiters = self._open_waiters.pop(task, ())
+        exc = None if task.cancelled() else task.exception()
+        for waiter in waiters:
+            if waiter.done():
+                continue  # (its coroutine was cancelled)
+            if task.cancelled():
+                waiter.cancel()
+            elif exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(None)
 
     async def _open_channel(self, loop: asyncio.AbstractEventLoop) -> MuxChannel:
         try:

@@ -161,3 +161,38 @@ def test_stream_closed_by_worker_for_a_stalled_consumer_says_so(host):
             for _ in it:
                 pass
         assert time.monotonic() - started < 1.0 or not isinstance(info.value, pyrorpc.CallTimeoutError), info.value
+
+
+def test_many_waiters_for_a_channel_opening_cancel_alone():
+    """Thousands of aio() calls waiting for one channel to open: each waits on a future of its own, so the
+    opening task carries one callback however many wait (cancelling each used to remove its callback
+    from the task's list: quadratic), the cancelled ones end with CancelledError and the rest with the
+    opening's error."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(100)  # accepts, never answers the handshake: the opening hangs
+    port = silent.getsockname()[1]
+
+    async def main() -> None:
+        proxy = pyrorpc.connect(f"PYRO:x@127.0.0.1:{port}", timeout=30, connect_timeout=1)
+        try:
+            calls = [asyncio.ensure_future(proxy.ping.aio()) for _ in range(2000)]
+            await asyncio.sleep(0.2)
+            endpoint = proxy._endpoint
+            (task,) = endpoint._opening.values()
+            assert len(task._callbacks) == 1 and len(endpoint._open_waiters[task]) == 2000
+            for call in calls[:1000]:
+                call.cancel()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            proxy.close()
+        assert all(isinstance(r, asyncio.CancelledError) for r in results[:1000])
+        assert all(isinstance(r, pyrorpc.WorkerLostError) for r in results[1000:]), {type(r) for r in results}
+        assert not endpoint._open_waiters
+
+    try:
+        asyncio.run(main())
+    finally:
+        silent.close()
