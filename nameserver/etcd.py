@@ -45,8 +45,9 @@ Entry = tuple[str, frozenset[str]]
 Listener = Callable[[str, "Entry | None"], None]
 
 
-class EtcdError(Pyro5.errors.NamingError):
-    """etcd could not be reached (on any endpoint) or refused an operation."""
+# etcd unreachable or refusing an operation: a NamingError, which every Pyro5 client can decode (a subclass
+# defined here would reach a stock client as an undecodable class)
+EtcdError = Pyro5.errors.NamingError
 
 
 def parse_url(url: str) -> tuple[list[tuple[str, int]], str]:

@@ -143,6 +143,30 @@ class EtcdCluster:
     def url(self) -> str:
         return "etcd://" + ",".join(self.endpoints)
 
+    def leader(self) -> int:
+        """The index of the member that is the Raft leader now (asked of a live member).
+
+        Raises:
+            RuntimeError: no live member knows a leader.
+        """
+        ids: dict[str, int] = {}
+        leader = None
+        for i, m in enumerate(self.members):
+            if not m.alive():
+                continue
+            try:
+                req = urllib.request.Request(f"http://{m.endpoint}/v3/maintenance/status", data=b"{}",
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=2) as reply:
+                    status = json.loads(reply.read())
+            except (OSError, ValueError):
+                continue
+            ids[status["header"]["member_id"]] = i
+            leader = status.get("leader", leader)
+        if leader not in ids:
+            raise RuntimeError(f"no leader known to the live members ({leader!r})")
+        return ids[leader]
+
     def kill(self, index: int) -> EtcdMember:
         """SIGKILL member ``index``; returns it."""
         member = self.members[index]

@@ -6,10 +6,14 @@ process (unit level) or as ``pyrorpc ns start --storage etcd://...`` processes (
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import datetime
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +25,7 @@ import pytest
 from etcd_cluster import EtcdCluster, etcd_binary
 
 import pyrorpc
-from pyrorpc.testing import wait_for
+from pyrorpc.testing import ChildProcess, WorkerProcess, wait_for
 
 pytest.importorskip("etcd3gw", reason="the etcd extra (etcd3gw) is not installed: pip install -e '.[etcd]'")
 
@@ -170,3 +174,185 @@ def test_name_server_follows_etcd_when_its_member_dies(ns_pair: tuple[Any, Any],
         wait_for(lambda: "after" in pb.list(), 5, message="the watch moved to a live member")
         assert pb.lease("calc.w", "PYRO:w@127.0.0.1:5007", ["pyrorpc.service:calc"], None, 2.0)["created"]
         wait_for(lambda: len(pa.service_workers("calc")) == 1, 5)
+
+
+# acceptance: name servers, etcd members and workers killed under load -------------------------------------
+
+class Procs:
+    """Child processes of one test (name servers, workers, schedulers); all killed at its end."""
+
+    def __init__(self) -> None:
+        self.children: list[ChildProcess] = []
+
+    def ns(self, url: str, port: int = 0, lease_ttl: float = 3.0) -> tuple[ChildProcess, str]:
+        """``pyrorpc ns start --storage URL``; returns the process and its HOST:PORT."""
+        child = self.add(ChildProcess([sys.executable, "-m", "pyrorpc", "ns", "start", "--port", str(port),
+                                       "--storage", url, "--lease-ttl", str(lease_ttl)]))
+        return child, child.expect(r"^NS running on (\S+)", 20).group(1)
+
+    def worker(self, ns: str, spec: str = "test_etcd:Echo", **kwargs: Any) -> WorkerProcess:
+        return self.add(WorkerProcess(spec, ns, **kwargs))
+
+    def add(self, child: Any) -> Any:
+        self.children.append(child)
+        return child
+
+    def close(self) -> None:
+        for child in self.children:
+            child.kill()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    made = Procs()
+    yield made
+    made.close()
+
+
+class Load:
+    """Client threads calling ``pool.pid`` (idempotent) until stopped; counts answers per worker pid."""
+
+    def __init__(self, pool: pyrorpc.Pool, threads: int = 4) -> None:
+        self.pool = pool
+        self.ok = 0
+        self.failures: list[BaseException] = []
+        self.pids: collections.Counter[int] = collections.Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(threads)]
+
+    def _run(self, k: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            x = k * 10_000_000 + i
+            try:
+                echoed, pid = self.pool.pid(x)
+                assert echoed == x
+                with self._lock:
+                    self.ok += 1
+                    self.pids[pid] += 1
+            except BaseException as exc:  # recorded; the test asserts there are none
+                with self._lock:
+                    self.failures.append(exc)
+
+    def calls_to(self, pid: int) -> int:
+        with self._lock:
+            return self.pids[pid]
+
+    def more(self, n: int, timeout: float = 10.0, message: str = "calls") -> None:
+        before = self.ok
+        wait_for(lambda: self.ok >= before + n, timeout, message=message)
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+
+def workers_on(ns: str, service: str = "echo") -> dict[str, pyrorpc.WorkerInfo]:
+    with pyrorpc.NameServerClient(pyrorpc.Settings(ns=ns, connect_timeout=2)) as client:
+        return {w.name: w for w in client.service_workers(service)}
+
+
+def renewed_since(moment: float, *ns: str) -> set[str]:
+    """The workers that renewed their lease through one of ``ns`` after ``moment`` (time.monotonic())."""
+    now = time.monotonic()
+    return {name for addr in ns for name, w in workers_on(addr).items()
+            if w.last_heartbeat is not None and now - w.last_heartbeat > moment}
+
+
+def test_two_name_servers_over_three_etcd_members_under_load(etcd: EtcdCluster, procs: Procs) -> None:
+    ttl = 3.0
+    renewal = ttl / 3
+    ns_a, addr_a = procs.ns(etcd.url, lease_ttl=ttl)
+    _ns_b, addr_b = procs.ns(etcd.url, lease_ttl=ttl)
+    both = f"{addr_a},{addr_b}"
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        workers = list(ex.map(lambda _i: procs.worker(both), range(4)))
+    names = {w.name for w in workers}
+    wait_for(lambda: set(workers_on(addr_b)) == names, 5, message="all four workers on b")
+    with pyrorpc.Pool("echo", ns=both, timeout=10) as pool, Load(pool) as load:
+        load.more(200, message="load running")
+        assert {w.worker_pid for w in workers} <= set(load.pids)
+
+        # name server A dies: nothing fails, every worker renews through B within a renewal period
+        killed = time.monotonic()
+        ns_a.kill()
+        wait_for(lambda: renewed_since(killed, addr_b) == names, renewal + 1.5, interval=0.05,
+                 message="every worker renewed through b")
+        load.more(200, message="calls with name server a dead")
+        newcomer = procs.worker(both)  # a is down: it registers through b
+        wait_for(lambda: load.calls_to(newcomer.worker_pid) >= 20, 10, message="traffic to the newcomer")
+        names.add(newcomer.name)
+
+        # A comes back on its address and serves the same registry
+        host, port = addr_a.rsplit(":", 1)
+        ns_a, addr_a2 = procs.ns(etcd.url, port=int(port), lease_ttl=ttl)
+        assert addr_a2 == addr_a
+        assert set(workers_on(addr_a)) == names
+
+        # an etcd member dies, the Raft leader (an election follows): nothing fails or is lost
+        etcd.kill(etcd.leader())
+        member_died = time.monotonic()
+        load.more(200, message="calls after an etcd member died")
+        wait_for(lambda: renewed_since(member_died, addr_a, addr_b) == names, 2 * renewal + 2, interval=0.05,
+                 message="every worker renewed through the surviving etcd members")
+        assert set(workers_on(addr_a)) == names and set(workers_on(addr_b)) == names
+
+        # a worker dies: gone from both name servers within TTL + 1 s, and calls go on
+        victim = workers[0]
+        victim.kill()
+        died = time.monotonic()
+        wait_for(lambda: victim.name not in workers_on(addr_a) and victim.name not in workers_on(addr_b),
+                 ttl + 2, interval=0.05, message="dead worker dropped")
+        gone_after = time.monotonic() - died
+        load.more(200, message="calls after a worker died")
+    assert load.failures == [], load.failures[:3]
+    assert gone_after <= ttl + 1.0, gone_after
+
+
+# acceptance: a lock across name servers (examples/scheduled) ---------------------------------------------
+
+SCHEDULED = Path(__file__).resolve().parent.parent / "examples" / "scheduled"
+
+
+def test_schedulers_on_two_name_servers_one_fires_and_the_other_takes_over(etcd: EtcdCluster, procs: Procs,
+                                                                           tmp_path: Path) -> None:
+    pytest.importorskip("croniter")
+    _a, addr_a = procs.ns(etcd.url)
+    _b, addr_b = procs.ns(etcd.url)
+    env = {**os.environ, "NEWSLETTER_DB": str(tmp_path / "newsletter.sqlite"), "PYTHONUNBUFFERED": "1"}
+    procs.worker(f"{addr_a},{addr_b}", "worker:Newsletter", cwd=str(SCHEDULED), env=env)
+
+    def scheduler(owner: str, ns: str, ready: str) -> ChildProcess:
+        child = procs.add(ChildProcess([sys.executable, "client.py", "--cron", "* * * * * *", "--lock-ttl", "2",
+                                        "--id", owner, "--ns", ns], env=env, cwd=SCHEDULED))
+        child.expect(ready, 15)
+        return child
+
+    a = scheduler("sched-a", addr_a, r"\[sched-a\] leader")  # each asks its own name server for the lock
+    b = scheduler("sched-b", addr_b, r"\[sched-b\] standby")
+    with pyrorpc.Pool("newsletter", ns=addr_b, timeout=10) as newsletter:
+        def fired_by(owner: str) -> list[dict[str, Any]]:
+            return [h for h in newsletter.history() if h["scheduler"] == owner]
+
+        wait_for(lambda: len(fired_by("sched-a")) >= 3, 10, message="three ticks fired by the leader")
+        assert not fired_by("sched-b"), "the scheduler on the other name server fired while the leader lived"
+        a.kill()  # the leader dies without releasing its lock
+        wait_for(lambda: len(fired_by("sched-b")) >= 2, 15, message="the standby took over")
+        b.expect(r"\[sched-b\] leader")
+        assert b.stop() == 0
+        history = newsletter.history()
+    editions = [h["edition"] for h in history]
+    assert len(editions) == len(set(editions)), f"an edition was fired twice: {history}"
+    owners = [h["scheduler"] for h in sorted(history, key=lambda h: h["edition"])]
+    assert owners == sorted(owners), history  # one leader at a time: a's editions, then b's
+    ticks = sorted(datetime.datetime.strptime(e, "%Y-%m-%dT%H:%M:%SZ") for e in editions)
+    gaps = [(t1, t2) for t1, t2 in zip(ticks, ticks[1:], strict=False) if (t2 - t1).total_seconds() != 1]
+    assert not gaps, f"ticks lost in the takeover: {gaps}\n{a.output}\n{b.output}"
