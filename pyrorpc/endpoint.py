@@ -152,9 +152,15 @@ class Endpoint:
         return f"<Endpoint {self.name} in_flight={self.in_flight}>"
 
     # connections
-    def _connect(self) -> LimitedConnection:
+    def _connect(self, timeout: float | None = None) -> LimitedConnection:
+        """A new connection; opening it takes at most ``connect_timeout``, or ``timeout`` (what the call
+        has left) when that is shorter: a hung worker costs a call its own timeout, no more.
+
+        Raises:
+            NotSent: it could not be opened (nothing was sent).
+        """
         try:
-            conn, meta = open_connection(self.uri, self.settings)
+            conn, meta = open_connection(self.uri, self.settings, timeout=timeout)
         except (AuthenticationError, ConfigurationError):
             raise  # our credentials or certificate files: no other worker would take them either
         except Pyro5.errors.PyroError as exc:
@@ -269,8 +275,9 @@ class Endpoint:
             handle.sock = sock
             self._busy.add(sock)
 
-    def _ready(self, conn: LimitedConnection | None) -> LimitedConnection:
-        """A live connection: ``conn`` if it still is one, another idle one, or a new one (NotSent)."""
+    def _ready(self, conn: LimitedConnection | None, timeout: float | None = None) -> LimitedConnection:
+        """A live connection: ``conn`` if it still is one, another idle one, or a new one (NotSent), opened
+        within ``timeout``."""
         while conn is not None:
             # An idle connection never has data waiting: readable means the worker closed it (died or
             # stopped). Dropping it here is what keeps a call to a dead worker from being "sent" at all.
@@ -284,7 +291,7 @@ class Endpoint:
                 raise NotSent(WorkerDrainingError(f"{self.name} is draining"))
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
-        return self._connect()
+        return self._connect(timeout)
 
     def call(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float,
              oneway: bool = False, wait: float | None = None, batch: bool = False,
@@ -303,7 +310,7 @@ class Endpoint:
         failed = True
         keep = False
         try:
-            conn = self._ready(conn)
+            conn = self._ready(conn, timeout)
             if self._closed:
                 # the worker said it is draining while we waited: it will close soon, so a call sent now
                 # could be lost at that moment; this one never left, so it goes elsewhere
@@ -487,10 +494,11 @@ class Endpoint:
             self.calls += 1
             self.errors += failed
 
-    async def _channel(self) -> MuxChannel:
+    async def _channel(self, timeout: float | None = None) -> MuxChannel:
         """A channel of this event loop to the worker: the first with room (``_CHANNEL_CALLS`` outstanding
         requests; more, and another opens, up to ``_MAX_CHANNELS``), opened on first use (one opening shared
         by every coroutine that needs it). One idle for half the worker's idle timeout is retired first.
+        Waiting for an opening takes at most ``timeout`` (what the call has left), if given.
 
         Raises:
             NotSent: the endpoint is closed or the worker cannot be reached.
@@ -527,8 +535,15 @@ class Endpoint:
                 try:
                     if waiters is None:
                         _outcome(task)  # it ended, and its waiters were woken already
-                    else:
+                    elif timeout is None:
                         await waiter
+                    else:
+                        await asyncio.wait_for(waiter, timeout)
+                except asyncio.TimeoutError:
+                    if channel is None:
+                        raise NotSent(Pyro5.errors.TimeoutError(
+                            f"no connection within the call's {timeout:g}s")) from None
+                    waited = True  # the full channel it is
                 except Exception:
                     if channel is None:
                         raise
@@ -620,7 +635,7 @@ class Endpoint:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         timeout, annotations = outgoing_bytes(timeout)  # (no more than the call being served has left)
-        channel = await self._channel()
+        channel = await self._channel(timeout)
         unbounded = method in self.async_methods
         with self._lock:
             if self._closed:

@@ -217,18 +217,19 @@ def handshake_reply(uri: Pyro5.core.URI, settings: Settings, msg_type: int, repl
     return (meta if isinstance(meta, dict) else {}), isinstance(extensions, dict) and bool(extensions.get("mux"))
 
 
-def open_connection(uri: Pyro5.core.URI, settings: Settings, *,
-                    mux: bool = False) -> tuple[LimitedConnection, dict[str, Any]]:
+def open_connection(uri: Pyro5.core.URI, settings: Settings, *, mux: bool = False,
+                    timeout: float | None = None) -> tuple[LimitedConnection, dict[str, Any]]:
     """Connect to ``uri`` (TCP, TLS, handshake with token); returns the connection, ready for
     ``wire.invoke`` with the call timeout set, and the object's metadata. With ``mux`` it asks for a
-    multiplexed connection (``conn.mux`` says whether the server agreed).
+    multiplexed connection (``conn.mux`` says whether the server agreed). Each step of the opening may
+    take ``connect_timeout``, or ``timeout`` when that is shorter (what a call has left).
 
     Raises:
         AuthenticationError: the server refused our token, or could not prove it knows the secret.
         Pyro5.errors.CommunicationError: anything else that kept the connection from opening (nothing
             was sent to the object, so the caller may go elsewhere).
     """
-    timeout = settings.connect_timeout
+    timeout = settings.connect_timeout if timeout is None else min(settings.connect_timeout, max(timeout, 0.001))
     ctx = client_ssl_context(settings)  # (ConfigurationError for unusable certificate files, before connecting)
     try:
         sock = socket.create_connection((uri.host, uri.port), timeout=timeout)

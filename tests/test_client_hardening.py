@@ -249,3 +249,29 @@ def test_close_fails_callers_waiting_for_a_slot_at_once(ns_addr, gate):
         assert busy.result(10) == "released"  # ...which finishes normally
         closer.join(10)
         assert not closer.is_alive()
+
+
+def test_a_call_to_a_hung_worker_takes_its_own_timeout_not_the_connect_timeout():
+    """Opening a connection counts against the call's timeout: a worker that accepts and never answers the
+    handshake (hung, SIGSTOPped) costs a 0.5 s call 0.5 s, not connect_timeout (10 s here); sync and aio."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    uri = f"PYRO:hung@127.0.0.1:{silent.getsockname()[1]}"
+
+    async def aio_call() -> None:
+        with pyrorpc.connect(uri, timeout=0.5, connect_timeout=10) as proxy:
+            await proxy.ping.aio()
+
+    try:
+        for run in (lambda: pyrorpc.connect(uri, timeout=0.5, connect_timeout=10).ping(),
+                    lambda: asyncio.run(aio_call())):
+            t0 = time.monotonic()
+            with pytest.raises(pyrorpc.WorkerLostError):
+                run()
+            assert time.monotonic() - t0 < 5  # (was 10 s: connect_timeout)
+    finally:
+        silent.close()
