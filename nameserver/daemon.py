@@ -24,10 +24,11 @@ log = logging.getLogger("pyrorpc.nameserver")
 DEFAULT_LEASE_TTL = 10.0
 
 
-def open_storage(storage: str | None) -> Any:
+def open_storage(storage: str | None, *, lease_ttl: float = DEFAULT_LEASE_TTL) -> Any:
     """A Pyro5 storage for ``memory`` (default), ``PATH.sqlite`` / ``PATH.db``, Pyro5's ``sql:PATH``, or
     ``etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`` (a registry shared by every name server on that etcd cluster;
-    needs the ``etcd`` extra).
+    needs the ``etcd`` extra). ``lease_ttl`` is the name server's: with etcd, its registrations outlive it by
+    that much at most (time for its workers to move to another name server).
 
     Raises:
         ValueError: for anything else, a bad etcd URL, etcd3gw missing or etcd not answering.
@@ -37,7 +38,7 @@ def open_storage(storage: str | None) -> Any:
     assert storage is not None
     if storage.startswith("etcd://"):
         from .etcd import EtcdStorage
-        return EtcdStorage.from_url(storage)
+        return EtcdStorage.from_url(storage, owner_ttl=lease_ttl)
     path = storage[4:] if storage.startswith("sql:") else storage
     if storage.startswith("sql:") or path.endswith((".sqlite", ".sqlite3", ".db")):
         if not path or path == ":memory:":
@@ -66,7 +67,7 @@ class NameServerDaemon:
             raise ValueError(f"`port` must be 0-65535, got {port!r}")
         settings = settings if settings is not None else Settings()
         self.settings = settings
-        self.nameserver: NameServer | None = NameServer(open_storage(storage))
+        self.nameserver: NameServer | None = NameServer(open_storage(storage, lease_ttl=float(lease_ttl)))
         self.nameserver.default_lease_ttl = float(lease_ttl)
         try:
             self.server = Server(host, port, threads=settings.threads, max_connections=settings.max_connections,

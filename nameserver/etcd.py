@@ -1,12 +1,19 @@
 """etcd storage for the name server: one registry, its leases and locks in etcd, shared by several name servers.
 
 Keys live under a prefix (``/pyrorpc/ns/`` unless the URL names another: ``etcd://h:p,h:p/myapp``):
-``reg/NAME`` holds the JSON ``{"uri", "metadata": [...], "ttl": s|null, "load": {...}, "lease": id}``. A
-leased registration is attached to an etcd lease of ``ceil(ttl)`` seconds (etcd grants no less than its minimum,
-2 s with its default timing); a renewal is a keepalive of that lease, plus a write only when the load report
-changed (at once for its fixed fields, at most every ``load_interval`` seconds for the counters). When a worker
-stops renewing, etcd deletes the key. A lock is a leased registration created by a transaction "if absent", and
-renewed only while its key is still the holder's, so two name servers over one etcd never both grant it.
+``reg/NAME`` holds the JSON ``{"uri", "metadata": [...], "ttl": s|null, "load": {...}, "lease": id}``.
+
+Leased registrations are owned by the name server their worker renews through: it writes them under its own
+etcd lease (one per name server, kept alive every second or so, ``owner_ttl`` long), keeps each one's renewal
+clock in memory and deletes the key (a transaction "if still mine") once a worker misses its TTL. So a renewal
+costs no etcd request: only a changed load report is written (at once for its fixed fields such as ``threads``,
+at most every ``load_interval`` seconds for the counters). A worker that renews through another name server
+moves its registration there with one write. If a name server dies, its registrations outlive it by at most
+``owner_ttl``, in which its workers move to another name server, which takes them over.
+
+A lock is a registration under an etcd lease of its own (``ceil(ttl)`` seconds; etcd's minimum is 2 s with its
+default timing), created by a transaction "if absent" and renewed (a keepalive) only while its key is still the
+holder's, so two name servers over one etcd never both grant it, and a dead holder's lock expires in etcd.
 
 Every name server keeps the whole ``reg/`` range in memory: one read at start, then a prefix watch from that
 revision; lookups and the service index are local reads. Writes go to etcd and into the copy at once (tagged
@@ -87,23 +94,25 @@ def _range_end(prefix: bytes) -> bytes:
 class Record:
     """One registration as this name server has it, with what the service index and leases need to know.
 
-    ``renewed`` is when this name server last saw it written or renewed (``time.monotonic()``); ``expired()``
-    is always False: etcd deletes a registration whose lease ran out.
+    ``renewed`` is when this name server last saw it written or renewed (``time.monotonic()``), ``seen`` when
+    this version was written or first read; ``load`` is the freshest report this name server has (on its
+    owner, newer than ``written``, the one in etcd). ``expired()`` is False: the owner deletes expired ones.
     """
 
-    __slots__ = ("uri", "metadata", "ttl", "load", "lease", "rev", "renewed", "seen")
+    __slots__ = ("uri", "metadata", "ttl", "load", "written", "lease", "rev", "renewed", "seen")
 
     def __init__(self, uri: str, metadata: frozenset[str], ttl: float | None, load: dict[str, Any],
                  lease: int, rev: int) -> None:
-        self.uri, self.metadata, self.ttl, self.load, self.lease, self.rev = uri, metadata, ttl, load, lease, rev
-        self.renewed = self.seen = time.monotonic()  # seen: when this version was written or first read
+        self.uri, self.metadata, self.ttl, self.lease, self.rev = uri, metadata, ttl, lease, rev
+        self.load = self.written = load
+        self.renewed = self.seen = time.monotonic()
 
     def expired(self, now: float) -> bool:
         return False
 
     def encode(self) -> bytes:
         return json.dumps({"uri": self.uri, "metadata": sorted(self.metadata), "ttl": self.ttl,
-                           "load": self.load, "lease": self.lease}, separators=(",", ":")).encode()
+                           "load": self.written, "lease": self.lease}, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, value: bytes, rev: int) -> "Record":
@@ -260,9 +269,11 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
     """A Pyro5 name-server storage kept in etcd (see the module docstring), and the NameServer's lease backend
     (``lease``, ``set_metadata``, ``acquire_lock``, ``release_lock``, ``leases``).
 
-    The constructor reads the registry once; ``attach(lock, listener)`` starts the watch, which applies
-    changes under ``lock`` and calls ``listener(name, (uri, metadata) or None)`` for every change it did not
-    make through this mapping (so the NameServer's service index follows registrations made elsewhere).
+    The constructor reads the registry once and takes this name server's owner lease; ``attach(lock,
+    listener)`` starts the watch, which applies changes under ``lock`` and calls ``listener(name, (uri,
+    metadata) or None)`` for every change not made through this mapping (so the NameServer's service index
+    follows registrations made elsewhere), and the owner lease's keepalive (every ``check_interval``, at
+    most a third of ``owner_ttl``), which is also the health check of the member in use.
 
     Raises:
         ValueError: etcd3gw is missing or no endpoint answered.
@@ -271,14 +282,15 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
     keeps_leases = True  # the NameServer hands it leases and locks (SqlStorage fails any getattr: a class flag)
 
     def __init__(self, endpoints: list[tuple[str, int]], prefix: str = DEFAULT_PREFIX, *,
-                 load_interval: float = 5.0, timeout: float = 3.0, retry_for: float = 6.0,
+                 owner_ttl: float = 10.0, load_interval: float = 30.0, timeout: float = 3.0, retry_for: float = 6.0,
                  check_interval: float = 1.0) -> None:
         self.etcd = EtcdClient(endpoints, timeout=timeout, retry_for=retry_for)
         self.prefix = prefix.encode() + b"reg/"
         self.end = _range_end(self.prefix)
         self.load_interval = load_interval
         self.timeout = timeout
-        self.check_interval = check_interval
+        self.owner_ttl = etcd_ttl(owner_ttl)
+        self.check_interval = min(check_interval, self.owner_ttl / 3)
         self.entries: dict[str, Record] = {}
         self.local: dict[str, Entry] = {}
         self.leases = LeaseView(self.entries)
@@ -292,9 +304,11 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
         self._threads: list[threading.Thread] = []
         try:
             self._resync(notify=False)
+            self.owner = self.etcd.grant(self.owner_ttl)  # the lease this name server's registrations live by
         except EtcdError as exc:
             self.etcd.close()
             raise ValueError(f"cannot read the registry from etcd: {exc}") from None
+        self._owner_alive = time.monotonic()  # the last time etcd confirmed the owner lease
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "EtcdStorage":
@@ -380,8 +394,8 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
         rec = Record(str(uri), meta, None, {}, 0, 0)  # a plain registration: no lease
         rec.rev = self.etcd.put(self._key(name), rec.encode())
         self._apply(name, rec, rec.rev, notify=False)
-        if old is not None and old.lease:
-            self._revoke_quietly(old.lease)
+        if old is not None:
+            self._revoke_lock_lease(old)
 
     def __delitem__(self, name: str) -> None:
         if name in self.local:
@@ -389,8 +403,7 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
             return
         old = self.entries[name]
         self._apply(name, None, self.etcd.delete(self._key(name)), notify=False)
-        if old.lease:
-            self._revoke_quietly(old.lease)  # or a renewal would keep a lease without its registration
+        self._revoke_lock_lease(old)
 
     def __iter__(self) -> Iterator[str]:
         return iter([*self.local, *self.entries])
@@ -437,28 +450,53 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
 
     # leases ------------------------------------------------------------------------------------------
     def lease(self, name: str, uri: str, tags: Any, load: dict[str, Any], ttl: float) -> dict[str, Any]:
-        """Register ``name`` under an etcd lease of ``ttl``, or renew it (a keepalive; a write only when the
-        load report is due, see the module docstring). Arguments are checked by the NameServer."""
+        """Register ``name`` under this name server's owner lease, or renew it: in memory, plus a write when
+        its load report is due or it was another name server's (see the module docstring). The NameServer
+        checked the arguments.
+
+        Raises:
+            Pyro5.errors.NamingError: etcd is unreachable (a renewal must not look fine when it is not)."""
+        if time.monotonic() - self._owner_alive > self.owner_ttl:
+            raise EtcdError(f"this name server lost etcd ({', '.join(self.etcd.names)}) for over "
+                            f"{self.owner_ttl} s; try another name server")
         tags = frozenset(tags)
         rec = self.entries.get(name)
-        created = rec is None
-        if rec is not None and rec.lease and rec.uri == uri and rec.metadata == tags and rec.ttl == ttl:
-            if self.etcd.keepalive(rec.lease) > 0:
-                rec.renewed = time.monotonic()
-                if not self._load_due(rec, load) or self._put_leased(name, uri, tags, ttl, load, rec.lease):
-                    return {"ttl": ttl, "created": False}
-            created = True  # the lease ran out: etcd dropped the registration
-        lease_id = self.etcd.grant(etcd_ttl(ttl))
-        if not self._put_leased(name, uri, tags, ttl, load, lease_id):
-            raise EtcdError(f"etcd lost a new lease for {name!r}")
-        if rec is not None and rec.lease and rec.lease != lease_id:
-            self._revoke_quietly(rec.lease)
-        return {"ttl": ttl, "created": created}
+        if rec is not None and rec.lease == self.owner and rec.uri == uri and rec.metadata == tags \
+                and rec.ttl == ttl:
+            rec.renewed = time.monotonic()
+            if self._load_due(rec, load):
+                self._put_leased(name, uri, tags, ttl, load, self.owner)
+            else:
+                rec.load = load
+            return {"ttl": ttl, "created": False}
+        # new, changed, or owned by another name server (its worker renews here now): write it as ours
+        if not self._put_leased(name, uri, tags, ttl, load, self.owner):
+            self._owner_lost()
+            if not self._put_leased(name, uri, tags, ttl, load, self.owner):
+                raise EtcdError(f"etcd lost this name server's lease again while registering {name!r}")
+        return {"ttl": ttl, "created": rec is None}
+
+    def expire(self) -> list[str]:
+        """Delete the registrations this name server owns whose worker missed its TTL; returns their names.
+        A registration another name server took over meanwhile is left alone (the delete is conditional)."""
+        now = time.monotonic()
+        owner = self.owner
+        dead = [name for name, rec in list(self.entries.items())
+                if rec.lease == owner and rec.ttl is not None and now - rec.renewed > rec.ttl]
+        gone = []
+        for name in dead:
+            ok, rev, _current = self._txn_key(name, {"target": "LEASE", "lease": owner},
+                                              [{"request_delete_range": {"key": _b64(self._key(name))}}])
+            if ok:
+                self._apply(name, None, rev, notify=True)
+                gone.append(name)
+        return gone
 
     def _load_due(self, rec: Record, load: dict[str, Any]) -> bool:
-        if load == rec.load:
+        written = rec.written
+        if load == written:
             return False
-        if any(load.get(k) != rec.load.get(k) for k in (set(load) | set(rec.load)) - COUNTERS):
+        if any(load.get(k) != written.get(k) for k in (set(load) | set(written)) - COUNTERS):
             return True
         return time.monotonic() - rec.seen >= self.load_interval
 
@@ -474,6 +512,19 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
             raise
         self._apply(name, rec, rec.rev, notify=True)
         return True
+
+    def _revoke_lock_lease(self, rec: Record) -> None:
+        """A lock's own lease goes with it (a registration's is its owner name server's: never revoked)."""
+        if rec.lease and any(t.startswith(LOCK_TAG) for t in rec.metadata):
+            self._revoke_quietly(rec.lease)
+
+    def _owner_lost(self) -> None:
+        """etcd dropped the owner lease (and our registrations with it: unreachable for longer than its TTL):
+        take a new one; each worker's next renewal writes its registration again."""
+        old, self.owner = self.owner, self.etcd.grant(self.owner_ttl)
+        self._owner_alive = time.monotonic()
+        log.warning("etcd dropped this name server's lease %x; registrations are written again as workers renew",
+                    old)
 
     def _revoke_quietly(self, lease: int) -> None:
         try:
@@ -647,14 +698,18 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
                 pass
 
     def _check_loop(self) -> None:
-        """Ask the current member for the registry's size (a quorum read) every ``check_interval``; a member
-        that fails it, or a watch left on another member, makes the watch move to the current one."""
-        body = {"key": _b64(self.prefix), "range_end": _b64(self.end), "count_only": True}
+        """Keep the owner lease alive every ``check_interval`` (a request the leader answers: a health check
+        too). A member that fails it, or a watch left on another member, makes the watch move to the current
+        one; a lease etcd no longer has is replaced."""
         while not self._closed.wait(self.check_interval):
             client = self.etcd.current()
             try:
-                client.post(client.get_url("/kv/range"), json=body)
-            except Exception as exc:
+                reply = client.post(client.get_url("/lease/keepalive"), json={"ID": self.owner})
+                if int(reply["result"].get("TTL", -1)) > 0:
+                    self._owner_alive = time.monotonic()
+                else:
+                    self._owner_lost()
+            except Exception as exc:  # this member failed: the next check (and every request) uses another
                 self.etcd.failed(client, _detail(exc))
             watching = self._watch_client
             if watching is not None and watching is not self.etcd.current():

@@ -425,7 +425,7 @@ class NameServer(Pyro5.nameserver.NameServer):
     def expire(self) -> list[str]:
         """Drop every registration whose lease was not renewed within its TTL; returns their names."""
         if self._backend is not None:
-            return []  # the backend's leases expire by themselves (etcd deletes the keys)
+            return list(self._backend.expire())
         now = time.monotonic()
         with self.lock:
             dead = [name for name, lease in self.leases.items() if lease.expired(now)]
