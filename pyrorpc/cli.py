@@ -485,6 +485,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+@main.command("dashboard")
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to serve the page on")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="port (0 = any)")
+@click.option("--interval", type=Seconds(0.1, 60), default=1.0, show_default=True,
+              help="seconds between polls of the name server and workers")
+@ns_option
+@user_errors
+def dashboard_cmd(host: str, port: int, interval: float, ns: Addresses | None) -> None:
+    """Serve a live, read-only web page of services and workers until Ctrl-C."""
+    from .dashboard import Dashboard
+    board = Dashboard(settings_for(ns), host=host, port=port, interval=interval)
+    click.echo(f"dashboard on {board.url} (name server {board.fleet.settings.ns}); Ctrl-C to stop")
+    board.serve_forever()
+
+
 # calls -----------------------------------------------------------------------------------------------
 
 _LITERAL_START = re.compile(r"""\s*[\[({'"]""")  # what only a literal starts with (127.0.0.1 is a string)

@@ -1,0 +1,409 @@
+"""``pyrorpc dashboard``: a read-only web page of the fleet that updates live, from the standard library alone.
+
+A ``Fleet`` polls once a second: the name server for its services and their workers (lease and load
+reports), and every worker's ``Pyro.Daemon`` object for its own statistics (``stats()``: calls by outcome,
+latency, in flight, draining) where the worker has them. A ``Dashboard`` serves the page (``/``), the
+state as JSON (``/api/state``) and a health check (``/healthz``) over ``http.server`` on 127.0.0.1 by
+default. The page fetches the state every second and draws it with a few lines of JavaScript: no
+framework, nothing to build, nothing the server does but answer GETs.
+
+Why the standard library: the page is read-only and small, so ``http.server`` (threaded) and plain
+JavaScript are enough, and a web framework would be one more dependency for every user of the
+``pyrorpc`` command. A worker gone from the registry stays on the page, marked gone, for ``GONE_FOR``
+seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import http.server
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from .config import Settings
+from .errors import NameServerUnavailableError
+from .naming import NameServerClient, WorkerInfo
+
+__all__ = ["Dashboard", "Fleet"]
+
+log = logging.getLogger("pyrorpc.dashboard")
+
+HISTORY = 60  # points of each service's calls/s sparkline (one a poll)
+GONE_FOR = 30.0  # seconds a departed worker stays on the page, marked gone
+_STATS_TIMEOUT = 0.8  # seconds a worker may take to answer stats(); it is shown from its lease otherwise
+
+
+class Fleet:
+    """What the page shows, refreshed by ``poll()`` (``Dashboard`` calls it every ``interval`` seconds).
+
+    ``state()`` is a JSON-ready dict: the name server (``address``, ``ok``, ``error``, ``registrations``),
+    and per service its workers (from the name server's lease reports, overlaid with each worker's own
+    ``stats()`` when it answers), calls/s and a calls/s history.
+    """
+
+    def __init__(self, settings: Settings, interval: float = 1.0) -> None:
+        self.settings = settings
+        self.interval = interval
+        self._naming = NameServerClient(settings)
+        self._lock = threading.Lock()
+        self._state: dict[str, Any] = {"ns": {"address": str(settings.ns), "ok": False, "error": "not polled yet"},
+                                       "services": [], "updated": None}
+        self._last_calls: dict[str, tuple[float, int]] = {}  # worker -> (time, calls)
+        self._history: dict[str, collections.deque[float]] = {}
+        self._gone: dict[str, tuple[float, dict[str, Any]]] = {}  # worker -> (when it left, its last row)
+        self._known: dict[str, dict[str, Any]] = {}  # worker -> its last row
+        self._proxies: dict[str, Any] = {}  # worker -> a Proxy to its Pyro.Daemon object
+        self._no_stats: set[str] = set()  # workers without stats() (a stock or older worker)
+        self._pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="dashboard-stats")
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return self._state
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for proxy in self._proxies.values():
+            proxy.close()
+        self._proxies.clear()
+        self._naming.close()
+
+    # polling ----------------------------------------------------------------------------------------
+    def poll(self) -> None:
+        now = time.time()
+        ns: dict[str, Any] = {"address": str(self.settings.ns), "ok": True, "error": None}
+        try:
+            counts = self._naming.services()
+            members = {svc: self._naming.service_workers(svc) for svc in sorted(counts)}
+            ns["registrations"] = self._naming.count()
+            ns["services"] = len(counts)
+        except NameServerUnavailableError as exc:
+            ns.update(ok=False, error=str(exc))
+            with self._lock:  # what we knew stays on the page, the name server marked down
+                self._state = dict(self._state, ns=ns, updated=now)
+            return
+        except Exception as exc:  # a stock or odd name server: say so, keep going
+            ns.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            with self._lock:
+                self._state = dict(self._state, ns=ns, updated=now)
+            return
+        infos = [w for workers in members.values() for w in workers]
+        stats = self._fetch_stats(infos)
+        services = []
+        alive = set()
+        for svc, workers in members.items():
+            rows = []
+            total_rate = 0.0
+            for info in workers:
+                alive.add(info.name)
+                row = self._row(info, stats.get(info.name), now)
+                total_rate += row["calls_per_s"] or 0.0
+                rows.append(row)
+            history = self._history.setdefault(svc, collections.deque(maxlen=HISTORY))
+            history.append(round(total_rate, 1))
+            services.append({"name": svc, "workers": rows, "calls_per_s": round(total_rate, 1),
+                             "history": list(history)})
+        self._forget(alive, now, services)
+        with self._lock:
+            self._state = {"ns": ns, "services": services, "updated": now, "interval": self.interval}
+
+    def _fetch_stats(self, infos: list[WorkerInfo]) -> dict[str, dict[str, Any]]:
+        """Each worker's ``stats()``, asked in parallel; a worker that does not answer in time is left out."""
+        wanted = [w for w in infos if w.name not in self._no_stats]
+        futures = {self._pool.submit(self._stats_of, w): w.name for w in wanted}
+        done, _late = concurrent.futures.wait(futures, timeout=_STATS_TIMEOUT + 0.2)
+        result = {}
+        for future in done:
+            value = future.result()
+            if isinstance(value, dict):
+                result[futures[future]] = value
+        return result
+
+    def _stats_of(self, info: WorkerInfo) -> dict[str, Any] | None:
+        import pyrorpc
+        proxy = self._proxies.get(info.name)
+        try:
+            if proxy is None:
+                location = info.uri.split("@", 1)[1]
+                proxy = self._proxies[info.name] = pyrorpc.connect(
+                    f"PYRO:Pyro.Daemon@{location}", settings=self.settings, timeout=_STATS_TIMEOUT)
+            value = proxy.stats()
+        except AttributeError:
+            self._no_stats.add(info.name)  # no stats() there: its lease report is all we get
+            return None
+        except Exception as exc:  # the worker may just have died: its lease says the rest
+            if "stats" in str(exc) and "unknown" in str(exc).lower():
+                self._no_stats.add(info.name)
+            log.debug("stats of %s: %s", info.name, exc)
+            old = self._proxies.pop(info.name, None)
+            if old is not None:
+                old.close()
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _row(self, info: WorkerInfo, stats: dict[str, Any] | None, now: float) -> dict[str, Any]:
+        calls, errors, in_flight = info.calls, info.errors, info.in_flight
+        p50 = p99 = None
+        draining = False
+        if stats:
+            calls = _int(stats.get("calls"), calls)
+            errors = _int(stats.get("errors"), errors)
+            in_flight = _int(stats.get("in_flight"), in_flight)
+            draining = bool(stats.get("draining"))
+            p50, p99 = _number(stats.get("p50_ms")), _number(stats.get("p99_ms"))
+        rate = None
+        last = self._last_calls.get(info.name)
+        if last is not None and now > last[0] and calls >= last[1]:
+            rate = round((calls - last[1]) / (now - last[0]), 1)
+        self._last_calls[info.name] = (now, calls)
+        row = {"name": info.name, "service": info.service, "host": info.host, "pid": info.pid,
+               "in_flight": in_flight, "calls": calls, "errors": errors, "calls_per_s": rate,
+               "p50_ms": p50, "p99_ms": p99, "last_heartbeat": info.last_heartbeat, "ttl": info.ttl,
+               "uptime": round(info.uptime, 1), "draining": draining, "live_stats": stats is not None,
+               "gone": False}
+        self._known[info.name] = row
+        return row
+
+    def _forget(self, alive: set[str], now: float, services: list[dict[str, Any]]) -> None:
+        """Workers that left the registry: shown as gone for GONE_FOR seconds, then dropped."""
+        for name in list(self._known):
+            if name not in alive:
+                row = self._known.pop(name)
+                self._gone[name] = (now, dict(row, gone=True, in_flight=0, calls_per_s=None))
+                self._last_calls.pop(name, None)
+                self._no_stats.discard(name)
+                proxy = self._proxies.pop(name, None)
+                if proxy is not None:
+                    proxy.close()
+        for name, (since, row) in list(self._gone.items()):
+            if name in alive or now - since > GONE_FOR:
+                del self._gone[name]
+                continue
+            entry = next((s for s in services if s["name"] == row["service"]), None)
+            if entry is None:
+                entry = {"name": row["service"], "workers": [], "calls_per_s": 0.0,
+                         "history": list(self._history.get(row["service"], ()))}
+                services.append(entry)
+            entry["workers"].append(dict(row, gone_for=round(now - since, 1)))
+        known = {s["name"] for s in services}
+        for svc in list(self._history):
+            if svc not in known:
+                del self._history[svc]
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value >= 0:
+        return round(float(value), 3)
+    return None
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: "_HTTPServer"
+    server_version = "pyrorpc-dashboard"
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+        elif path == "/api/state":
+            body = json.dumps(self.server.fleet.state(), default=str).encode()
+            self._send(200, body, "application/json")
+        elif path == "/healthz":
+            self._send(200, b"ok\n", "text/plain")
+        else:
+            self._send(404, b"not found\n", "text/plain")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.do_GET()
+
+    def _refuse(self) -> None:
+        self._send(405, b"read-only\n", "text/plain", allow="GET, HEAD")
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
+
+    def _send(self, status: int, body: bytes, content_type: str, **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
+                                                    "style-src 'unsafe-inline'")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    fleet: Fleet
+
+
+class Dashboard:
+    """Serve the live page of the fleet registered at the name server(s) of ``settings``.
+
+    ``start()`` serves in background threads and returns (the socket is bound in the constructor:
+    ``port=0`` picks a free one, see ``url``); ``serve_forever()`` blocks; ``close()`` stops both.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, host: str = "127.0.0.1", port: int = 8080,
+                 interval: float = 1.0) -> None:
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise ValueError(f"`port` must be 0-65535, got {port!r}")
+        if not isinstance(interval, (int, float)) or not 0.1 <= interval <= 60:
+            raise ValueError(f"`interval` must be 0.1-60 seconds, got {interval!r}")
+        self.fleet = Fleet(settings if settings is not None else Settings.from_env(), interval)
+        self.httpd = _HTTPServer((host, port), _Handler)
+        self.httpd.fleet = self.fleet
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host!s}:{port}/"
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.fleet.poll()
+            except Exception:  # pragma: no cover - the page must keep updating whatever one poll met
+                log.exception("dashboard poll failed")
+            self._stop.wait(max(0.05, self.fleet.interval - (time.monotonic() - started)))
+
+    def start(self) -> "Dashboard":
+        if not self._threads:
+            for target, name in ((self._poll_loop, "dashboard-poll"), (self.httpd.serve_forever, "dashboard-http")):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve until ``close()`` or KeyboardInterrupt."""
+        self.start()
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._threads:
+            self.httpd.shutdown()
+        self.httpd.server_close()
+        self.fleet.close()
+
+    def __enter__(self) -> "Dashboard":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>pyrorpc dashboard</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+ h1{font-size:1.3em;margin:0 0 .3em} h2{font-size:1.1em;margin:1.4em 0 .4em}
+ #ns{margin-bottom:1em} .ok{color:#1a7f37} .bad{color:#c62828;font-weight:bold}
+ table{border-collapse:collapse;background:#fff;min-width:60em}
+ th,td{padding:.25em .7em;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap}
+ th{background:#f0f0f0} td.l,th.l{text-align:left}
+ tr.gone td{color:#999;text-decoration:line-through} tr.draining td{background:#fff6e0}
+ .rate{font-weight:bold} svg{vertical-align:middle;margin-left:1em;background:#fff;border:1px solid #e4e4e4}
+ #stamp{color:#777;font-size:.9em}
+</style></head>
+<body>
+<h1>pyrorpc dashboard</h1>
+<div id="ns">name server: <span id="ns-state">connecting...</span> <span id="stamp"></span></div>
+<div id="services"></div>
+<script>
+"use strict";
+function el(tag, attrs, text) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  return e;
+}
+function spark(points) {
+  const ns = "http://www.w3.org/2000/svg", w = 180, h = 30, svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("width", w); svg.setAttribute("height", h); svg.setAttribute("class", "spark");
+  const max = Math.max(1, ...points), step = w / Math.max(1, points.length - 1);
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("fill", "none"); line.setAttribute("stroke", "#1565c0"); line.setAttribute("stroke-width", "1.5");
+  const xy = (p, i) => (i * step).toFixed(1) + "," + (h - 2 - (p / max) * (h - 4)).toFixed(1);
+  line.setAttribute("points", points.map(xy).join(" "));
+  svg.appendChild(line);
+  return svg;
+}
+function fmt(v, unit) { return v === null || v === undefined ? "-" : v + (unit || ""); }
+const COLUMNS = [["worker", "l"], ["host", "l"], ["pid"], ["in flight"], ["calls/s"], ["calls"], ["errors"],
+                 ["p50"], ["p99"], ["last heartbeat"], ["state", "l"]];
+function render(state) {
+  const ns = state.ns || {}, nsEl = document.getElementById("ns-state");
+  nsEl.textContent = (ns.address || "?") + (ns.ok ? " - up, " + fmt(ns.registrations) + " registrations, "
+    + fmt(ns.services) + " services" : " - DOWN: " + (ns.error || "no answer"));
+  nsEl.className = ns.ok ? "ok" : "bad";
+  document.getElementById("stamp").textContent =
+    state.updated ? "updated " + new Date(state.updated * 1000).toLocaleTimeString() : "";
+  const root = document.getElementById("services");
+  const box = document.createDocumentFragment();
+  if (!(state.services || []).length) box.appendChild(el("p", {}, "No services registered."));
+  for (const svc of state.services || []) {
+    const section = el("section", {"class": "service", "data-service": svc.name});
+    const title = el("h2", {}, svc.name + " ");
+    title.appendChild(el("span", {"class": "rate"}, fmt(svc.calls_per_s, " calls/s")));
+    title.appendChild(spark(svc.history || []));
+    section.appendChild(title);
+    const table = el("table"), head = el("tr");
+    for (const [name, cls] of COLUMNS) head.appendChild(el("th", cls ? {"class": cls} : {}, name));
+    table.appendChild(head);
+    for (const w of svc.workers) {
+      const stateText = w.gone ? "gone" : w.draining ? "draining" : "live";
+      const tr = el("tr", {"class": "worker " + stateText, "data-worker": w.name, "data-state": stateText});
+      const cells = [[w.name, "l"], [w.host, "l"], [w.pid], [w.in_flight], [fmt(w.calls_per_s)], [w.calls],
+        [w.errors], [fmt(w.p50_ms, " ms")], [fmt(w.p99_ms, " ms")],
+        [w.gone ? "gone " + fmt(w.gone_for, "s") + " ago" : fmt(w.last_heartbeat, "s ago")], [stateText, "l"]];
+      for (const [text, cls] of cells) tr.appendChild(el("td", cls ? {"class": cls} : {}, text));
+      table.appendChild(tr);
+    }
+    section.appendChild(table);
+    box.appendChild(section);
+  }
+  root.replaceChildren(box);
+}
+async function tick() {
+  try {
+    const reply = await fetch("/api/state", {cache: "no-store"});
+    render(await reply.json());
+  } catch (e) {
+    const nsEl = document.getElementById("ns-state");
+    nsEl.textContent = "dashboard not answering: " + e; nsEl.className = "bad";
+  }
+  setTimeout(tick, 1000);
+}
+tick();
+</script>
+</body></html>
+"""
