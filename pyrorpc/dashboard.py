@@ -10,7 +10,8 @@ framework, nothing to build, nothing the server does but answer GETs.
 Why the standard library: the page is read-only and small, so ``http.server`` (threaded) and plain
 JavaScript are enough, and a web framework would be one more dependency for every user of the
 ``pyrorpc`` command. A worker gone from the registry stays on the page, marked gone, for ``GONE_FOR``
-seconds.
+seconds. A fleet of more than ``MAX_STATS_WORKERS`` workers is shown from the name server's lease reports
+alone (refreshed at each renewal, TTL/3), without a call to each worker every second.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ log = logging.getLogger("pyrorpc.dashboard")
 HISTORY = 60  # points of each service's calls/s sparkline (one a poll)
 GONE_FOR = 30.0  # seconds a departed worker stays on the page, marked gone
 _STATS_TIMEOUT = 0.8  # seconds a worker may take to answer stats(); it is shown from its lease otherwise
+MAX_STATS_WORKERS = 256  # a bigger fleet is shown from its lease reports alone (no call per worker a second)
 
 
 class Fleet:
@@ -112,6 +114,8 @@ class Fleet:
 
     def _fetch_stats(self, infos: list[WorkerInfo]) -> dict[str, dict[str, Any]]:
         """Each worker's ``stats()``, asked in parallel; a worker that does not answer in time is left out."""
+        if len(infos) > MAX_STATS_WORKERS:
+            return {}
         wanted = [w for w in infos if w.name not in self._no_stats]
         futures = {self._pool.submit(self._stats_of, w): w.name for w in wanted}
         done, _late = concurrent.futures.wait(futures, timeout=_STATS_TIMEOUT + 0.2)
