@@ -36,7 +36,7 @@ class CallInfo:
     """The call a method is serving: its ``deadline`` (absolute, ``time.time()`` based, or None), the
     caller's ``metadata`` (a dict), the caller's address (``caller``, ``(host, port)``) and ``method``."""
 
-    __slots__ = ("deadline", "metadata", "caller", "method")
+    __slots__ = ("deadline", "metadata", "caller", "method", "_span")
 
     def __init__(self, deadline: float | None, metadata: dict[str, Any], caller: Any = None,
                  method: str | None = None) -> None:
@@ -44,6 +44,7 @@ class CallInfo:
         self.metadata = metadata
         self.caller = caller
         self.method = method
+        self._span: Any = None  # the worker's span of this call, while tracing (tracing.py)
 
     def remaining(self) -> float | None:
         """Seconds left until the deadline (negative once past it), or None without a deadline."""
@@ -89,25 +90,27 @@ def call_metadata(**metadata: Any) -> Iterator[dict[str, Any]]:
         _METADATA.reset(token)
 
 
+def outgoing_metadata() -> dict[str, Any] | None:
+    """The metadata a call made now carries: the served call's, updated with ``call_metadata()``'s."""
+    serving = _CURRENT.get()
+    extra = _METADATA.get()
+    if serving is not None and serving.metadata:
+        metadata = dict(serving.metadata)
+        if extra:
+            metadata.update(extra)
+        return metadata
+    return extra
+
+
 def outgoing(timeout: float) -> tuple[float, dict[str, bytes]]:
     """For a call about to be sent with ``timeout``: the timeout to use (no more than what is left of the
     call being served, if any) and the annotations that carry it and the metadata."""
     serving = _CURRENT.get()
-    extra = _METADATA.get()
-    metadata: dict[str, Any] | None
-    if serving is not None:
-        if serving.deadline is not None:
-            left = serving.deadline - time.time()
-            if left < timeout:
-                timeout = max(left, 0.001)
-        if serving.metadata:
-            metadata = dict(serving.metadata)
-            if extra:
-                metadata.update(extra)
-        else:
-            metadata = extra
-    else:
-        metadata = extra
+    if serving is not None and serving.deadline is not None:
+        left = serving.deadline - time.time()
+        if left < timeout:
+            timeout = max(left, 0.001)
+    metadata = outgoing_metadata()
     annotations = {DEADLINE_KEY: b"%.6f" % timeout}
     if metadata:
         annotations[METADATA_KEY] = SERIALIZER.dumps(metadata)

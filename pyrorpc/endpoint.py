@@ -16,10 +16,11 @@ import Pyro5.core
 import Pyro5.errors
 from Pyro5 import protocol
 
+from . import tracing
 from .aio import STREAM_WINDOW, BlockingStream, MuxChannel, NotWritten, open_blocking, open_channel
 from .compat import is_exception_wrapper, remote_traceback, unwrap_exception
 from .config import Settings
-from .context import outgoing_bytes
+from .context import outgoing_bytes, outgoing_metadata
 from .errors import (
     AuthenticationError,
     CallTimeoutError,
@@ -116,6 +117,7 @@ class Endpoint:
     def __init__(self, uri: str, settings: Settings, name: str | None = None, capacity: int | None = None) -> None:
         self.uri = Pyro5.core.URI(uri)
         self.name = name or self.uri.object
+        self.service: str | None = None  # as the worker's handshake says (traces name it)
         self.settings = settings
         self.capacity = capacity or settings.max_in_flight
         self.in_flight = 0
@@ -171,6 +173,9 @@ class Endpoint:
     def _learn(self, meta: dict[str, Any]) -> None:
         """What the worker's handshake metadata says about its methods and connections."""
         info = meta.get("pyrorpc") or {}
+        service = info.get("service")
+        if isinstance(service, str):
+            self.service = service
         idle = info.get("idle_timeout")
         if isinstance(idle, (int, float)) and idle > 0:
             # the worker closes connections idle that long: retire ours well before it can race a call
@@ -295,17 +300,30 @@ class Endpoint:
 
     def call(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float,
              oneway: bool = False, wait: float | None = None, batch: bool = False,
-             handle: CallHandle | None = None) -> Any:
+             handle: CallHandle | None = None, trace: bytes | None = None) -> Any:
         """One call: take a slot (waiting up to ``wait``, default ``timeout``) and a connection, invoke.
 
         With ``handle`` the caller may give the call up from another thread (``handle.cancel()``); it then
-        raises ``Abandoned``.
+        raises ``Abandoned``. ``trace`` is internal: the ``PRTC`` annotation of the call's client span.
 
         With ``batch`` ``args`` is a list of argument tuples for ``method``, sent as one Pyro5 batch
         message: the worker runs them in order and stops at the first exception; the result is the list
         of results so far (an exception as Pyro5's exception wrapper, see ``compat``). A batch refused whole by
         a draining worker raises NotSent. A request or reply over ``max_message_size`` (ours or the worker's)
         raises MessageTooLargeError: that call's failure, not the worker's."""
+        if trace is None and tracing.INSTALLED:
+            found = tracing.tracer()
+            if found is not None:
+                kind = "batch" if batch else "oneway" if oneway or method in self.oneway else "call"
+                span, trace = tracing.start_client(found, self, method, kind, outgoing_metadata(),
+                                                   **({"batch_size": len(args)} if batch else {}))
+                try:
+                    result = self.call(method, args, kwargs, timeout, oneway, wait, batch, handle, trace)
+                except BaseException as exc:
+                    _end_span(span, exc)
+                    raise
+                tracing.end(span)
+                return result
         conn = self._enter(method, timeout if wait is None else wait, handle)
         failed = True
         keep = False
@@ -319,6 +337,8 @@ class Endpoint:
             timeout, annotations = outgoing_bytes(timeout)
             if not conn.context:
                 annotations = b""
+            elif trace:
+                annotations += trace
             conn.set_timeout(timeout)
             self._on_wire(conn.sock, handle)
             flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
@@ -623,7 +643,7 @@ class Endpoint:
                     del self._channels[channel.loop]  # (nothing keeps an ended event loop alive)
 
     async def acall(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float,
-                    oneway: bool = False) -> Any:
+                    oneway: bool = False, trace: bytes | None = None) -> Any:
         """``call`` for a coroutine, on this loop's multiplexed channel: no thread, and waiting for a slot
         takes none either. Cancelling the await gives the call up at once: its slot is free and the worker
         is told to cancel it (MSG_CANCEL); so is a call that times out.
@@ -632,6 +652,19 @@ class Endpoint:
         """
         if self.mux is False:
             raise NoMux()
+        if trace is None and tracing.INSTALLED:
+            found = tracing.tracer()
+            if found is not None:
+                span, trace = tracing.start_client(found, self, method, "aio", outgoing_metadata())
+                try:
+                    result = await self.acall(method, args, kwargs, timeout, oneway, trace)
+                except NoMux:
+                    raise  # (its span is never ended, so never exported: the call runs in a thread, traced there)
+                except BaseException as exc:
+                    _end_span(span, exc)
+                    raise
+                tracing.end(span)
+                return result
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         timeout, annotations = outgoing_bytes(timeout)  # (no more than the call being served has left)
@@ -650,6 +683,8 @@ class Endpoint:
                 if not channel.usable():
                     channel = await self._channel()
             flags = protocol.FLAGS_ONEWAY if (oneway or method in self.oneway) else 0
+            if trace:
+                annotations += trace
             try:
                 result = await channel.call(method, args, kwargs or {}, flags, annotations, timeout)
             except (WorkerDrainingError, NotWritten) as exc:
@@ -673,7 +708,7 @@ class Endpoint:
             self._aleave(unbounded, failed)
 
     def stream(self, method: str, args: Any, kwargs: dict[str, Any] | None,
-               timeout: float) -> Generator[Any, None, None]:
+               timeout: float, trace: bytes | None = None) -> Generator[Any, None, None]:
         """Start a stream on a connection of its own (blocking, in the caller's thread): the request is sent
         now, items come as the returned iterator is consumed (``timeout``: the longest wait for the next
         one). Closing the iterator early cancels the stream at the worker and closes the connection.
@@ -686,6 +721,16 @@ class Endpoint:
         """
         if self._closed:
             raise NotSent(Pyro5.errors.CommunicationError(f"{self.name}: endpoint closed (draining?)"))
+        if trace is None and tracing.INSTALLED:
+            found = tracing.tracer()
+            if found is not None:
+                span, trace = tracing.start_client(found, self, method, "stream", outgoing_metadata())
+                try:
+                    items = self.stream(method, args, kwargs, timeout, trace)
+                except BaseException as exc:
+                    _end_span(span, exc)
+                    raise
+                return _traced_items(span, items)
         timeout, annotations = outgoing_bytes(timeout)
         try:
             conn, meta, mux = open_blocking(self.uri, self.settings)
@@ -698,7 +743,8 @@ class Endpoint:
             conn.close()
             raise _no_streams(self.name)
         try:
-            stream = BlockingStream.start(conn, method, args, kwargs or {}, annotations + _STREAM_REQUEST)
+            stream = BlockingStream.start(conn, method, args, kwargs or {},
+                                          annotations + (trace or b"") + _STREAM_REQUEST)
         except BaseException as exc:
             mapped = self._stream_error(exc, method, timeout, True)
             if mapped is exc:
@@ -737,18 +783,38 @@ class Endpoint:
             stream.close()
 
     async def astream(self, method: str, args: Any, kwargs: dict[str, Any] | None,
-                      timeout: float) -> AsyncGenerator[Any, None]:
+                      timeout: float, trace: bytes | None = None) -> AsyncGenerator[Any, None]:
         """``stream`` for a coroutine, on this loop's multiplexed channel (the request is sent at the first
         ``__anext__``). Raises as ``stream`` does."""
         if self.mux is False:
             raise _no_streams(self.name)
+        if trace is None and tracing.INSTALLED:
+            found = tracing.tracer()
+            if found is not None:
+                span, trace = tracing.start_client(found, self, method, "astream", outgoing_metadata())
+                inner = self.astream(method, args, kwargs, timeout, trace)
+                try:
+                    async for item in inner:
+                        yield item
+                except GeneratorExit:
+                    raise  # the consumer stopped early: no error
+                except BaseException as exc:
+                    _end_span(span, exc)
+                    span = None
+                    raise
+                finally:
+                    await inner.aclose()
+                    if span is not None:
+                        tracing.end(span)
+                return
         timeout, annotations = outgoing_bytes(timeout)
         try:
             channel = await self._channel()
         except NoMux:
             raise _no_streams(self.name) from None
         try:
-            stream = await channel.open_stream(method, args, kwargs or {}, annotations + _STREAM_REQUEST)
+            stream = await channel.open_stream(method, args, kwargs or {},
+                                               annotations + (trace or b"") + _STREAM_REQUEST)
         except NotWritten as exc:
             raise NotSent(exc) from exc
         self._track(stream)
@@ -800,6 +866,30 @@ class Endpoint:
         if isinstance(exc, Pyro5.errors.TimeoutError):
             return CallTimeoutError(f"{self.name}.{method}: no item within {timeout:g}s")
         return WorkerLostError(f"{self.name}.{method}: connection lost mid-stream ({exc})")
+
+
+def _end_span(span: Any, exc: BaseException) -> None:
+    """End a call's client span with what ended the call (a call never sent: its cause, flagged)."""
+    if isinstance(exc, NotSent):
+        tracing.end(span, exc.cause, not_sent=True)
+    else:
+        tracing.end(span, exc)
+
+
+def _traced_items(span: Any, items: Generator[Any, None, None]) -> Generator[Any, None, None]:
+    """A stream's items, its client span ended with the stream (a consumer that stops early is no error)."""
+    try:
+        yield from items
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        _end_span(span, exc)
+        span = None
+        raise
+    finally:
+        items.close()
+        if span is not None:
+            tracing.end(span)
 
 
 def _no_streams(name: str) -> Pyro5.errors.ProtocolError:

@@ -1,0 +1,211 @@
+"""OpenTelemetry traces of calls (the ``otel`` extra): a CLIENT span per call sent, a SERVER span per call a
+worker runs, and the W3C trace context between them in the ``PRTC`` request annotation.
+
+Tracing is on in a process once OpenTelemetry's API is imported there and a real ``TracerProvider`` is set
+(``opentelemetry.trace.set_tracer_provider(...)``, or ``OTEL_PYTHON_TRACER_PROVIDER``); the API's default
+provider (a proxy of the no-op one) and ``NoOpTracerProvider`` mean off. Nothing here imports OpenTelemetry:
+whoever sets a provider has imported it already. The hot paths of calls test ``INSTALLED`` (False without
+the extra: nothing more runs) and then ``tracer()`` (None while off, a dictionary look-up or two).
+
+Span names are ``SERVICE/method`` (OpenTelemetry's RPC convention), with the attributes ``rpc.system``
+(``pyrorpc``), ``rpc.service``, ``rpc.method``, ``net.peer.name``/``net.peer.port`` (the other end),
+``pyrorpc.worker`` (the worker's name), ``pyrorpc.call`` on client spans (``call``, ``oneway``, ``batch``,
+``aio``, ``stream``, ``astream``) and the call's metadata as ``pyrorpc.metadata.KEY``. A worker makes its
+span current while the method runs, so the calls it makes are its children. A failed call's span has status
+ERROR and the exception recorded.
+
+``PRTC``'s value is what the global propagator injects (``traceparent``, ``tracestate``, ``baggage``...),
+one ``name=value`` a line, ASCII; it goes to pyrorpc workers only, like every call-context annotation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any
+
+from .protocol import pack_annotations
+
+__all__ = ["INSTALLED", "TRACE_KEY", "activate", "deactivate", "end", "finish", "start_client", "start_server",
+           "tracer"]
+
+TRACE_KEY = "PRTC"
+_MAX_TRACE = 8 * 1024  # bytes of trace context a request may carry
+
+
+def _installed() -> bool:
+    try:
+        return importlib.util.find_spec("opentelemetry.trace") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+INSTALLED = _installed()  # opentelemetry-api is importable (the extra); without it tracing never starts
+
+_api: Any = None  # opentelemetry.trace, once someone imported it
+_tracer: Any = None  # pyrorpc's Tracer once a real provider is set (OpenTelemetry sets the global one only once)
+_off = False  # a real provider that hands out no-op tracers (OTEL_SDK_DISABLED): off for good
+_UNSET = object()
+# the parts of OpenTelemetry used once tracing is on (imported then)
+_context: Any = None
+_propagate: Any = None
+_CLIENT: Any = None
+_SERVER: Any = None
+_Status: Any = None
+_ERROR: Any = None
+
+
+def tracer() -> Any:
+    """pyrorpc's ``Tracer`` when tracing is on, else None."""
+    found = _tracer
+    if found is not None:
+        return found
+    if _off:
+        return None
+    api = _api or sys.modules.get("opentelemetry.trace")
+    if api is None:
+        return None  # nobody imported OpenTelemetry: nobody set a provider
+    return _adopt(api)
+
+
+def _adopt(api: Any) -> Any:
+    global _api, _tracer, _off, _context, _propagate, _CLIENT, _SERVER, _Status, _ERROR
+    if _api is None:
+        _api = api
+        if os.environ.get(api.OTEL_PYTHON_TRACER_PROVIDER):
+            api.get_tracer_provider()  # (it loads the provider the variable names)
+    # read directly: get_tracer_provider() looks at os.environ on every call (0.8 us); the public call is
+    # the fallback should the name ever go
+    provider: Any = getattr(api, "_TRACER_PROVIDER", _UNSET)
+    if provider is _UNSET:
+        provider = api.get_tracer_provider()
+    if provider is None or isinstance(provider, (api.ProxyTracerProvider, api.NoOpTracerProvider)):
+        return None
+    from opentelemetry import context, propagate
+
+    from . import __version__
+    found = provider.get_tracer("pyrorpc", __version__)
+    if isinstance(found, api.NoOpTracer):
+        _off = True
+        return None
+    _context, _propagate = context, propagate
+    _CLIENT, _SERVER = api.SpanKind.CLIENT, api.SpanKind.SERVER
+    _Status, _ERROR = api.Status, api.StatusCode.ERROR
+    _tracer = found
+    return found
+
+
+def _service_of(name: str) -> str:
+    # worker names are SERVICE.host.pid.id; anything else (a stock Pyro5 object id) is taken whole
+    return name.rsplit(".", 3)[0] if name.count(".") >= 3 else name
+
+
+def _add_metadata(attributes: dict[str, Any], metadata: dict[str, Any]) -> None:
+    for key, value in metadata.items():
+        if not isinstance(value, (str, bool, int, float)):
+            value = repr(value)
+        attributes[f"pyrorpc.metadata.{key}"] = value
+
+
+def _encode(carrier: dict[str, str]) -> bytes:
+    lines = [f"{k}={v}" for k, v in carrier.items()
+             if isinstance(k, str) and isinstance(v, str) and "=" not in k and "\n" not in k + v]
+    value = "\n".join(lines).encode("ascii", "replace")
+    return pack_annotations({TRACE_KEY: value}) if value and len(value) <= _MAX_TRACE else b""
+
+
+def _decode(raw: bytes) -> dict[str, str] | None:
+    if len(raw) > _MAX_TRACE:
+        return None
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    carrier = {}
+    for line in text.split("\n"):
+        key, sep, value = line.partition("=")
+        if sep:
+            carrier[key] = value
+    return carrier
+
+
+# the caller's side ---------------------------------------------------------------------------------
+def start_client(found: Any, endpoint: Any, method: str, call: str, metadata: dict[str, Any] | None,
+                 **extra: Any) -> tuple[Any, bytes]:
+    """Start the CLIENT span of a call of ``method`` on ``endpoint`` (a child of the current span; not made
+    current). Returns it and the packed ``PRTC`` annotation that carries it."""
+    service = endpoint.service or _service_of(endpoint.name)
+    attributes: dict[str, Any] = {"rpc.system": "pyrorpc", "rpc.service": service, "rpc.method": method,
+                                  "pyrorpc.worker": endpoint.name, "pyrorpc.call": call}
+    uri = endpoint.uri
+    if uri.host:
+        attributes["net.peer.name"] = uri.host
+        attributes["net.peer.port"] = uri.port
+    for key, value in extra.items():
+        attributes[f"pyrorpc.{key}"] = value
+    if metadata:
+        _add_metadata(attributes, metadata)
+    span = found.start_span(f"{service}/{method}", kind=_CLIENT, attributes=attributes)
+    carrier: dict[str, str] = {}
+    _propagate.inject(carrier, context=_api.set_span_in_context(span))
+    return span, _encode(carrier)
+
+
+def end(span: Any, exc: BaseException | None = None, failed: bool = False, **extra: Any) -> None:
+    """End ``span``; with ``exc`` (recorded) or ``failed`` its status is ERROR."""
+    for key, value in extra.items():
+        span.set_attribute(f"pyrorpc.{key}", value)
+    if exc is not None:
+        span.record_exception(exc)
+        span.set_status(_Status(_ERROR, f"{type(exc).__name__}: {exc}"))
+    elif failed:
+        span.set_status(_Status(_ERROR))
+    span.end()
+
+
+# the worker's side ---------------------------------------------------------------------------------
+def start_server(server: Any, target: Any, info: Any, annotations: dict[str, bytes] | None) -> None:
+    """Start the SERVER span of the call ``info`` (a child of the caller's span when the request carries
+    ``PRTC``, else a root) if tracing is on: kept in ``info._span`` until ``finish``."""
+    found = tracer()
+    if found is None:
+        return
+    parent = _context.Context()  # never whatever this thread happens to have current
+    raw = annotations.get(TRACE_KEY) if annotations else None
+    if raw is not None:
+        carrier = _decode(raw)
+        if carrier:
+            parent = _propagate.extract(carrier, context=parent)
+    extra = getattr(target, "extra", None) or getattr(server, "metadata_extra", None) or {}
+    worker = extra.get("name") or getattr(server, "name", None) or ""
+    service = extra.get("service") or _service_of(worker)
+    method = info.method or "?"
+    attributes: dict[str, Any] = {"rpc.system": "pyrorpc", "rpc.service": service, "rpc.method": method,
+                                  "pyrorpc.worker": worker}
+    caller = info.caller
+    if isinstance(caller, tuple) and len(caller) >= 2:
+        attributes["net.peer.name"] = str(caller[0])
+        attributes["net.peer.port"] = caller[1]
+    if info.metadata:
+        _add_metadata(attributes, info.metadata)
+    info._span = found.start_span(f"{service}/{method}", context=parent, kind=_SERVER, attributes=attributes)
+
+
+def activate(info: Any) -> Any:
+    """Make the call's span current (in this thread or context) while its method runs; a token for
+    ``deactivate``."""
+    return _context.attach(_api.set_span_in_context(info._span))
+
+
+def deactivate(token: Any) -> None:
+    _context.detach(token)
+
+
+def finish(info: Any, exc: BaseException | None = None, failed: bool = False) -> None:
+    """End the call's span (once), with ``exc`` or ``failed`` as ``end``."""
+    span = info._span
+    if span is None:
+        return
+    info._span = None
+    end(span, exc, failed)
