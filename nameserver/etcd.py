@@ -16,11 +16,11 @@ default timing), created by a transaction "if absent" and renewed (a keepalive) 
 holder's, so two name servers over one etcd never both grant it, and a dead holder's lock expires in etcd.
 
 Every name server keeps the whole ``reg/`` range in memory: one read at start, then a prefix watch from that
-revision; lookups and the service index are local reads. Writes go to etcd and into the copy at once (tagged
-with their revision, so an older watch event never undoes them). If the member it talks to fails, the name
-server moves to the next endpoint of the URL and resumes the watch from the last revision it saw (a full read
-if etcd compacted that away); reads are served from the copy meanwhile. ``Pyro5.NameServer`` (each name
-server's own address) is kept locally, never shared.
+revision; lookups and the service index are local reads. Writes go to etcd (concurrent ones together, in one
+transaction: see etcd_client) and into the copy at once, tagged with their revision, so an older watch event
+never undoes them. If the member it talks to fails, the name server moves to the next endpoint of the URL and
+resumes the watch from the last revision it saw (a full read if etcd compacted that away); reads are served
+from the copy meanwhile. ``Pyro5.NameServer`` (each name server's own address) is kept locally, never shared.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import math
 import socket
 import threading
 import time
@@ -38,9 +37,10 @@ from typing import Any
 import Pyro5.core
 import Pyro5.errors
 
+from .etcd_client import DEFAULT_PREFIX, EtcdClient, EtcdError, _b64, _detail, _range_end, etcd_ttl, parse_url
+
 log = logging.getLogger("pyrorpc.nameserver.etcd")
 
-DEFAULT_PREFIX = "/pyrorpc/ns/"
 LOCAL_NAMES = frozenset({Pyro5.core.NAMESERVER_NAME})  # each name server's own, never shared
 LEASE_TAG = "pyrorpc.lease:"
 LOCK_TAG = "pyrorpc.lock:"
@@ -50,45 +50,6 @@ MIN_TTL, MAX_TTL = 0.2, 86400.0
 
 Entry = tuple[str, frozenset[str]]
 Listener = Callable[[str, "Entry | None"], None]
-
-
-# etcd unreachable or refusing an operation: a NamingError, which every Pyro5 client can decode (a subclass
-# defined here would reach a stock client as an undecodable class)
-EtcdError = Pyro5.errors.NamingError
-
-
-def parse_url(url: str) -> tuple[list[tuple[str, int]], str]:
-    """``etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`` -> ([(host, port), ...], key prefix ending in ``/``).
-
-    Raises:
-        ValueError: not such a URL (the message names the bad part).
-    """
-    if not url.startswith("etcd://"):
-        raise ValueError(f"an etcd storage URL starts with etcd://, got {url!r}")
-    rest = url[len("etcd://"):]
-    hosts, slash, path = rest.partition("/")
-    endpoints = []
-    for item in hosts.split(","):
-        host, colon, port = item.strip().rpartition(":")
-        host = host.strip("[]")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"etcd endpoints are HOST:PORT[,HOST:PORT...], got {item.strip()!r} in {url!r}")
-        endpoints.append((host, int(port)))
-    prefix = "/" + path.strip("/") + "/" if slash and path.strip("/") else DEFAULT_PREFIX
-    return endpoints, prefix
-
-
-def etcd_ttl(ttl: float) -> int:
-    """The etcd lease TTL for a registration TTL: whole seconds, rounded up (etcd raises it to its minimum)."""
-    return max(1, math.ceil(ttl))
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _range_end(prefix: bytes) -> bytes:
-    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 class Record:
@@ -124,121 +85,6 @@ class Record:
             raise TypeError("load")
         return cls(str(d["uri"]), frozenset(str(t) for t in d.get("metadata") or ()),
                    None if ttl is None else float(ttl), load, int(d.get("lease") or 0), rev)
-
-
-class EtcdClient:
-    """The members of one etcd cluster, talked to over one HTTP session (kept-alive connections, no
-    connection per request) through etcd3gw. An operation that cannot reach the current member moves on to
-    the next one and is retried until ``retry_for`` seconds have passed (an election takes about a second)."""
-
-    def __init__(self, endpoints: list[tuple[str, int]], *, timeout: float = 3.0, retry_for: float = 6.0) -> None:
-        try:
-            import etcd3gw
-            import requests
-            from etcd3gw import exceptions
-        except ImportError:
-            raise ValueError("etcd storage needs etcd3gw: pip install 'pyrorpc[etcd]'") from None
-        self.session = requests.Session()
-        self.session.trust_env = False  # no proxy from the environment between us and etcd
-        self.session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=len(endpoints),
-                                                                    pool_maxsize=64))
-        self.clients = [etcd3gw.Etcd3Client(host=h, port=p, timeout=timeout, session=self.session)
-                        for h, p in endpoints]
-        self.names = [f"{h}:{p}" for h, p in endpoints]
-        self.retry_for = retry_for
-        self.transient = (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError,
-                          exceptions.InternalServerError)
-        self.error = exceptions.Etcd3Exception
-        self._current = 0
-        self._lock = threading.Lock()
-
-    def current(self) -> Any:
-        return self.clients[self._current]
-
-    def failed(self, client: Any, why: object) -> None:
-        """``client``'s member failed: use the next endpoint (unless another thread moved on already)."""
-        with self._lock:
-            i = self._current
-            if self.clients[i] is client and len(self.clients) > 1:
-                self._current = (i + 1) % len(self.clients)
-                log.warning("etcd %s failed (%s); using %s", self.names[i], why, self.names[self._current])
-
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` to the v3 API ``path`` of the current member, moving on as needed.
-
-        Raises:
-            EtcdError: no member answered within ``retry_for``, or etcd refused the request.
-        """
-        deadline = time.monotonic() + self.retry_for
-        delay = 0.02
-        while True:
-            client = self.current()
-            try:
-                reply: dict[str, Any] = client.post(client.get_url(path), json=body)
-                return reply
-            except self.transient as exc:
-                why = _detail(exc)
-                self.failed(client, why)
-                if time.monotonic() + delay > deadline:
-                    raise EtcdError(f"etcd unavailable ({', '.join(self.names)}): {why}") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.25)
-            except self.error as exc:
-                raise EtcdError(f"etcd refused {path}: {_detail(exc)}") from None
-
-    # the v3 operations the storage needs
-    def range(self, key: bytes, end: bytes | None = None, **options: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {"key": _b64(key), **options}
-        if end is not None:
-            body["range_end"] = _b64(end)
-        return self.post("/kv/range", body)
-
-    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
-        """Returns the revision of the write."""
-        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-        if lease:
-            body["lease"] = lease
-        return int(self.post("/kv/put", body)["header"]["revision"])
-
-    def delete(self, key: bytes, end: bytes | None = None) -> int:
-        body: dict[str, Any] = {"key": _b64(key)}
-        if end is not None:
-            body["range_end"] = _b64(end)
-        return int(self.post("/kv/deleterange", body)["header"]["revision"])
-
-    def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
-            failure: list[dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
-        reply = self.post("/kv/txn", {"compare": compare, "success": success, "failure": failure})
-        return bool(reply.get("succeeded", False)), reply
-
-    def grant(self, ttl: int) -> int:
-        return int(self.post("/lease/grant", {"TTL": ttl, "ID": 0})["ID"])
-
-    def keepalive(self, lease: int) -> int:
-        """The lease's TTL after renewal, or -1 when it no longer exists (and its keys are gone)."""
-        return int(self.post("/lease/keepalive", {"ID": lease})["result"].get("TTL", -1))
-
-    def revoke(self, lease: int) -> int:
-        """Revoke ``lease`` (its keys are deleted); returns the revision after it, 0 if it was gone."""
-        try:
-            return int(self.post("/kv/lease/revoke", {"ID": lease})["header"]["revision"])
-        except EtcdError as exc:
-            if "lease not found" in str(exc):
-                return 0
-            raise
-
-    def close(self) -> None:
-        self.session.close()
-
-
-def _detail(exc: BaseException) -> str:
-    detail = getattr(exc, "detail_text", None)
-    if detail:
-        try:
-            return str(json.loads(detail).get("message") or detail)[:300]
-        except (ValueError, AttributeError):
-            return str(detail)[:300]
-    return str(exc)[:300] or type(exc).__name__
 
 
 class LeaseView(Mapping):  # type: ignore[type-arg]

@@ -387,3 +387,29 @@ def test_schedulers_on_two_name_servers_one_fires_and_the_other_takes_over(etcd:
     ticks = sorted(datetime.datetime.strptime(e, "%Y-%m-%dT%H:%M:%SZ") for e in editions)
     gaps = [(t1, t2) for t1, t2 in zip(ticks, ticks[1:], strict=False) if (t2 - t1).total_seconds() != 1]
     assert not gaps, f"ticks lost in the takeover: {gaps}\n{a.output}\n{b.output}"
+
+
+def test_concurrent_writes_share_transactions_and_fail_alone(shared_etcd: EtcdCluster) -> None:
+    from nameserver.etcd_client import EtcdClient
+    client = EtcdClient([(h, int(p)) for h, p in (e.split(":") for e in shared_etcd.endpoints)])
+    try:
+        gone = client.grant(5)
+        client.revoke(gone)
+        alive = client.grant(5)
+
+        def write(i: int) -> int | str:
+            try:  # the same key from several threads; one write with a lease etcd no longer has
+                return client.put(f"/group/{i % 40}".encode(), str(i).encode(), gone if i == 17 else alive)
+            except Pyro5.errors.NamingError as exc:
+                return str(exc)
+
+        with concurrent.futures.ThreadPoolExecutor(32) as ex:
+            results = list(ex.map(write, range(200)))
+        failed = [(i, r) for i, r in enumerate(results) if isinstance(r, str)]
+        assert [i for i, _r in failed] == [17] and "lease not found" in failed[0][1], failed
+        revisions = [r for r in results if isinstance(r, int)]
+        assert len(set(revisions)) < len(revisions) / 2, "the writes did not share transactions"
+        kvs = client.range(b"/group/", b"/group0")["kvs"]
+        assert len(kvs) == 40
+    finally:
+        client.close()
