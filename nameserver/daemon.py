@@ -14,6 +14,7 @@ import Pyro5.errors
 import Pyro5.nameserver
 
 from pyrorpc.config import Settings
+from pyrorpc.metrics import MetricsServer, NameServerCollector, check_port, serve_metrics
 from pyrorpc.security import server_ssl_context, server_verifier
 from pyrorpc.server import Server
 
@@ -56,15 +57,22 @@ class NameServerDaemon:
     Use it as a context manager, or call ``start()`` (serves in a thread, returns at once: the socket is
     bound in the constructor) or ``serve_forever()``. Expired leases are swept several times per TTL.
     ``settings`` (a ``pyrorpc.Settings``) brings the shared secret, TLS files, call threads, connection
-    limits and the handshake deadline (``connect_timeout``).
+    limits and the handshake deadline (``connect_timeout``). With ``metrics_port`` (the ``metrics`` extra)
+    it serves Prometheus metrics on ``http://host:metrics_port/metrics`` (0: any free port, see ``metrics``).
+
+    Raises:
+        ValueError: a bad ``lease_ttl``, ``port`` or ``storage``.
+        pyrorpc.errors.ConfigurationError: a bad ``metrics_port``, one in use, or prometheus_client missing.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9090, *, storage: str | None = "memory",
-                 lease_ttl: float = DEFAULT_LEASE_TTL, settings: Settings | None = None) -> None:
+                 lease_ttl: float = DEFAULT_LEASE_TTL, settings: Settings | None = None,
+                 metrics_port: int | None = None) -> None:
         if not isinstance(lease_ttl, (int, float)) or not 0.2 <= lease_ttl <= 86400:
             raise ValueError(f"`lease_ttl` must be 0.2-86400 seconds, got {lease_ttl!r}")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise ValueError(f"`port` must be 0-65535, got {port!r}")
+        check_port(metrics_port)
         settings = settings if settings is not None else Settings()
         self.settings = settings
         self.nameserver: NameServer | None = NameServer(open_storage(storage, lease_ttl=float(lease_ttl)))
@@ -83,6 +91,14 @@ class NameServerDaemon:
         self.server.register(self.nameserver, Pyro5.core.NAMESERVER_NAME)
         self.nameserver.register(Pyro5.core.NAMESERVER_NAME, self.uri,
                                  metadata={"class:Pyro5.nameserver.NameServer", "class:nameserver.NameServer"})
+        self.metrics: MetricsServer | None = None
+        if metrics_port is not None:
+            try:
+                self.metrics = serve_metrics(self.server, host, metrics_port, NameServerCollector(self.nameserver))
+            except Exception:
+                self.server.close()
+                self.nameserver.storage.close()
+                raise
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="ns-lease-sweeper", daemon=True)
         self._sweeper.start()
@@ -109,9 +125,7 @@ class NameServerDaemon:
             if self._stop.wait(min(0.25, ns.default_lease_ttl / 4)):
                 return
             try:
-                dead = ns.expire()
-                if dead:
-                    log.info("lease expired: %s", ", ".join(dead))
+                ns.expire()  # (logs each expired lease)
             except Exception:  # pragma: no cover - storage trouble must not kill the sweeper
                 log.exception("lease sweep failed")
 
@@ -157,6 +171,8 @@ class NameServerDaemon:
         # a call under way (a registration, say) gets a moment to finish and reply
         self.server.drain(min(2.0, self.settings.connect_timeout))
         self.server.close()
+        if self.metrics is not None:
+            self.metrics.close()
         ns, self.nameserver = self.nameserver, None
         if ns is not None:
             ns.storage.close()
@@ -172,9 +188,10 @@ class NameServerDaemon:
 
 def run(host: str = "127.0.0.1", port: int = 9090, *, storage: str | None = "memory",
         lease_ttl: float = DEFAULT_LEASE_TTL, settings: Settings | None = None,
-        echo: Callable[[str], None] = print) -> None:
+        echo: Callable[[str], None] = print, metrics_port: int | None = None) -> None:
     """Serve a name server in this process until SIGTERM/SIGINT; prints where it listens once bound."""
-    daemon = NameServerDaemon(host, port, storage=storage, lease_ttl=lease_ttl, settings=settings)
+    daemon = NameServerDaemon(host, port, storage=storage, lease_ttl=lease_ttl, settings=settings,
+                              metrics_port=metrics_port)
     assert daemon.nameserver is not None
 
     def ready(d: NameServerDaemon) -> None:
@@ -183,6 +200,8 @@ def run(host: str = "127.0.0.1", port: int = 9090, *, storage: str | None = "mem
         echo(f"NS running on {d.locationStr} (storage {storage or 'memory'}, lease TTL {lease_ttl:g}s, "
              f"{count} existing registrations{', ' + ' + '.join(extras) if extras else ''})")
         echo(f"URI = {d.uri}")
+        if d.metrics is not None:
+            echo(f"metrics on {d.metrics.url}")
 
     daemon.serve_forever(ready=ready)
     echo("NS shut down.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
 import time
@@ -13,6 +14,8 @@ import Pyro5.core
 import Pyro5.errors
 import Pyro5.nameserver
 import Pyro5.server
+
+log = logging.getLogger("pyrorpc.nameserver")
 
 SERVICE_TAG = "pyrorpc.service:"
 LEASE_TAG = "pyrorpc.lease:"
@@ -211,6 +214,8 @@ class NameServer(Pyro5.nameserver.NameServer):
         self._versions: dict[str, str] = {}
         self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
         self._watch_lock = threading.Lock()
+        # since start, for metrics (pyrorpc.metrics.NameServerCollector): plain increments
+        self.counts = {"registrations": 0, "renewals": 0, "lookups": 0, "expiries": 0}
         super().__init__(IndexedStorage(inner, self._forget))
         self.storage.on_change = self._membership_changed
         if self._backend is not None:
@@ -335,7 +340,9 @@ class NameServer(Pyro5.nameserver.NameServer):
         tags.add(f"{LEASE_TAG}{ttl:g}")
         clean_load = check_load(load)
         if self._backend is not None:
-            return dict(self._backend.lease(name, uri, tags, clean_load, ttl))
+            result = dict(self._backend.lease(name, uri, tags, clean_load, ttl))
+            self._leased(name, tags, bool(result.get("created")))
+            return result
         with self.lock:
             current = self.leases.get(name)
             try:
@@ -354,7 +361,18 @@ class NameServer(Pyro5.nameserver.NameServer):
                 current = self.leases[name] = Lease(ttl, uri)
             current.renewed = time.monotonic()
             current.load = clean_load
+        self._leased(name, tags, created)
         return {"ttl": ttl, "created": created}
+
+    def _leased(self, name: str, tags: set[str], created: bool) -> None:
+        if not created:
+            self.counts["renewals"] += 1
+            return
+        self.counts["registrations"] += 1
+        services = services_of(tags)
+        if services:  # (a lock is a lease too)
+            log.info("lease registered: %s", name, extra={"event": "registered", "worker": name,
+                                                          "service": services[0]})
 
     def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
         """Take or renew the lock ``name`` for ``owner`` for ``ttl`` seconds; False while another owner
@@ -404,6 +422,7 @@ class NameServer(Pyro5.nameserver.NameServer):
             raise TypeError("service must be a str")
         now = time.monotonic()
         result = []
+        self.counts["lookups"] += 1
         with self.lock:
             for name, (uri, meta) in self.storage.by_service.get(service, {}).items():
                 lease = self.leases.get(name)
@@ -425,15 +444,25 @@ class NameServer(Pyro5.nameserver.NameServer):
     def expire(self) -> list[str]:
         """Drop every registration whose lease was not renewed within its TTL; returns their names."""
         if self._backend is not None:
-            return list(self._backend.expire())
+            dead = list(self._backend.expire())
+            self._expired({name: () for name in dead})
+            return dead
         now = time.monotonic()
         with self.lock:
             dead = [name for name, lease in self.leases.items() if lease.expired(now)]
+            services = {name: self.storage.service_by_name.get(name, ()) for name in dead}
             if dead:
                 self.storage.remove_items([n for n in dead if n in self.storage])
                 for name in dead:
                     self.leases.pop(name, None)
+        self._expired(services)
         return dead
+
+    def _expired(self, services: dict[str, tuple[str, ...]]) -> None:
+        self.counts["expiries"] += len(services)
+        for name, svcs in services.items():
+            log.info("lease expired: %s", name, extra={"event": "expired", "worker": name,
+                                                       "service": svcs[0] if svcs else None})
 
 
 def _wake(fut: "asyncio.Future[None]") -> None:

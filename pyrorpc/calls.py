@@ -15,7 +15,8 @@ import concurrent.futures
 import contextvars
 import inspect
 import logging
-import threading
+import os
+import socket
 import time
 import types
 import uuid
@@ -48,6 +49,7 @@ from .protocol import (
     pack,
     parse_annotations,
 )
+from .stats import BUCKETS, ERROR, OK, OTHER, REFUSED, TIMEOUT, ServerStats
 from .streams import StockStreams, stream_reply
 from .wire import SERIALIZER
 
@@ -58,58 +60,6 @@ log = logging.getLogger("pyrorpc.server")
 DAEMON_NAME = "Pyro.Daemon"
 INSTANCE_MODES = ("single", "session", "percall")
 _PONG = b"pong"
-
-
-class ServerStats:
-    """Calls in flight (request read .. reply written), completed and failed; refuses calls once draining."""
-
-    __slots__ = ("_lock", "_idle", "in_flight", "calls", "errors", "draining")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self.in_flight = 0
-        self.calls = 0
-        self.errors = 0
-        self.draining = False
-
-    def enter(self) -> bool:
-        """Count a call in; False once draining (the call must be refused)."""
-        with self._lock:
-            if self.draining:
-                return False
-            self.in_flight += 1
-            return True
-
-    def leave(self, failed: bool) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            self.calls += 1
-            if failed:
-                self.errors += 1
-            if self.draining and not self.in_flight:
-                self._idle.notify_all()
-
-    def add(self, calls: int, errors: int) -> None:
-        """Count calls that ran inside one request (a batch) besides the request itself."""
-        with self._lock:
-            self.calls += calls
-            self.errors += errors
-
-    def begin_drain(self) -> None:
-        """Refuse new calls from now on."""
-        with self._lock:
-            self.draining = True
-
-    def drain(self, timeout: float) -> bool:
-        """Refuse new calls and wait until none is in flight; False if ``timeout`` ran out first."""
-        with self._idle:
-            self.draining = True
-            return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return {"in_flight": self.in_flight, "calls": self.calls, "errors": self.errors}
 
 
 class DaemonObject:
@@ -130,6 +80,23 @@ class DaemonObject:
         return (f"{DAEMON_NAME} bound on {s.location}, NAT None, {len(s.objects)} objects registered. "
                 f"Servertype: pyrorpc.server (epoll, {s.threads} call threads)")
 
+    def stats(self) -> dict[str, Any]:
+        """This server's statistics (pyrorpc.stats), a plain dict: ``name``, ``host``, ``pid``, ``location``,
+        ``started``, ``uptime`` (s), ``in_flight``, ``calls``, ``errors``, ``connections``, ``draining``,
+        ``oneway_queue``, ``threads``, ``buckets_ms`` (latency bucket bounds) and ``methods``:
+        ``{service: {method: {"ok", "error", "timeout", "refused", "p50_ms", "p99_ms", "sum_ms", "buckets"}}}``
+        (counts since start; p50/p99 of the method's last 512 calls; calls per bucket, one more than
+        ``buckets_ms``)."""
+        s = self._server
+        stats = s.stats
+        snap: dict[str, Any] = stats.snapshot()
+        snap.update(name=s.name, host=socket.gethostname().split(".")[0] or "localhost", pid=os.getpid(),
+                    location=s.location, started=stats.started, uptime=round(time.time() - stats.started, 3),
+                    connections=max(0, s.connection_count()), draining=stats.draining,
+                    oneway_queue=stats.oneway_queued, threads=s.threads, buckets_ms=[b * 1000 for b in BUCKETS],
+                    methods=stats.methods_snapshot())
+        return snap
+
     def get_metadata(self, objectId: str) -> dict[str, Any]:  # noqa: N803 - Pyro5's name
         """Exposed methods, oneway methods and attributes of an object (plus pyrorpc's own extras)."""
         return self._server.metadata(objectId)
@@ -143,17 +110,20 @@ class DaemonObject:
         self._server.stock_streams.close(streamId, current_context.client)
 
 
-for _name in ("registered", "ping", "info", "get_metadata", "get_next_stream_item", "close_stream"):
+for _name in ("registered", "ping", "info", "stats", "get_metadata", "get_next_stream_item", "close_stream"):
     setattr(getattr(DaemonObject, _name), compat.EXPOSED_ATTR, True)
 
 
 class _Target:
     """An object served under an id: an instance, or a class instantiated per session or per call."""
 
-    __slots__ = ("obj", "cls", "mode", "methods", "oneway", "attrs", "extra", "async_methods", "stream_methods")
+    __slots__ = ("obj", "cls", "mode", "methods", "oneway", "attrs", "extra", "async_methods", "stream_methods",
+                 "label")
 
-    def __init__(self, obj: Any, mode: str, only_exposed: bool, extra: dict[str, Any] | None) -> None:
+    def __init__(self, obj: Any, mode: str, only_exposed: bool, extra: dict[str, Any] | None,
+                 label: str = "") -> None:
         self.obj = obj
+        self.label = label  # the service its calls count under (ServerStats)
         self.cls = obj if isinstance(obj, type) else type(obj)
         self.mode = mode
         members = compat.exposed_members(self.cls, only_exposed)
@@ -248,9 +218,10 @@ class CallHandler:
 
     # objects ------------------------------------------------------------------------------------
     def register(self, obj: Any, object_id: str | None = None, *, instance_mode: str = "single",
-                 only_exposed: bool = True, extra: dict[str, Any] | None = None) -> str:
+                 only_exposed: bool = True, extra: dict[str, Any] | None = None, label: str | None = None) -> str:
         """Serve ``obj`` (an instance, or a class with ``instance_mode`` ``session``/``percall``) under
-        ``object_id`` (default: a unique one); returns its ``PYRO:`` URI."""
+        ``object_id`` (default: a unique one); returns its ``PYRO:`` URI. Its calls are counted (ServerStats)
+        under the service name ``label`` (default: ``object_id``)."""
         if instance_mode not in INSTANCE_MODES:
             raise ValueError(f"`instance_mode` must be one of {', '.join(INSTANCE_MODES)}, got {instance_mode!r}")
         if instance_mode != "single" and not isinstance(obj, type):
@@ -260,7 +231,7 @@ class CallHandler:
         object_id = object_id or f"obj_{uuid.uuid4().hex}"
         if object_id in self.objects:
             raise ValueError(f"object id {object_id!r} is already registered")
-        self.objects[object_id] = _Target(obj, instance_mode, only_exposed, extra)
+        self.objects[object_id] = _Target(obj, instance_mode, only_exposed, extra, label or object_id)
         return self.uri_for(object_id)
 
     def unregister(self, object_id: str) -> None:
@@ -301,6 +272,7 @@ class CallHandler:
         stats = self.stats
         if not stats.enter():
             self._last_refusal = time.monotonic()
+            self._record_refused(conn, flags, payload[header.ann_size:])
             if not oneway:
                 return self._uncounted(conn, self._reply(conn, self._error_frame(
                     WorkerDrainingError(f"{self.name} is shutting down; the call did not run"), seq, None)))
@@ -310,6 +282,9 @@ class CallHandler:
         counted = True
         status: Any = True
         object_id = None
+        target: _Target | None = None
+        info: Any = None
+        err: BaseException | None = None
         try:
             ann_size = header.ann_size
             left: float | None = None
@@ -365,7 +340,8 @@ class CallHandler:
                 fn = self._method(target, obj, method)
                 if oneway:
                     counted = False  # the oneway run counts itself out
-                    self._oneway((fn, vargs, kwargs, conn.peer, context.correlation_id, context.annotations, info))
+                    self._oneway((fn, vargs, kwargs, conn.peer, context.correlation_id, context.annotations, info,
+                                  target, conn.arrived))
                     return True
                 token = enter_call(info)
                 try:
@@ -392,6 +368,7 @@ class CallHandler:
             status = self._reply(conn, _result(0, header, data))
             return status
         except BaseException as exc:  # SystemExit, KeyboardInterrupt raised by a method: that call's error
+            err = exc
             if oneway:
                 log.warning("%s: oneway call failed: %s: %s", self.name, type(exc).__name__, exc)
                 return True
@@ -407,6 +384,26 @@ class CallHandler:
                     self._hand_over_write(conn, failed)
                 else:
                     stats.leave(failed)
+                if target is not None and not flags & FLAGS_BATCH:  # (a batch counts its calls itself)
+                    self._record(target, method, failed, err, conn.arrived, info)
+
+    def _record(self, target: _Target, method: Any, failed: bool, err: BaseException | None, started: float,
+                info: Any) -> None:
+        """Count a call that reached ``target`` in ServerStats: its outcome, latency since ``started``."""
+        if type(method) is not str or method not in target.methods:
+            method = OTHER  # (names come from the peer)
+        outcome = OK if not failed else TIMEOUT if isinstance(err, CallTimeoutError) else ERROR
+        self.stats.record(target.label, method, outcome, started, None if info is None else info.deadline, err)
+
+    def _record_refused(self, conn: Connection, flags: int, body: Any) -> None:
+        """Count a request refused while draining under its method, if it can be decoded (rare: no hurry)."""
+        try:
+            _object_id, target, method, _vargs, _kwargs = self._decode_request(flags, bytes(body))
+        except Exception:
+            return
+        if type(method) is not str or method not in target.methods:
+            method = OTHER
+        self.stats.record(target.label, method, REFUSED, conn.arrived)
 
     def _decode_request(self, flags: int, body: bytes) -> tuple[Any, _Target, Any, Any, Any]:
         """A request's body (after its annotations): ``(object_id, target, method, vargs, kwargs)``.
@@ -444,6 +441,7 @@ class CallHandler:
         obj = self._instance(target, conn)
         results: list[Any] = []
         failed = False
+        started = conn.arrived  # (each call's latency from the end of the one before)
         for call in calls:
             name, a, kw = call
             fn = self._method(target, obj, name)
@@ -452,7 +450,10 @@ class CallHandler:
                 if type(result) is types.CoroutineType:  # an async def method: awaited here, like a call
                     result = self._await_here(name, result, current_call(), conn)
                 results.append(result)
+                self._record(target, name, False, None, started, None)
+                started = time.monotonic()
             except BaseException as exc:  # SystemExit too: the caller's error, not the thread's end
+                self._record(target, name, True, exc, started, None)
                 self._note_remote(exc)
                 results.append(compat.wrap_exception(exc))
                 failed = True
@@ -537,12 +538,17 @@ class CallHandler:
         if self._queued >= self._oneway_limit:
             self._run_oneway(*job)
         else:
-            self._submit(job)
+            self.stats.oneway_queue(1)
+            self._submit(job + (True,))
 
     def _run_oneway(self, fn: Any, vargs: Any, kwargs: Any, peer: Any, correlation_id: Any,
-                    annotations: Any, info: Any = None) -> None:
+                    annotations: Any, info: Any = None, target: _Target | None = None, started: float = 0.0,
+                    queued: bool = False) -> None:
+        if queued:
+            self.stats.oneway_queue(-1)
         failed = True
         counted = True
+        err: BaseException | None = None
         name = getattr(fn, "__name__", fn)
         token = enter_call(info if info is not None else incoming(annotations, peer, None))
         try:
@@ -560,17 +566,21 @@ class CallHandler:
                 # an async def method sent oneway: it runs on the event loop, counted out when it ends
                 counted = False
                 future = self.async_runner.submit(_in_context(contextvars.copy_context(), result))
-                future.add_done_callback(partial(self._oneway_done, name, peer))
+                future.add_done_callback(partial(self._oneway_done, name, peer, target, started))
                 return
             failed = False
         except BaseException as exc:
+            err = exc
             log.warning("%s: oneway call %s from %s failed: %s: %s", self.name, name, peer, type(exc).__name__, exc)
         finally:
             leave_call(token)
             if counted:
                 self.stats.leave(failed)
+                if target is not None:
+                    self._record(target, name, failed, err, started, None)
 
-    def _oneway_done(self, name: Any, peer: Any, future: concurrent.futures.Future[Any]) -> None:
+    def _oneway_done(self, name: Any, peer: Any, target: _Target | None, started: float,
+                     future: concurrent.futures.Future[Any]) -> None:
         exc = None if future.cancelled() else future.exception()
         if exc is None and not future.cancelled():
             value = future.result()
@@ -579,5 +589,7 @@ class CallHandler:
         if exc is not None:
             log.warning("%s: oneway call %s from %s failed: %s: %s", self.name, name, peer, type(exc).__name__, exc)
         self.stats.leave(exc is not None or future.cancelled())
+        if target is not None:
+            self._record(target, name, exc is not None or future.cancelled(), exc, started, None)
 
 

@@ -101,6 +101,13 @@ def ns_option(func: Callable[..., Any]) -> Callable[..., Any]:
         security_options(func))
 
 
+def log_format_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                        help="json: log records (INFO and up: failed calls, lease events, drains) to stderr as one "
+                             "JSON object a line (ts, level, logger, message, service, worker, method, outcome, "
+                             "duration_ms...)")(func)
+
+
 def timeout_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--timeout", type=TIMEOUT_SECONDS, default=None,
                         help=f"seconds before giving up, {MIN_TIMEOUT:g}-{MAX_TIMEOUT:g} (env PYRORPC_TIMEOUT)")(func)
@@ -179,13 +186,19 @@ def ns() -> None:
 @click.option("--storage", default="memory", show_default=True, help="memory or PATH.sqlite")
 @click.option("--lease-ttl", type=Seconds(0.2, 86400), default=10.0, show_default=True,
               help="seconds a worker's lease lives without renewal")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="serve Prometheus metrics on http://HOST:PORT/metrics (needs the metrics extra)")
+@log_format_option
 @security_options
 @user_errors
-def ns_start(host: str, port: int, storage: str, lease_ttl: float) -> None:
+def ns_start(host: str, port: int, storage: str, lease_ttl: float, metrics_port: int | None, log_format: str) -> None:
     """Run a name server in the foreground until SIGTERM/SIGINT."""
     from nameserver import run
+
+    from .logs import setup_logging
+    setup_logging(log_format)
     run(host, port, storage=storage, lease_ttl=lease_ttl, settings=settings_for(),
-        echo=lambda line: click.echo(line))
+        echo=lambda line: click.echo(line), metrics_port=metrics_port)
 
 
 @ns.command("list")
@@ -332,6 +345,10 @@ def load_class(spec: str) -> type:
                    "processes exit more than this many times within --restart-window seconds")
 @click.option("--restart-window", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
               help="seconds over which --max-restarts counts worker exits")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="serve Prometheus metrics on http://HOST:PORT/metrics (needs the metrics extra); with "
+                   "--processes N one port per process: PORT, PORT+1, ... PORT+N-1")
+@log_format_option
 @click.option("--parent-fd", type=int, default=None, hidden=True,
               help="set by the supervisor: a pipe whose end-of-file means the supervisor is gone")
 @ns_option
@@ -339,7 +356,8 @@ def load_class(spec: str) -> type:
 def worker_start(spec: str, service: str | None, processes: int, threads: int | None,
                  max_connections: int | None, idle_timeout: float | None, host: str | None,
                  port: int, instance_mode: str, lease_ttl: float | None, drain_timeout: float | None,
-                 max_restarts: int, restart_window: float, parent_fd: int | None, ns: Addresses | None) -> None:
+                 max_restarts: int, restart_window: float, metrics_port: int | None, log_format: str,
+                 parent_fd: int | None, ns: Addresses | None) -> None:
     """Serve MODULE:CLASS as a service until SIGTERM/SIGINT (which drains calls first).
 
     With --processes N a supervisor runs N worker processes and restarts one that exits (after a backoff);
@@ -348,6 +366,8 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
     supervisor gives up and exits 1 (see --max-restarts).
     """
     supervisor_pid = os.getppid()  # with --parent-fd: a later getppid() that differs means it died
+    from .logs import setup_logging
+    setup_logging(log_format)
     cls = load_class(spec)
     settings = settings_for(ns, host=host, threads=threads, max_connections=max_connections,
                             idle_timeout=idle_timeout, lease_ttl=lease_ttl, drain_timeout=drain_timeout)
@@ -375,6 +395,10 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
                 argv += [flag, value]
         if settings.tls_mutual:
             argv.append("--tls-mutual")
+        argv += ["--log-format", log_format]
+        if metrics_port is not None:
+            _check_metrics_ports(settings.host, metrics_port, processes)
+            argv += ["--metrics-port", str(metrics_port)]  # each child adds its slot (PYRORPC_WORKER_SLOT)
         env = dict(os.environ)
         if settings.secret:
             env["PYRORPC_SECRET"] = settings.secret  # not on the command line, where `ps` shows it
@@ -389,7 +413,10 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
     import Pyro5.errors
 
     from .worker import WorkerHost
-    host_obj = WorkerHost(cls, service=service, port=port, instance_mode=instance_mode, settings=settings)
+    if metrics_port and parent_fd is not None:  # a supervisor's child: its own port of the range
+        metrics_port += int(os.environ.get("PYRORPC_WORKER_SLOT", "0") or 0)
+    host_obj = WorkerHost(cls, service=service, port=port, instance_mode=instance_mode, settings=settings,
+                          metrics_port=metrics_port)
     try:
         host_obj.start()
     except (Pyro5.errors.PyroError, OSError):
@@ -397,6 +424,8 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
     except Exception as exc:  # the service class's __init__ (instance_mode single) raised
         raise click.ClickException(f"cannot start {spec}: {_one_line(exc)}") from None
     click.echo(f"worker {host_obj.name} serving {host_obj.service} on {host_obj.uri} (pid {os.getpid()})")
+    if host_obj.metrics is not None:
+        click.echo(f"worker {host_obj.name} metrics on {host_obj.metrics.url}")
     sys.stdout.flush()
     if parent_fd is not None:
         # started by a supervisor: drain and exit when it dies, however it dies. Both only from here on, so a
@@ -421,6 +450,32 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
     drained = host_obj.stop()
     click.echo(f"worker {host_obj.name} stopped{'' if drained else ' (drain timeout)'}")
     sys.exit(0 if drained else 1)
+
+
+def _check_metrics_ports(host: str, first: int, processes: int) -> None:
+    """Before starting N processes: the metrics extra is there and ports first..first+N-1 are free (port 0:
+    each process takes any free one).
+
+    Raises:
+        ConfigurationError: the extra is missing, the range passes 65535 or a port is in use.
+    """
+    import socket
+
+    from .errors import ConfigurationError
+    from .metrics import require_prometheus
+    require_prometheus()
+    if not first:
+        return
+    if first + processes - 1 > 65535:
+        raise ConfigurationError(f"--metrics-port {first} with --processes {processes} needs ports up to "
+                                 f"{first + processes - 1}, past 65535")
+    for port in range(first, first + processes):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server will
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ConfigurationError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @main.command("workers")

@@ -47,6 +47,7 @@ from .protocol import (
     parse_annotations,
 )
 from .push import MAX_CREDIT, Pending, _aclose_quietly, _close_quietly, is_stream
+from .stats import REFUSED
 from .wire import SERIALIZER
 
 if TYPE_CHECKING:
@@ -120,6 +121,11 @@ class MuxHandler:
         def _decode_request(self, flags: int, body: bytes) -> tuple[Any, _Target, Any, Any, Any]: ...
 
         def _oneway(self, job: tuple[Any, ...]) -> None: ...
+
+        def _record(self, target: _Target, method: Any, failed: bool, err: BaseException | None, started: float,
+                    info: Any) -> None: ...
+
+        def _record_refused(self, conn: Connection, flags: int, body: Any) -> None: ...
 
         def _stream_start(self, conn: Connection, header: Any, method: str, result: Any, credit: int,
                           info: context.CallInfo) -> None: ...
@@ -374,6 +380,7 @@ class MuxHandler:
                 return
         if not self.stats.enter():
             self._last_refusal = time.monotonic()
+            self._record_refused(conn, flags, payload[header.ann_size:])
             if oneway:
                 self._refused_oneways += 1
             else:
@@ -394,6 +401,8 @@ class MuxHandler:
         event loop for async methods."""
         flags, seq = header.flags, header.seq
         oneway = bool(flags & FLAGS_ONEWAY)
+        started = time.monotonic() if threaded else conn.arrived  # (the I/O thread: this frame's arrival)
+        target: _Target | None = None
         try:
             ann_size = header.ann_size
             annotations = parse_annotations(payload[:ann_size]) if ann_size else {}
@@ -412,21 +421,23 @@ class MuxHandler:
                 credit = min(credit, MAX_CREDIT)
             if flags & FLAGS_BATCH or method == "__getattr__" or method == "__setattr__":
                 job = partial(self._mux_sync, conn, header, target, method, None, vargs, kwargs, info, annotations,
-                              None)
+                              None, started)
             else:
                 obj = self._instance(target, conn)
                 fn = self._method(target, obj, method)
                 if method in target.async_methods:
                     self.async_runner.call_soon(self._mux_start_async, conn, header, method, fn, vargs, kwargs,
-                                                info, oneway, credit)
+                                                info, oneway, credit, target, started)
                     return
                 if oneway:
                     self._mux_done(conn, None, None, count=False)  # the oneway run counts itself out
-                    self._oneway((fn, vargs, kwargs, conn.peer, None, annotations, info))
+                    self._oneway((fn, vargs, kwargs, conn.peer, None, annotations, info, target, started))
                     return
                 job = partial(self._mux_sync, conn, header, target, method, fn, vargs, kwargs, info, annotations,
-                              credit)
+                              credit, started)
         except BaseException as exc:
+            if target is not None:
+                self._record(target, method, True, exc, started, None)
             if oneway:
                 log.warning("%s: oneway call failed: %s: %s", self.name, type(exc).__name__, exc)
                 self._mux_done(conn, None, True)
@@ -455,7 +466,8 @@ class MuxHandler:
             if self._pause_check(conn):
                 self._resume(conn)
 
-    def _unstarted_refused(self, conn: Connection, header: Any, method: Any) -> bool:
+    def _unstarted_refused(self, conn: Connection, header: Any, method: Any, target: _Target | None = None,
+                           started: float = 0.0) -> bool:
         """Before a request starts: refuse it unrun when draining (the client sends it elsewhere) or closed,
         or when the client gave it up already. True if it was refused (and answered)."""
         entry = conn.tasks.get(header.seq)
@@ -463,10 +475,14 @@ class MuxHandler:
             self._mux_done(conn, None, False, seq=header.seq)
             return True
         if self._closed:
+            if target is not None:
+                self.stats.record(target.label, method, REFUSED, started)
             self._mux_done(conn, None, True, seq=header.seq)
             return True
         if self.stats.draining:
             self._last_refusal = time.monotonic()
+            if target is not None:
+                self.stats.record(target.label, method, REFUSED, started)
             data = None if header.flags & FLAGS_ONEWAY else self._error_frame(
                 WorkerDrainingError(f"{self.name} is shutting down; {method} did not run"), header.seq, None, header)
             self._mux_done(conn, data, False, seq=header.seq)
@@ -475,11 +491,13 @@ class MuxHandler:
 
     # sync methods (a call thread) ---------------------------------------------------------------
     def _mux_sync(self, conn: Connection, header: Any, target: _Target, method: Any, fn: Any, vargs: Any,
-                  kwargs: Any, info: context.CallInfo, annotations: dict[str, bytes], credit: int | None) -> None:
-        if self._unstarted_refused(conn, header, method):
+                  kwargs: Any, info: context.CallInfo, annotations: dict[str, bytes], credit: int | None,
+                  started: float = 0.0) -> None:
+        if self._unstarted_refused(conn, header, method, target, started):
             return
         oneway = header.flags & FLAGS_ONEWAY
         failed = True
+        err: BaseException | None = None
         data: bytes | None = None
         token = context.enter(info)
         try:
@@ -502,7 +520,7 @@ class MuxHandler:
                 if inspect.iscoroutine(result) or inspect.isasyncgen(result):
                     # a plain method that returned a coroutine: it runs on the event loop from here
                     self.async_runner.call_soon(self._mux_start_async, conn, header, method, lambda: result, (), {},
-                                                info, False, credit)
+                                                info, False, credit, target, started)
                     return
                 if credit is not None:
                     self._stream_start(conn, header, method, result, credit, info)
@@ -513,16 +531,20 @@ class MuxHandler:
                 data = _result(0, header, self._encode_result(method, result))
                 failed = False
         except BaseException as exc:  # SystemExit, KeyboardInterrupt raised by a method: that call's error
+            err = exc
             data = self._error_frame(exc, header.seq, exc.__traceback__, header)
         finally:
             context.leave(token)
+        if not header.flags & FLAGS_BATCH:  # (a batch counts its calls itself)
+            self._record(target, method, failed, err, started, info)
         self._mux_done(conn, None if oneway else data, failed, seq=None if oneway else header.seq)
 
     # async methods (the event loop) -------------------------------------------------------------
     def _mux_start_async(self, conn: Connection, header: Any, method: str, fn: Any, vargs: Any, kwargs: Any,
-                         info: context.CallInfo, oneway: bool, credit: int | None) -> None:
+                         info: context.CallInfo, oneway: bool, credit: int | None, target: _Target | None = None,
+                         started: float = 0.0) -> None:
         seq = None if oneway else header.seq
-        if self._unstarted_refused(conn, header, method):
+        if self._unstarted_refused(conn, header, method, target, started):
             return
         ctx = contextvars.copy_context()
         ctx.run(context.enter, info)
@@ -531,6 +553,8 @@ class MuxHandler:
                 raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
             result = ctx.run(fn, *vargs, **kwargs)
         except BaseException as exc:
+            if target is not None:
+                self._record(target, method, True, exc, started, None)
             if oneway:
                 log.warning("%s: oneway call %s failed: %s: %s", self.name, method, type(exc).__name__, exc)
                 self._mux_done(conn, None, True)
@@ -549,10 +573,13 @@ class MuxHandler:
             else:
                 _close_quietly(result)
                 err = TypeError(f"{method} did not return a coroutine")
+            if target is not None:
+                self._record(target, method, True, err, started, None)
             self._mux_done(conn, None if oneway else self._error_frame(err, header.seq, None, header), True, seq=seq)
             return
         expired = [False]
-        task = ctx.run(loop.create_task, self._mux_await(conn, header, method, result, info, oneway, expired))
+        task = ctx.run(loop.create_task, self._mux_await(conn, header, method, result, info, oneway, expired, target,
+                                                         started))
         if not oneway:
             with conn.wlock:
                 pending = conn.tasks.get(header.seq)
@@ -565,8 +592,11 @@ class MuxHandler:
             task.add_done_callback(lambda _t: timer.cancel())
 
     async def _mux_await(self, conn: Connection, header: Any, method: str, coro: Any, info: context.CallInfo,
-                         oneway: bool, expired: list[bool]) -> None:
+                         oneway: bool, expired: list[bool], target: _Target | None = None,
+                         started: float = 0.0) -> None:
         failed = True
+        err: BaseException | None = None
+        counted = target is not None
         data: bytes | None = None
         try:
             result = await coro
@@ -578,20 +608,26 @@ class MuxHandler:
             cancelling = getattr(task, "cancelling", None)
             if expired[0]:
                 log.info("%s: %s cancelled at its deadline", self.name, method)
+                err = CallTimeoutError(f"{method}: cancelled on the worker at its deadline")
                 if not oneway:
-                    data = self._error_frame(CallTimeoutError(
-                        f"{method}: cancelled on the worker at its deadline"), header.seq, None, header)
+                    data = self._error_frame(err, header.seq, None, header)
             elif cancelling is not None and not cancelling() and not oneway:
                 # nobody cancelled this task: the method's own CancelledError (an inner task's) is its result
+                err = exc
                 data = self._error_frame(exc, header.seq, exc.__traceback__, header)
-            # else: the caller gave it up (MSG_CANCEL) or went away, or the server is closing: nobody waits
+            else:  # the caller gave it up (MSG_CANCEL) or went away, or the server is closing: nobody waits
+                counted = False  # (and no outcome to count)
             if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
                 coro.close()  # cancelled before it began: it never runs (and is not "never awaited")
         except BaseException as exc:
+            err = exc
             if oneway:
                 log.warning("%s: oneway call %s failed: %s: %s", self.name, method, type(exc).__name__, exc)
             else:
                 data = self._error_frame(exc, header.seq, exc.__traceback__, header)
+        if counted:
+            assert target is not None
+            self._record(target, method, failed, err, started, info)
         self._mux_done(conn, data, failed, seq=None if oneway else header.seq)
 
 

@@ -24,9 +24,11 @@ from .errors import (
     WorkerDrainingError,
     WorkerLostError,
 )
+from .metrics import track_pool
 from .naming import NameServerClient, WorkerInfo
 from .proxy import _END, Abandoned, CallHandle, Dispatcher, Endpoint, NotSent, RemoteMethod, SlotsBusy
 from .service import check_service_name
+from .stats import ERROR, LOST, NOT_SENT, OK, TIMEOUT, PoolStats
 
 __all__ = ["Pool", "PoolMethod"]
 
@@ -160,6 +162,7 @@ class Pool(Dispatcher):
         self._stop = threading.Event()
         self.refreshed_at = 0.0
         self._version: Any = None  # of the membership, from the name server (watch_service)
+        self._stats = PoolStats()  # attempts, retries, failovers, ejections (pyrorpc.metrics reads them)
         self._refresh()  # raises NameServerUnavailableError at once if the name server is down
         # The refresher holds the pool weakly, and a finalizer stops it: a pool dropped without close() is
         # collected, and its thread and connections go with it.
@@ -170,6 +173,7 @@ class Pool(Dispatcher):
                                         self._naming, service),
             name=f"pool-{service}-refresh", daemon=True)
         self._refresher.start()
+        track_pool(self)
 
     def __getattr__(self, name: str) -> PoolMethod:
         return super().__getattr__(name)  # type: ignore[return-value]
@@ -225,6 +229,7 @@ class Pool(Dispatcher):
         return sum(m.endpoint.capacity for m in list(self._members.values()))
 
     def _eject(self, member: _Member) -> None:
+        self._stats.ejected(member.name)
         with self._lock:
             member.strikes += 1
             member.ejected_until = time.monotonic() + self._cooldown * 2 ** min(member.strikes - 1, 5)
@@ -308,6 +313,7 @@ class Pool(Dispatcher):
             log.info("pool %s: %s unreachable (%s); trying another worker", self._service, member.name, exc.cause)
             self._eject(member)
             tried.add(member.name)
+            self._stats.failed_over()
             return retries
         if isinstance(exc, WorkerLostError):
             if remote_traceback(exc) is not None:
@@ -317,6 +323,7 @@ class Pool(Dispatcher):
                 tried.add(member.name)
                 if all(name in tried for name in list(self._members)):
                     raise exc  # nobody left to retry on: say what happened now, not NoWorkersError later
+                self._stats.retried()
                 return retries - 1
             raise exc
         if isinstance(exc, CallTimeoutError) and not isinstance(exc, SlotsBusy) and remote_traceback(exc) is None:
@@ -345,11 +352,17 @@ class Pool(Dispatcher):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CallTimeoutError(f"{self._service}.{method}: no reply within {timeout:g}s")
+            started = time.monotonic()
             try:
                 result = member.endpoint.call(method, args, kwargs, left, oneway, batch=batch, handle=handle)
             except (NotSent, WorkerLostError, CallTimeoutError) as exc:
+                self._stats.attempt(member.name, _outcome(exc), started)
                 retries = self._failed(member, method, exc, tried, retries)
                 continue
+            except Exception:
+                self._stats.attempt(member.name, ERROR, started)
+                raise
+            self._stats.attempt(member.name, OK, started)
             self._succeeded(member)
             return result
 
@@ -368,11 +381,17 @@ class Pool(Dispatcher):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CallTimeoutError(f"{self._service}.{method}: no reply within {timeout:g}s")
+            started = time.monotonic()
             try:
                 result = await member.endpoint.acall(method, args, kwargs, left, oneway)
             except (NotSent, WorkerLostError, CallTimeoutError) as exc:
+                self._stats.attempt(member.name, _outcome(exc), started)
                 retries = self._failed(member, method, exc, tried, retries)
                 continue
+            except Exception:
+                self._stats.attempt(member.name, ERROR, started)
+                raise
+            self._stats.attempt(member.name, OK, started)
             self._succeeded(member)
             return result
 
@@ -532,6 +551,10 @@ class Pool(Dispatcher):
             out.append(info)
         return sorted(out, key=lambda w: w.name)
 
+    def _in_flight_by_worker(self) -> dict[str, int]:
+        """This pool's calls in flight per worker (for metrics)."""
+        return {m.name: m.in_flight for m in list(self._members.values())}
+
     def _closed_error(self) -> RuntimeError:
         return RuntimeError(f"pool {self._service!r} is closed")
 
@@ -552,6 +575,15 @@ class Pool(Dispatcher):
         self._finalizer()
         with self._lock:
             self._invalidate()
+
+
+def _outcome(exc: Exception) -> int:
+    """A failed attempt's outcome for PoolStats: not sent, timed out, lost, or the method's own error."""
+    if isinstance(exc, NotSent):
+        return NOT_SENT
+    if isinstance(exc, CallTimeoutError):
+        return TIMEOUT
+    return ERROR if remote_traceback(exc) is not None else LOST
 
 
 def _refresh_loop(pool_ref: "weakref.ref[Pool]", stop: threading.Event, refresh_now: threading.Event,

@@ -93,6 +93,7 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
         self.send_timeout = send_timeout
         self.name = name
         self.stats = stats if stats is not None else ServerStats()
+        self.stats.name = name
         self.async_runner = AsyncRunner(name)  # the event loop of async def methods (started on first use)
         self.stock_streams = StockStreams(idle_timeout, self.async_runner)  # Pyro5 item streams (streams.py)
         self.objects: dict[str, _Target] = {}

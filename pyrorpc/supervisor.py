@@ -49,7 +49,8 @@ class Supervisor:
     SIGKILL.
 
     On POSIX each child gets ``--parent-fd FD`` appended to ``argv``: the read end of a pipe that reaches
-    end-of-file when the supervisor dies, whatever kills it.
+    end-of-file when the supervisor dies, whatever kills it. Each child's environment has
+    ``PYRORPC_WORKER_SLOT``, its index 0..processes-1 (kept across restarts).
 
     Raises:
         ValueError: a bad ``processes``, ``max_restarts`` or ``restart_window``.
@@ -82,10 +83,12 @@ class Supervisor:
         self._lifeline: int | None = None  # read end handed to every child; the write end dies with us
 
     def _spawn(self, child: _Child) -> None:
+        # its slot, 0..processes-1, the same when it is restarted (e.g. for a port of its own: --metrics-port)
+        env = dict(self.env if self.env is not None else os.environ, PYRORPC_WORKER_SLOT=str(child.slot))
         if self._lifeline is None:
-            child.proc = subprocess.Popen(self.argv, env=self.env)
+            child.proc = subprocess.Popen(self.argv, env=env)
         else:
-            child.proc = subprocess.Popen(self.argv + [PARENT_FD_OPTION, str(self._lifeline)], env=self.env,
+            child.proc = subprocess.Popen(self.argv + [PARENT_FD_OPTION, str(self._lifeline)], env=env,
                                           pass_fds=(self._lifeline,))
         child.started = time.monotonic()
 

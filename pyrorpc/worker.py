@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import Settings, resolve
 from .errors import ConfigurationError, NameServerUnavailableError
+from .metrics import MetricsServer, check_port, serve_metrics
 from .naming import SERVICE_TAG, NameServerClient
 from .proxy import set_callback_settings
 from .security import server_ssl_context, server_verifier
@@ -54,6 +55,9 @@ class WorkerHost:
         lease_ttl: lease TTL to ask for; None takes the name server's.
         drain_timeout: seconds ``stop()`` waits for in-flight calls.
         register: False serves without a name server (reach it by its ``uri``).
+        metrics_port: serve Prometheus metrics on ``http://host:metrics_port/metrics`` (the ``metrics`` extra;
+            0: any free port, then ``metrics.port``); None (default): no endpoint. The statistics behind it
+            are always kept (also ``Pyro.Daemon``'s ``stats()``).
         settings: a ``pyrorpc.Settings``; keyword arguments (also ``secret=``, ``tls_cert=``...) override it.
 
     Raises:
@@ -65,7 +69,7 @@ class WorkerHost:
                  port: int = 0, instance_mode: str = "single", threads: int | None = None,
                  max_connections: int | None = None, idle_timeout: float | None = None,
                  lease_ttl: float | None = None, drain_timeout: float | None = None, register: bool = True,
-                 settings: Settings | None = None, **options: Any) -> None:
+                 settings: Settings | None = None, metrics_port: int | None = None, **options: Any) -> None:
         if not inspect.isclass(cls):
             raise ConfigurationError(f"WorkerHost needs a class, got {cls!r}")
         try:
@@ -82,6 +86,8 @@ class WorkerHost:
             self.service = check_service_name(name)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
+        self.metrics_port = check_port(metrics_port)
+        self.metrics: MetricsServer | None = None
         if instance_mode not in INSTANCE_MODES:
             raise ConfigurationError(f"`instance_mode` must be one of {', '.join(INSTANCE_MODES)}, "
                                      f"got {instance_mode!r}")
@@ -134,13 +140,16 @@ class WorkerHost:
                         verify=server_verifier(settings), send_timeout=settings.timeout, name=self.name,
                         stats=self.stats)
         try:
-            self.uri = server.register(self.cls, self.name, instance_mode=self.instance_mode, only_exposed=False)
+            self.uri = server.register(self.cls, self.name, instance_mode=self.instance_mode, only_exposed=False,
+                                       label=self.service)
             server.metadata_extra = {
                 "service": self.service, "name": self.name, "threads": settings.threads,
                 "idempotent": sorted(m for m, f in self.methods.items() if f["idempotent"]),
             }
             self.server = server
             set_callback_settings(settings)  # references passed to our methods call back with our secret/TLS
+            if self.metrics_port is not None:
+                self.metrics = serve_metrics(server, settings.host, self.metrics_port)
             server.start()
             if self.register:
                 self._first_registration()
@@ -150,6 +159,9 @@ class WorkerHost:
         except BaseException:
             self.server = None
             server.close()
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
             raise
         log.info("worker %s serving on %s", self.name, self.uri)
         return self
@@ -186,7 +198,8 @@ class WorkerHost:
                 healthy = True
             except NameServerUnavailableError as exc:
                 if healthy:
-                    log.warning("worker %s: cannot renew lease: %s", self.name, exc)
+                    log.warning("worker %s: cannot renew lease: %s", self.name, exc,
+                                extra={"event": "renewal failing", "worker": self.name, "service": self.service})
                 healthy = False
             except Exception:  # pragma: no cover - keep heartbeating whatever the name server says
                 log.exception("worker %s: lease renewal failed", self.name)
@@ -198,7 +211,8 @@ class WorkerHost:
             self.start()
         if handle_signals and threading.current_thread() is threading.main_thread():
             def on_signal(signo: int, _frame: Any) -> None:
-                log.info("worker %s: signal %d, draining", self.name, signo)
+                log.info("worker %s: signal %d, draining", self.name, signo,
+                         extra={"event": "draining", "worker": self.name, "service": self.service})
                 threading.Thread(target=self.stop, name="worker-stop", daemon=True).start()
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
@@ -232,7 +246,11 @@ class WorkerHost:
                 self._naming.close()
             self._drained = drained
             self._stopped.set()
-            log.info("worker %s stopped (drained=%s)", self.name, drained)
+            if self.metrics is not None:
+                self.metrics.close()
+            log.info("worker %s stopped (drained=%s)", self.name, drained,
+                     extra={"event": "drained" if drained else "drain timeout", "worker": self.name,
+                            "service": self.service, "in_flight": self.stats.in_flight})
             return drained
 
     def _deregister(self) -> None:
