@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import Pyro5.errors
 from Pyro5.callcontext import current_context
 
-from . import compat
+from . import compat, tracing
 from .aloop import PeerGone, Raised, guarded, wait
 from .codec import loads_call
 from .connection import PENDING, Connection
@@ -322,11 +322,16 @@ class CallHandler:
                                 now - (time.monotonic() - conn.arrived))
             if info.deadline is not None and now >= info.deadline:
                 raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
+            if tracing.INSTALLED and object_id != DAEMON_NAME:
+                tracing.start_server(self, target, info)  # (when tracing is on)
             if flags & FLAGS_BATCH:
                 token = enter_call(info)
+                active = tracing.activate(info) if info._span is not None else None
                 try:
                     results, failed = self._run_batch(target, conn, vargs)
                 finally:
+                    if active is not None:
+                        tracing.deactivate(active)
                     leave_call(token)
                 if oneway:
                     return True
@@ -344,6 +349,7 @@ class CallHandler:
                                   target, conn.arrived))
                     return True
                 token = enter_call(info)
+                active = tracing.activate(info) if info._span is not None else None
                 try:
                     result = fn(*vargs, **kwargs)
                     if type(result) is types.CoroutineType:
@@ -351,6 +357,8 @@ class CallHandler:
                         # this connection waits for it (multiplexed connections hold no thread: mux.py)
                         result = self._await_here(method, result, info, conn)
                 finally:
+                    if active is not None:
+                        tracing.deactivate(active)
                     leave_call(token)
             if oneway:
                 failed = False
@@ -369,6 +377,8 @@ class CallHandler:
             return status
         except BaseException as exc:  # SystemExit, KeyboardInterrupt raised by a method: that call's error
             err = exc
+            if counted and info is not None and info._span is not None:
+                tracing.finish(info, exc)
             if oneway:
                 log.warning("%s: oneway call failed: %s: %s", self.name, type(exc).__name__, exc)
                 return True
@@ -379,6 +389,8 @@ class CallHandler:
             status = self._reply(conn, self._error_frame(exc, seq, exc.__traceback__, header))
             return status
         finally:
+            if counted and info is not None and info._span is not None:  # (a oneway call's run ends its span)
+                tracing.finish(info, None, failed)
             if counted:
                 if status is PENDING:
                     self._hand_over_write(conn, failed)
@@ -551,6 +563,9 @@ class CallHandler:
         err: BaseException | None = None
         name = getattr(fn, "__name__", fn)
         token = enter_call(info if info is not None else incoming(annotations, peer, None))
+        if tracing.INSTALLED and info is not None and info._span is None:
+            tracing.start_server(self, None, info)  # (when tracing is on; a plain connection's started it)
+        active = tracing.activate(info) if info is not None and info._span is not None else None
         try:
             if info is not None and info.deadline is not None and info.expired:
                 log.warning("%s: oneway call %s from %s not run: its deadline passed while it waited", self.name,
@@ -566,13 +581,21 @@ class CallHandler:
                 # an async def method sent oneway: it runs on the event loop, counted out when it ends
                 counted = False
                 future = self.async_runner.submit(_in_context(contextvars.copy_context(), result))
+                if active is not None:
+                    future.add_done_callback(partial(tracing.finish_future, info))
                 future.add_done_callback(partial(self._oneway_done, name, peer, target, started))
                 return
             failed = False
         except BaseException as exc:
             err = exc
             log.warning("%s: oneway call %s from %s failed: %s: %s", self.name, name, peer, type(exc).__name__, exc)
+            if counted and active is not None:
+                tracing.finish(info, exc)
         finally:
+            if active is not None:
+                tracing.deactivate(active)
+                if counted:
+                    tracing.finish(info, None, failed)
             leave_call(token)
             if counted:
                 self.stats.leave(failed)

@@ -29,6 +29,7 @@ __all__ = ["CallInfo", "call_metadata", "current_call"]
 
 DEADLINE_KEY = "PRDL"  # remaining seconds, ASCII decimal
 METADATA_KEY = "PRMD"  # serpent-encoded dict
+TRACE_KEY = "PRTC"  # W3C trace context, "name=value" lines (tracing.py)
 _MAX_METADATA = 64 * 1024  # bytes of encoded metadata a request may carry
 
 
@@ -36,7 +37,7 @@ class CallInfo:
     """The call a method is serving: its ``deadline`` (absolute, ``time.time()`` based, or None), the
     caller's ``metadata`` (a dict), the caller's address (``caller``, ``(host, port)``) and ``method``."""
 
-    __slots__ = ("deadline", "metadata", "caller", "method", "_span")
+    __slots__ = ("deadline", "metadata", "caller", "method", "_trace", "_span")
 
     def __init__(self, deadline: float | None, metadata: dict[str, Any], caller: Any = None,
                  method: str | None = None) -> None:
@@ -44,6 +45,7 @@ class CallInfo:
         self.metadata = metadata
         self.caller = caller
         self.method = method
+        self._trace: bytes | None = None  # the caller's trace context (PRTC), for the worker's span
         self._span: Any = None  # the worker's span of this call, while tracing (tracing.py)
 
     def remaining(self) -> float | None:
@@ -153,6 +155,9 @@ def incoming(annotations: dict[str, bytes] | None, caller: Any, method: str | No
                 value = None
             if isinstance(value, dict):
                 metadata = value
+        info = CallInfo(deadline, metadata, caller, method)
+        info._trace = annotations.get(TRACE_KEY)
+        return info
     return CallInfo(deadline, metadata, caller, method)
 
 

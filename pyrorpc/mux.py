@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import Pyro5.errors
 from Pyro5.callcontext import current_context
 
-from . import context
+from . import context, tracing
 from .connection import _DONTWAIT, _EPOLLIN, _EPOLLOUT, _NOT_READY, _ONESHOT, _TLS_CHUNK, CLOSED, Connection
 from .errors import CallTimeoutError, WorkerDrainingError
 from .protocol import (
@@ -496,10 +496,13 @@ class MuxHandler:
         if self._unstarted_refused(conn, header, method, target, started):
             return
         oneway = header.flags & FLAGS_ONEWAY
+        if tracing.INSTALLED and info._span is None:
+            tracing.start_server(self, target, info)  # (when tracing is on)
         failed = True
         err: BaseException | None = None
         data: bytes | None = None
         token = context.enter(info)
+        active = tracing.activate(info) if info._span is not None else None
         try:
             if info.expired:
                 raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
@@ -533,8 +536,14 @@ class MuxHandler:
         except BaseException as exc:  # SystemExit, KeyboardInterrupt raised by a method: that call's error
             err = exc
             data = self._error_frame(exc, header.seq, exc.__traceback__, header)
+            if active is not None:
+                tracing.finish(info, exc)
         finally:
+            if active is not None:
+                tracing.deactivate(active)
             context.leave(token)
+        if active is not None:  # (unless a coroutine or a stream took the call over: it ends the span)
+            tracing.finish(info, None, failed)
         if not header.flags & FLAGS_BATCH:  # (a batch counts its calls itself)
             self._record(target, method, failed, err, started, info)
         self._mux_done(conn, None if oneway else data, failed, seq=None if oneway else header.seq)
@@ -548,11 +557,17 @@ class MuxHandler:
             return
         ctx = contextvars.copy_context()
         ctx.run(context.enter, info)
+        if tracing.INSTALLED and info._span is None:
+            tracing.start_server(self, None, info)  # (when tracing is on)
+        if info._span is not None:
+            ctx.run(tracing.activate, info)  # (for the task made in ``ctx``)
         try:
             if info.expired:
                 raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
             result = ctx.run(fn, *vargs, **kwargs)
         except BaseException as exc:
+            if info._span is not None:
+                tracing.finish(info, exc)
             if target is not None:
                 self._record(target, method, True, exc, started, None)
             if oneway:
@@ -573,6 +588,8 @@ class MuxHandler:
             else:
                 _close_quietly(result)
                 err = TypeError(f"{method} did not return a coroutine")
+            if info._span is not None:
+                tracing.finish(info, err)
             if target is not None:
                 self._record(target, method, True, err, started, None)
             self._mux_done(conn, None if oneway else self._error_frame(err, header.seq, None, header), True, seq=seq)
@@ -619,7 +636,11 @@ class MuxHandler:
                 counted = False  # (and no outcome to count)
             if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
                 coro.close()  # cancelled before it began: it never runs (and is not "never awaited")
+            if info._span is not None:
+                tracing.finish(info, exc)
         except BaseException as exc:
+            if info._span is not None:
+                tracing.finish(info, exc)
             err = exc
             if oneway:
                 log.warning("%s: oneway call %s failed: %s: %s", self.name, method, type(exc).__name__, exc)
@@ -628,6 +649,8 @@ class MuxHandler:
         if counted:
             assert target is not None
             self._record(target, method, failed, err, started, info)
+        if info._span is not None:
+            tracing.finish(info, None, failed)
         self._mux_done(conn, data, failed, seq=None if oneway else header.seq)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import Pyro5.errors
 
-from . import context
+from . import context, tracing
 from .connection import Connection
 from .errors import CallTimeoutError
 from .protocol import FLAGS_CORR_ID, MSG_ITEMS, MSG_RESULT, pack
@@ -255,6 +255,8 @@ class PushStreams:
             if stream.finished:
                 return
             stream.finished = True
+        if stream.info._span is not None:
+            tracing.finish(stream.info, None, failed)
         conn = stream.conn
         if conn.tasks.get(stream.header.seq) is stream:
             del conn.tasks[stream.header.seq]
@@ -269,6 +271,8 @@ class PushStreams:
 
     def _stream_done(self, stream: _Stream, exc: BaseException | None) -> None:
         """The generator finished (``exc`` None) or raised: the rest of the items, then the final result."""
+        if exc is not None and stream.info._span is not None:
+            tracing.finish(stream.info, exc)
         with stream.lock:
             err = self._flush(stream) if not stream.finished else None
         if err is not None and err is not _GONE:
@@ -286,6 +290,7 @@ class PushStreams:
         """Run a sync generator while it has credit (a call thread); park it when it has none."""
         source = stream.source
         token = context.enter(stream.info)
+        active = tracing.activate(stream.info) if stream.info._span is not None else None
         try:
             while True:
                 with stream.lock:
@@ -321,6 +326,8 @@ class PushStreams:
                 with stream.lock:
                     self._add(stream, item, now - t0, now)
         finally:
+            if active is not None:
+                tracing.deactivate(active)
             context.leave(token)
 
     # async generators (the event loop) ----------------------------------------------------------

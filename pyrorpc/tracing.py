@@ -25,12 +25,12 @@ import os
 import sys
 from typing import Any
 
+from .context import TRACE_KEY
 from .protocol import pack_annotations
 
 __all__ = ["INSTALLED", "TRACE_KEY", "activate", "deactivate", "end", "finish", "start_client", "start_server",
            "tracer"]
 
-TRACE_KEY = "PRTC"
 _MAX_TRACE = 8 * 1024  # bytes of trace context a request may carry
 
 
@@ -165,21 +165,24 @@ def end(span: Any, exc: BaseException | None = None, failed: bool = False, **ext
 
 
 # the worker's side ---------------------------------------------------------------------------------
-def start_server(server: Any, target: Any, info: Any, annotations: dict[str, bytes] | None) -> None:
-    """Start the SERVER span of the call ``info`` (a child of the caller's span when the request carries
-    ``PRTC``, else a root) if tracing is on: kept in ``info._span`` until ``finish``."""
+def start_server(server: Any, target: Any, info: Any) -> None:
+    """Start the SERVER span of the call ``info`` (a child of the caller's span when the request carried
+    ``PRTC``, else a root) if tracing is on and the call is for a service (``target.extra`` or the server's
+    ``metadata_extra`` names it, as a WorkerHost's does): kept in ``info._span`` until ``finish``."""
     found = tracer()
     if found is None:
         return
+    extra = getattr(target, "extra", None) or server.metadata_extra or {}
+    service = extra.get("service")
+    if not service:
+        return  # not a service (the name server, a client's callback objects): not traced
     parent = _context.Context()  # never whatever this thread happens to have current
-    raw = annotations.get(TRACE_KEY) if annotations else None
+    raw = info._trace
     if raw is not None:
         carrier = _decode(raw)
         if carrier:
             parent = _propagate.extract(carrier, context=parent)
-    extra = getattr(target, "extra", None) or getattr(server, "metadata_extra", None) or {}
-    worker = extra.get("name") or getattr(server, "name", None) or ""
-    service = extra.get("service") or _service_of(worker)
+    worker = extra.get("name") or server.name
     method = info.method or "?"
     attributes: dict[str, Any] = {"rpc.system": "pyrorpc", "rpc.service": service, "rpc.method": method,
                                   "pyrorpc.worker": worker}
@@ -209,3 +212,11 @@ def finish(info: Any, exc: BaseException | None = None, failed: bool = False) ->
         return
     info._span = None
     end(span, exc, failed)
+
+
+def finish_future(info: Any, future: Any) -> None:
+    """``finish`` for a call that ran as ``future`` (an ``async def`` method called oneway)."""
+    if future.cancelled():
+        finish(info, None, True)
+    else:
+        finish(info, future.exception())
