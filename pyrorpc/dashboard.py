@@ -54,7 +54,8 @@ class Fleet:
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {"ns": {"address": str(settings.ns), "ok": False, "error": "not polled yet"},
                                        "services": [], "updated": None}
-        self._last_calls: dict[str, tuple[float, int]] = {}  # worker -> (time, calls)
+        # worker -> (time, calls, "stats" or "lease", the rate then)
+        self._last_calls: dict[str, tuple[float, int, str, float | None]] = {}
         self._history: dict[str, collections.deque[float]] = {}
         self._gone: dict[str, tuple[float, dict[str, Any]]] = {}  # worker -> (when it left, its last row)
         self._known: dict[str, dict[str, Any]] = {}  # worker -> its last row
@@ -157,12 +158,19 @@ class Fleet:
             errors = _int(stats.get("errors"), errors)
             in_flight = _int(stats.get("in_flight"), in_flight)
             draining = bool(stats.get("draining"))
-            p50, p99 = _number(stats.get("p50_ms")), _number(stats.get("p99_ms"))
-        rate = None
+            p50, p99 = _latencies(stats, info.service)
+        # calls/s from two polls of the same source (the worker's own count, or its lease report's)
+        # (a lease report changes once a renewal, TTL/3: between two, its last rate stands)
+        source = "stats" if stats else "lease"
+        rate: float | None = None
         last = self._last_calls.get(info.name)
-        if last is not None and now > last[0] and calls >= last[1]:
+        if last is None or last[2] != source or calls < last[1] or now <= last[0]:
+            self._last_calls[info.name] = (now, calls, source, None)
+        elif calls > last[1] or source == "stats":
             rate = round((calls - last[1]) / (now - last[0]), 1)
-        self._last_calls[info.name] = (now, calls)
+            self._last_calls[info.name] = (now, calls, source, rate)
+        else:
+            rate = last[3]
         row = {"name": info.name, "service": info.service, "host": info.host, "pid": info.pid,
                "in_flight": in_flight, "calls": calls, "errors": errors, "calls_per_s": rate,
                "p50_ms": p50, "p99_ms": p99, "last_heartbeat": info.last_heartbeat, "ttl": info.ttl,
@@ -196,6 +204,43 @@ class Fleet:
         for svc in list(self._history):
             if svc not in known:
                 del self._history[svc]
+
+
+def _latencies(stats: dict[str, Any], service: str) -> tuple[float | None, float | None]:
+    """p50 and p99 (ms) of a worker's calls of ``service``, from its ``stats()``: the latency histograms of
+    the service's methods added up (``buckets_ms`` bounds), interpolated within a bucket as Prometheus'
+    ``histogram_quantile`` does."""
+    bounds = stats.get("buckets_ms")
+    methods = stats.get("methods")
+    if not isinstance(bounds, list) or not isinstance(methods, dict):
+        return _number(stats.get("p50_ms")), _number(stats.get("p99_ms"))
+    per_method = methods.get(service)
+    if not isinstance(per_method, dict):
+        return None, None
+    total = [0] * (len(bounds) + 1)
+    for entry in per_method.values():
+        buckets = entry.get("buckets") if isinstance(entry, dict) else None
+        if isinstance(buckets, list) and len(buckets) == len(total):
+            for i, n in enumerate(buckets):
+                if isinstance(n, int):
+                    total[i] += n
+    return _bucket_quantile(bounds, total, 0.5), _bucket_quantile(bounds, total, 0.99)
+
+
+def _bucket_quantile(bounds: list[Any], counts: list[int], q: float) -> float | None:
+    count = sum(counts)
+    if not count:
+        return None
+    rank = q * count
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            if i >= len(bounds):
+                return _number(bounds[-1])  # above the last bound: at least that
+            low = float(bounds[i - 1]) if i else 0.0
+            return _number(low + (float(bounds[i]) - low) * (rank - seen) / n)
+        seen += n
+    return _number(bounds[-1])
 
 
 def _int(value: Any, default: int) -> int:
