@@ -36,6 +36,8 @@ FIGURES: dict[str, tuple[str, str, bool]] = {
     "concurrent_client_threads": ("concurrent awaits: client threads (peak)", "threads", False),
     "concurrent_worker_threads": ("concurrent awaits: worker threads (peak)", "threads", False),
     "concurrent_connections": ("concurrent awaits: connections to the worker (peak)", "connections", False),
+    "metrics_calls": ("sync calls/s (Pool.ping), metrics on vs off", "calls/s", True),
+    "metrics_cpu_server": ("sync CPU per call, worker, metrics on vs off", "µs", False),
     "ns_lookup_p50": ("service lookup p50 (ns_lookup.py)", "ms", False),
     "ns_lookup_p99": ("service lookup p99 (ns_lookup.py)", "ms", False),
 }
@@ -47,7 +49,7 @@ BASELINES = {"sync_calls": "pyro", "sync_p50": "pyro", "sync_p99": "pyro", "sync
              "idle_threads": "none", "ns_lookup_p50": "stock yplookup",
              "ns_lookup_p99": "stock yplookup", "async_calls": "sync", "async_p50": "sync",
              "async_cpu_client": "sync", "async_cpu_server": "sync", "async_concurrent": "threads",
-             "stream_rate": "sync"}
+             "stream_rate": "sync", "metrics_calls": "off", "metrics_cpu_server": "off"}
 
 
 @dataclasses.dataclass
@@ -134,6 +136,7 @@ TARGETS = [
     Target("aio at once ≥ 0.8× future()", "async_concurrent", "aio", "ratio", ">=", 0.8, ref="futures"),
     Target("stream() ≥ 10× sync calls/s", "stream_rate", "stream", "ratio", ">=", 10.0, ref="sync"),
     Target("astream() ≥ 10× sync calls/s", "stream_rate", "astream", "ratio", ">=", 10.0, ref="sync"),
+    Target("metrics on ≥ 0.9× off", "metrics_calls", "on", "ratio", ">=", 0.9, ref="off"),
     Target("p50 ≤ 2 ms", "ns_lookup_p50", "pyrorpc service_workers", "absolute", "<=", 2.0),
     Target("≥ 10× faster than stock yplookup", "ns_lookup_p50", "pyrorpc service_workers", "speedup", ">=", 10.0,
            ref="stock yplookup"),

@@ -25,7 +25,10 @@ tasks at once, against the sync path measured alongside: ``m()`` one at a time, 
 m.astream(n)`` against the sync call rate, stock Pyro5's item streaming and RPyC's generator iteration; the
 worker's RSS growth over a stream of 1,000,000 items), ``concurrent`` (10,000 awaits at once of an
 ``async def`` method sleeping 1 s, on one worker process of 4 threads: wall time, client and worker threads,
-connections) and ``ns`` (service lookup among 10,000 registrations: runs ``benchmarks/ns_lookup.py`` and
+connections), ``metrics`` (``Pool.ping()`` calls/s and worker CPU per call with the per-call statistics
+and a Prometheus endpoint scraped every 0.5 s, against a worker and pool that record nothing; a third row
+adds OpenTelemetry installed but no provider or exporter configured, when ``pyrorpc.tracing`` and the otel
+extra are there) and ``ns`` (service lookup among 10,000 registrations: runs ``benchmarks/ns_lookup.py`` and
 includes its rows).
 """
 
@@ -44,7 +47,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from typing import Any
@@ -80,7 +85,7 @@ from servers import FRAME  # noqa: E402
 
 import pyrorpc  # noqa: E402
 
-GROUPS = ("sync", "oneway", "map", "threads", "idle", "sleep", "async", "stream", "concurrent", "ns")
+GROUPS = ("sync", "oneway", "map", "threads", "idle", "sleep", "async", "stream", "concurrent", "metrics", "ns")
 RPC_GROUPS = frozenset(GROUPS) - {"ns"}
 BENCH_GROUPS = {"sync", "oneway", "map", "threads", "async", "stream"}  # served by the "bench" worker
 POOL_SIZES = (1, 2, 4, 8, 16)
@@ -96,6 +101,10 @@ THREADS_FIGURES = {"threads_calls": "calls_per_s", "threads_errors": "errors"}
 IDLE_FIGURES = {"idle_calls": "calls_per_s", "idle_threads": "threads", "idle_fds": "fds"}
 ASYNC_FIGURES = {"async_calls": "calls_per_s", "async_p50": "p50_us", "async_cpu_client": "client_cpu_us",
                  "async_cpu_server": "server_cpu_us"}
+METRICS_FIGURES = {"metrics_calls": "calls_per_s", "metrics_cpu_server": "server_cpu_us"}
+METRICS_WORKERS = {  # service -> worker arguments: what each row of the metrics figure runs against
+    "moff": ["--no-stats", "--no-tracing"], "mon": ["--metrics-port", "0", "--no-tracing"],
+    "motel": ["--metrics-port", "0"]}
 CONCURRENT_FIGURES = {"concurrent_seconds": "seconds", "concurrent_client_threads": "peak_client_threads",
                       "concurrent_worker_threads": "peak_worker_threads",
                       "concurrent_connections": "peak_connections"}
@@ -201,12 +210,14 @@ class Bench:
                 plan.append((["idle"], []))
             if "concurrent" in groups:
                 plan.append((["conc"], ["--threads", str(self.args.concurrent_threads)]))
+            if "metrics" in groups:
+                plan += [([svc], extra) for svc, extra in METRICS_WORKERS.items() if svc != "motel" or _traceable()]
             workers = [self.start(["worker", "--ns", self.ns, *[a for s in svc for a in ("--service", s)], *extra],
                                   self.cpus) for svc, extra in plan]
             uris = self.uris  # service -> worker URI, from "READY worker SERVICE=URI ..."
             for (svc, _extra), w in zip(plan, workers, strict=True):
                 uris.update(kv.partition("=")[::2] for kv in w.wait_ready(timeout)[1:])
-                self.pids.update({s: w.proc.pid for s in svc if s in ("bench", "idle", "conc")})
+                self.pids.update({s: w.proc.pid for s in svc if s in ("bench", "idle", "conc", *METRICS_WORKERS)})
             if "idle" in groups:
                 self.idle_helper = self.start(["idle", "--uri", uris["idle"]], self.cpus)
                 self.idle_helper.wait_ready(timeout)
@@ -248,7 +259,8 @@ class Bench:
         pool = pyrorpc.Pool(service, ns=self.ns, **kwargs)
         self.stack.callback(pool.close)
         # a figure is only worth its label if the pool holds exactly the workers started for it
-        want = {"bench": 1, "bench2": 2, "conc": 1}.get(service) or int(service[len("sleep"):])
+        want = {"bench": 1, "bench2": 2, "conc": 1, **dict.fromkeys(METRICS_WORKERS, 1)}.get(service) \
+            or int(service[len("sleep"):])
         got = sorted(w.name for w in pool.workers())
         if len(got) != want or not all(name.startswith(service + ".") for name in got):
             raise RuntimeError(f"Pool({service!r}) holds {got}, expected {want} worker(s) of {service!r}")
@@ -275,7 +287,8 @@ class Bench:
         method, so no closure can see another group's clients."""
         makers = {"sync": self._sync_group, "oneway": self._oneway_group, "map": self._map_group,
                   "threads": self._threads_group, "idle": self._idle_group, "sleep": self._sleep_group,
-                  "async": self._async_group, "stream": self._stream_group, "concurrent": self._concurrent_group}
+                  "async": self._async_group, "stream": self._stream_group, "concurrent": self._concurrent_group,
+                  "metrics": self._metrics_group}
         return {group: make() for group, make in makers.items() if group in self.args.groups}
 
     def _sync_group(self) -> list[Contender]:
@@ -489,6 +502,45 @@ class Bench:
         return [Contender("pool_aio", f"Pool (1 worker, {a.concurrent_threads} threads): gather of {n:,} "
                           f"aio() sleeping {a.concurrent_sleep:g} s", CONCURRENT_FIGURES, measure)]
 
+    def _metrics_group(self) -> list[Contender]:
+        """The cost of metrics on the sync call path: the same Pool.ping() loop against three workers, each a
+        process of its own: ``off`` records nothing (worker: no per-call statistics; client: no Pool
+        statistics; neither tests for OpenTelemetry), ``on`` keeps every statistic and serves a Prometheus
+        endpoint that a thread of this process scrapes every 0.5 s, ``otel`` is ``on`` with OpenTelemetry
+        installed but no provider or exporter configured (client and worker)."""
+        a = self.args
+        tracing = _tracing_module()
+
+        def measure(service: str, stats: bool, traced: bool) -> Callable[[], dict[str, Any]]:
+            pool, pid, url = self.pool(service), self.pids[service], self.uris.get(f"metrics:{service}")
+
+            def run() -> dict[str, Any]:
+                saved = pool._stats
+                if not stats:
+                    pool._stats = _NoPoolStats()  # type: ignore[assignment]
+                was = tracing.INSTALLED if tracing is not None else False
+                if tracing is not None:
+                    tracing.INSTALLED = traced
+                with _scraping(url) as scrapes:
+                    try:
+                        out = sync_loop(lambda: pool.ping(), a.calls, a.warmup, pid)
+                    finally:
+                        pool._stats = saved
+                        if tracing is not None:
+                            tracing.INSTALLED = was
+                out["scrapes"] = scrapes[0]
+                return out
+            return run
+
+        group = [Contender("off", "Pool (1 worker): no statistics recorded", METRICS_FIGURES,
+                           measure("moff", False, False)),
+                 Contender("on", "Pool (1 worker): statistics + Prometheus endpoint scraped every 0.5 s",
+                           METRICS_FIGURES, measure("mon", True, False))]
+        if "motel" in self.pids:
+            group.append(Contender("otel", "as on, with OpenTelemetry installed (no provider, no exporter)",
+                                   METRICS_FIGURES, measure("motel", True, True)))
+        return group
+
     # the rounds
     def run_rounds(self) -> None:
         groups = self.contenders()
@@ -542,6 +594,66 @@ class Bench:
             for figure, key in (("ns_lookup_p50", "p50"), ("ns_lookup_p99", "p99")):
                 for rnd in res.get("rounds", []):
                     self.results.add(figure, label, label, float(rnd[key]))
+
+
+class _NoPoolStats:
+    """A Pool's statistics that record nothing (the metrics figure's ``off`` row)."""
+
+    def attempt(self, *_args: Any) -> None:
+        pass
+
+    def retried(self) -> None:
+        pass
+
+    def failed_over(self) -> None:
+        pass
+
+    def ejected(self, *_args: Any) -> None:
+        pass
+
+
+def _tracing_module() -> Any:
+    try:
+        from pyrorpc import tracing
+    except ImportError:
+        return None
+    return tracing
+
+
+def _traceable() -> bool:
+    """pyrorpc has tracing and the otel extra is installed (the metrics figure's otel row)."""
+    tracing = _tracing_module()
+    return bool(tracing is not None and tracing.INSTALLED)
+
+
+class _scraping:  # noqa: N801 - used as a function: ``with _scraping(url) as count``
+    """Scrape ``url`` from a thread every 0.5 s while the block runs (nothing for None); yields ``[scrapes]``."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+        self.count = [0]
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        assert self.url is not None
+        while True:
+            with urllib.request.urlopen(self.url, timeout=5) as reply:
+                reply.read()
+            self.count[0] += 1
+            if self.stop.wait(0.5):
+                return
+
+    def __enter__(self) -> list[int]:
+        if self.url is not None:
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+        return self.count
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(10)
 
 
 # command line -----------------------------------------------------------------------------------------

@@ -196,9 +196,24 @@ def serve_ns() -> None:
     run("127.0.0.1", 0, storage="memory", lease_ttl=30.0, echo=echo)
 
 
-def serve_workers(ns: str, services: list[str], threads: int | None) -> None:
-    hosts = [pyrorpc.WorkerHost(BenchService, ns=ns, service=s, threads=threads).start() for s in services]
-    ready("worker " + " ".join(f"{h.service}={h.uri}" for h in hosts))
+def serve_workers(ns: str, services: list[str], threads: int | None, *, stats: bool = True, tracing: bool = True,
+                  metrics_port: int | None = None) -> None:
+    """Serve ``services``; the metrics figure's workers: ``stats=False`` records no per-call statistics (the
+    "off" row), ``tracing=False`` as if the otel extra were not installed, ``metrics_port`` a Prometheus
+    endpoint (its URL in the READY line as ``metrics:SERVICE=URL``)."""
+    if not stats:
+        from pyrorpc.stats import ServerStats
+        ServerStats.record = lambda *_args, **_kwargs: None  # type: ignore[method-assign]
+    if not tracing:
+        try:
+            from pyrorpc import tracing as otel
+            otel.INSTALLED = False
+        except ImportError:
+            pass
+    hosts = [pyrorpc.WorkerHost(BenchService, ns=ns, service=s, threads=threads, metrics_port=metrics_port).start()
+             for s in services]
+    ready("worker " + " ".join(f"{h.service}={h.uri}" for h in hosts)
+          + "".join(f" metrics:{h.service}={h.metrics.url}" for h in hosts if h.metrics is not None))
     # no graceful stop: the name server goes down with the same benchmark run, leases and all
     exit_when_parent_goes()
 
@@ -290,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-in-flight", type=int, default=None, help="the Pool's max_in_flight (gather)")
     parser.add_argument("--worker-pid", type=int, default=None, help="the worker process to watch (gather)")
     parser.add_argument("--port", type=int, default=None, help="the worker's port (gather)")
+    parser.add_argument("--no-stats", action="store_true", help="no per-call statistics (worker; metrics figure)")
+    parser.add_argument("--no-tracing", action="store_true", help="as without the otel extra (worker)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics (worker)")
     args = parser.parse_args(argv)
     pin(args.cpus)
     if args.kind == "raw":
@@ -311,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not args.ns or not args.service:
             parser.error("worker needs --ns and at least one --service")
-        serve_workers(args.ns, args.service, args.threads)
+        serve_workers(args.ns, args.service, args.threads, stats=not args.no_stats, tracing=not args.no_tracing,
+                      metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

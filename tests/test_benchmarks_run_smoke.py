@@ -39,6 +39,8 @@ FIGURES = {
     "concurrent_client_threads": {"pool_aio"},
     "concurrent_worker_threads": {"pool_aio"},
     "concurrent_connections": {"pool_aio"},
+    "metrics_calls": {"off", "on"},  # (and "otel" with the otel extra)
+    "metrics_cpu_server": {"off", "on"},
 }
 SIGNED = {"stream_rss"}  # a growth: the worker's RSS may also shrink
 NS_FIGURES = {"ns_lookup_p50", "ns_lookup_p99"}
