@@ -12,8 +12,9 @@ connections as workers, as in production). Phases:
    ``--duration`` seconds: the name server's CPU over the phase (``/proc/PID/stat``, all its threads, lease
    sweeper included) is the share of one core N workers at that TTL need, and CPU / renewals the cost of
    one renewal;
-3. lookups: while the paced renewals go on, ``service_workers`` of one service (ten workers among all the
-   registrations) over one kept connection, every 5 ms, for ``--lookup-seconds``: p50 / p99;
+3. lookups: ``service_workers`` of one service (ten workers among all the registrations) over one kept
+   connection, every 5 ms, for ``--lookup-seconds``: p50 / p99 with the name server otherwise idle (right
+   after registering) and while the paced renewals go on;
 4. saturated (``--saturate`` seconds, 0 to skip): the clients renew as fast as they can: the most renewals
    per second the pinned name server sustains, and its CPU per renewal then.
 
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 5; 0 skips)")
     parser.add_argument("--procs", type=int, default=4, help="client processes (default 4)")
     parser.add_argument("--threads", type=int, default=8, help="renewing threads per client process (default 8)")
+    parser.add_argument("--shared-connections", action="store_true", help="the workers of a client thread "
+                        "share one connection (as if one process renewed for all of them) instead of one each")
     parser.add_argument("--cpu", type=int, default=0, help="the CPU the name server is pinned to (default 0)")
     parser.add_argument("--unpinned", action="store_true", help="pin nothing")
     parser.add_argument("--watch-pid", type=int, action="append", default=[], metavar="PID",
@@ -99,9 +102,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (every thread)."""
+    user, system = cpu_times(pid)
+    return user + system
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far (every thread)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15)
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS  # utime, stime (fields 14 and 15)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -118,7 +127,8 @@ class SimWorker:
 
     __slots__ = ("name", "uri", "metadata", "load", "client")
 
-    def __init__(self, proc: int, index: int, service: str, settings: pyrorpc.Settings) -> None:
+    def __init__(self, proc: int, index: int, service: str, settings: pyrorpc.Settings,
+                 client: NameServerClient | None = None) -> None:
         host = f"bench{proc}"
         pid = 100_000 + proc * 100_000 + index
         self.name = f"{service}.{host}.{pid}.w{index:05d}"
@@ -128,7 +138,7 @@ class SimWorker:
                          "pyrorpc.threads:64", f"pyrorpc.started:{started}"}
         self.load: dict[str, Any] = {"in_flight": 0, "calls": 0, "errors": 0, "connections": 1, "host": host,
                                      "pid": pid, "threads": 64, "started": float(started)}
-        self.client = NameServerClient(settings)
+        self.client = client if client is not None else NameServerClient(settings)
 
     def renew(self, ttl: float) -> None:
         self.load["calls"] += 1
@@ -136,12 +146,14 @@ class SimWorker:
 
 
 def client_main(conn: multiprocessing.connection.Connection, proc: int, indices: list[int], services: int,
-                ns: str, ttl: float, threads: int, cpus: set[int] | None) -> None:
+                ns: str, ttl: float, threads: int, cpus: set[int] | None, shared: bool) -> None:
     """A client process: builds its simulated workers, then runs the phases the parent asks for."""
     if cpus:
         os.sched_setaffinity(0, cpus)
     settings = pyrorpc.Settings(ns=ns, connect_timeout=30)
-    workers = [SimWorker(proc, i, f"svc{i % services}", settings) for i in indices]
+    clients = [NameServerClient(settings) for _ in range(threads)] if shared else [None] * threads
+    workers = [SimWorker(proc, i, f"svc{i % services}", settings, clients[n % threads])
+               for n, i in enumerate(indices)]
     slices = [workers[t::threads] for t in range(threads)]
     while True:
         command = conn.recv()
@@ -149,6 +161,9 @@ def client_main(conn: multiprocessing.connection.Connection, proc: int, indices:
         if kind == "stop":
             for w in workers:
                 w.client.close()
+            for c in clients:
+                if c is not None:
+                    c.close()
             conn.send(("stopped",))
             return
         started = time.monotonic()
@@ -232,6 +247,18 @@ def start_nameserver(args: argparse.Namespace) -> tuple[subprocess.Popen[str], s
     raise SystemExit("the name server did not start:\n" + "".join(lines))
 
 
+def timed_lookups(client: NameServerClient, service: str, seconds: float) -> list[float]:
+    """Milliseconds of each ``service_workers(service)``, one every 5 ms for ``seconds``; sorted."""
+    out: list[float] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end or len(out) < 3:
+        t = time.perf_counter()
+        client.service_workers(service)
+        out.append((time.perf_counter() - t) * 1000)
+        time.sleep(0.005)
+    return sorted(out)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     client_cpus = None if args.unpinned else set(os.sched_getaffinity(0)) - {args.cpu}
     if client_cpus:
@@ -245,7 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             parent_end, child_end = ctx.Pipe()
             indices = list(range(p, args.workers, args.procs))
             child = ctx.Process(target=client_main, args=(child_end, p, indices, args.services, ns, args.ttl,
-                                                          args.threads, client_cpus), daemon=True)
+                                                          args.threads, client_cpus, args.shared_connections),
+                                daemon=True)
             child.start()
             links.append(parent_end)
             children.append(child)
@@ -263,6 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         expected = len(range(0, args.workers, args.services))
         if len(listed) != expected:
             raise SystemExit(f"service_workers('svc0') listed {len(listed)} workers, expected {expected}")
+        target = f"svc{args.services // 2}"
+        idle_lookups = timed_lookups(lookup_client, target, args.lookup_seconds)
 
         # paced renewals: the CPU of the measured window only (the lookups come after it)
         target_rate = args.workers / (args.ttl / 3)
@@ -272,21 +302,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for link in links:
             link.send(("renew", start_at, total, True))
         time.sleep(max(0.0, start_at - time.monotonic()))
-        cpu0, watched0, w0 = cpu_seconds(ns_proc.pid), [cpu_seconds(p) for p in args.watch_pid], time.monotonic()
+        cpu0, watched0, w0 = cpu_times(ns_proc.pid), [cpu_seconds(p) for p in args.watch_pid], time.monotonic()
         time.sleep(args.duration)
-        cpu1, watched1, w1 = cpu_seconds(ns_proc.pid), [cpu_seconds(p) for p in args.watch_pid], time.monotonic()
-        lookups: list[float] = []
-        target = f"svc{args.services // 2}"
-        lookup_end = time.monotonic() + args.lookup_seconds
-        while time.monotonic() < lookup_end:
-            t = time.perf_counter()
-            lookup_client.service_workers(target)
-            lookups.append((time.perf_counter() - t) * 1000)
-            time.sleep(0.005)
+        cpu1, watched1, w1 = cpu_times(ns_proc.pid), [cpu_seconds(p) for p in args.watch_pid], time.monotonic()
+        lookups = timed_lookups(lookup_client, target, args.lookup_seconds)
         paced = [link.recv() for link in links]
         renewals = sum(r[1] for r in paced)
         wall = w1 - w0
-        ns_cpu = cpu1 - cpu0
+        ns_cpu = sum(cpu1) - sum(cpu0)
+        ns_sys = cpu1[1] - cpu0[1]
         # the renewals inside the CPU window: the paced rate held over the whole run
         achieved_rate = renewals / total
         window_renewals = achieved_rate * wall
@@ -322,12 +346,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ns_proc.wait(10)
         except subprocess.TimeoutExpired:
             ns_proc.kill()
-    lookups.sort()
     return {
         "benchmark": "ns_scale",
         "config": {"workers": args.workers, "ttl": args.ttl, "storage": args.storage, "services": args.services,
                    "duration": args.duration, "lookup_seconds": args.lookup_seconds, "saturate": args.saturate,
-                   "procs": args.procs, "threads": args.threads, "ns_cpu": None if args.unpinned else args.cpu,
+                   "procs": args.procs, "threads": args.threads, "shared_connections": args.shared_connections,
+                   "ns_cpu": None if args.unpinned else args.cpu,
                    "smoke": args.smoke},
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
                         "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
@@ -337,6 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "renewals_per_s": round(achieved_rate, 1),
             "max_lag_s": round(max(r[2] for r in paced), 3),
             "ns_cpu_share": round(ns_cpu / wall, 4),
+            "ns_cpu_system_share": round(ns_sys / wall, 4),
             "ns_cpu_us_per_renewal": round(ns_cpu / window_renewals * 1e6, 1) if window_renewals else None,
             "latency_ms_p50": round(percentile(paced_latency, 50) * 1000, 3),
             "latency_ms_p99": round(percentile(paced_latency, 99) * 1000, 3),
@@ -344,7 +369,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   for p, a, b in zip(args.watch_pid, watched0, watched1, strict=True)},
         },
         "lookup": {"service": target, "workers": expected, "calls": len(lookups),
-                   "p50_ms": round(percentile(lookups, 50), 3), "p99_ms": round(percentile(lookups, 99), 3)},
+                   "p50_ms": round(percentile(lookups, 50), 3), "p99_ms": round(percentile(lookups, 99), 3),
+                   "idle_p50_ms": round(percentile(idle_lookups, 50), 3),
+                   "idle_p99_ms": round(percentile(idle_lookups, 99), 3)},
         "saturated": saturated,
     }
 
@@ -360,11 +387,13 @@ def table(report: dict[str, Any]) -> str:
         "|---|---:|",
         f"| renewals/s needed (workers / (TTL/3)) | {paced['target_renewals_per_s']:,.0f} |",
         f"| renewals/s achieved (paced) | {paced['renewals_per_s']:,.0f} |",
-        f"| **name server CPU, share of one core** | **{paced['ns_cpu_share'] * 100:.1f}%** |",
+        f"| **name server CPU, share of one core** | **{paced['ns_cpu_share'] * 100:.1f}%** "
+        f"(kernel {paced['ns_cpu_system_share'] * 100:.1f}%) |",
         f"| name server CPU per renewal | {paced['ns_cpu_us_per_renewal']} µs |",
         f"| renewal latency p50 / p99 (client) | {paced['latency_ms_p50']:.3f} / {paced['latency_ms_p99']:.3f} ms |",
-        f"| lookup p50 / p99 (service_workers, {lookup['workers']} of {cfg['workers']:,}, under the paced load) | "
-        f"**{lookup['p50_ms']:.3f}** / {lookup['p99_ms']:.3f} ms |",
+        f"| lookup p50 / p99 (service_workers, {lookup['workers']} of {cfg['workers']:,}), name server idle | "
+        f"**{lookup['idle_p50_ms']:.3f}** / {lookup['idle_p99_ms']:.3f} ms |",
+        f"| lookup p50 / p99, under the paced renewals | **{lookup['p50_ms']:.3f}** / {lookup['p99_ms']:.3f} ms |",
     ]
     for pid, share in paced["watched_cpu_share"].items():
         lines.append(f"| CPU share of process {pid} (paced) | {share * 100:.1f}% |")

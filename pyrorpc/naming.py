@@ -184,6 +184,7 @@ class _Connections:
         self.idle: dict[tuple[Address, bool], list[LimitedConnection]] = {}
         self.busy: set[LimitedConnection] = set()
         self.closed = False
+        self.closings = 0  # how many times close() ran: an operation it cut short is not sent again
 
     def take(self, key: tuple[Address, bool]) -> LimitedConnection | None:
         """An idle connection that is still open (a server that closed it, or is draining, made it
@@ -221,6 +222,7 @@ class _Connections:
         """Close the idle connections; cut the busy ones short (a call waiting on one fails at once)."""
         with self.lock:
             self.closed = True
+            self.closings += 1
             idle = [c for conns in self.idle.values() for c in conns]
             self.idle.clear()
             busy = list(self.busy)
@@ -292,11 +294,14 @@ class NameServerClient:
                    mux: bool = False) -> Any:
         """Run ``method`` on the first name server that answers, starting with the one in use."""
         failed: list[str] = []
+        closings = self._conns.closings
         candidates = self._candidates()
         for address in candidates:
             try:
                 result = self._call_at(address, method, args, kwargs, timeout, mux)
             except _Unreachable as exc:
+                if self._conns.closings != closings:
+                    raise NameServerUnavailableError(f"{exc} (the client was closed)") from None
                 self._failed(address)
                 failed.append(str(exc))
                 if exc.sent and method not in IDEMPOTENT:
@@ -345,7 +350,7 @@ class NameServerClient:
             try:
                 return self._invoke(key, conn, method, args, kwargs, timeout)
             except _Unreachable as exc:
-                if exc.sent and method not in IDEMPOTENT:
+                if (exc.sent and method not in IDEMPOTENT) or self._conns.closed:
                     raise
                 log.debug("name server %s: kept connection lost (%s); reconnecting", address, exc)
         return self._invoke(key, self._connect(address, mux), method, args, kwargs, timeout)

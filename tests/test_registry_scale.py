@@ -425,3 +425,14 @@ def test_supervised_workers_take_the_list(nameserver, dead_ns: str) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         client.close()
+
+
+def test_closing_a_pool_ends_its_watch_at_once(ns_daemon) -> None:
+    ns = addr(ns_daemon)
+    with pyrorpc.WorkerHost(Calculator, ns=ns):
+        pool = pyrorpc.Pool("calc", ns=ns, refresh=20)
+        assert pool.add(1, 1) == 2
+        wait_for(lambda: ns_daemon.server.connection_count() >= 1, 5, message="the pool's connections")
+        pool.close()
+        # the watch waiting on the name server (up to 20 s) is cut short with the pool's connections
+        wait_for(lambda: ns_daemon.server.connection_count() <= 1, 2, message="the watch connection closed")
