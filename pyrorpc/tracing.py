@@ -43,13 +43,14 @@ def _installed() -> bool:
 
 INSTALLED = _installed()  # opentelemetry-api is importable (the extra); without it tracing never starts
 
-_api: Any = None  # opentelemetry.trace, once someone imported it
+_api: Any = None  # opentelemetry.trace, once someone imported it (and it keeps the provider in _TRACER_PROVIDER)
 _tracer: Any = None  # pyrorpc's Tracer once a real provider is set (OpenTelemetry sets the global one only once)
 _off = False  # a real provider that hands out no-op tracers (OTEL_SDK_DISABLED): off for good
 _UNSET = object()
 # the parts of OpenTelemetry used once tracing is on (imported then)
 _context: Any = None
 _propagate: Any = None
+_in_context: Any = None
 _CLIENT: Any = None
 _SERVER: Any = None
 _Status: Any = None
@@ -61,22 +62,30 @@ def tracer() -> Any:
     found = _tracer
     if found is not None:
         return found
+    api = _api
+    if api is None:
+        if "opentelemetry.trace" not in _modules:
+            return None  # nobody imported OpenTelemetry: nobody set a provider
+    elif api._TRACER_PROVIDER is None:
+        return None  # imported, no provider set: the extra installed, nothing configured
+    return _adopt()
+
+
+_modules = sys.modules
+
+
+def _adopt() -> Any:
+    global _api, _tracer, _off, _context, _propagate, _in_context, _CLIENT, _SERVER, _Status, _ERROR
     if _off:
         return None
-    api = _api or sys.modules.get("opentelemetry.trace")
-    if api is None:
-        return None  # nobody imported OpenTelemetry: nobody set a provider
-    return _adopt(api)
-
-
-def _adopt(api: Any) -> Any:
-    global _api, _tracer, _off, _context, _propagate, _CLIENT, _SERVER, _Status, _ERROR
+    api = sys.modules["opentelemetry.trace"]
     if _api is None:
-        _api = api
         if os.environ.get(api.OTEL_PYTHON_TRACER_PROVIDER):
             api.get_tracer_provider()  # (it loads the provider the variable names)
-    # read directly: get_tracer_provider() looks at os.environ on every call (0.8 us); the public call is
-    # the fallback should the name ever go
+        # read its global directly: get_tracer_provider() looks at os.environ on every call (0.8 us); without
+        # that name (another OpenTelemetry version) every call takes the public way, here
+        if hasattr(api, "_TRACER_PROVIDER"):
+            _api = api
     provider: Any = getattr(api, "_TRACER_PROVIDER", _UNSET)
     if provider is _UNSET:
         provider = api.get_tracer_provider()
@@ -89,7 +98,7 @@ def _adopt(api: Any) -> Any:
     if isinstance(found, api.NoOpTracer):
         _off = True
         return None
-    _context, _propagate = context, propagate
+    _context, _propagate, _in_context = context, propagate, api.set_span_in_context
     _CLIENT, _SERVER = api.SpanKind.CLIENT, api.SpanKind.SERVER
     _Status, _ERROR = api.Status, api.StatusCode.ERROR
     _tracer = found
@@ -148,7 +157,7 @@ def start_client(found: Any, endpoint: Any, method: str, call: str, metadata: di
         _add_metadata(attributes, metadata)
     span = found.start_span(f"{service}/{method}", kind=_CLIENT, attributes=attributes)
     carrier: dict[str, str] = {}
-    _propagate.inject(carrier, context=_api.set_span_in_context(span))
+    _propagate.inject(carrier, context=_in_context(span))
     return span, _encode(carrier)
 
 
@@ -198,7 +207,7 @@ def start_server(server: Any, target: Any, info: Any) -> None:
 def activate(info: Any) -> Any:
     """Make the call's span current (in this thread or context) while its method runs; a token for
     ``deactivate``."""
-    return _context.attach(_api.set_span_in_context(info._span))
+    return _context.attach(_in_context(info._span))
 
 
 def deactivate(token: Any) -> None:

@@ -48,9 +48,9 @@ class Fleet:
         for process in (self.front, self.back, self.ns_process):
             process.kill()
 
-    def client(self, scenario: str) -> tuple[Any, list[dict[str, Any]]]:
-        """Run a client scenario in a traced process of its own: its result and its spans."""
-        done = subprocess.run([sys.executable, APP, scenario, self.ns], env=_env(True), capture_output=True,
+    def client(self, scenario: str, trace: bool = True) -> tuple[Any, list[dict[str, Any]]]:
+        """Run a client scenario in a process of its own (traced from the start): its result and its spans."""
+        done = subprocess.run([sys.executable, APP, scenario, self.ns], env=_env(trace), capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
         out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -208,6 +208,13 @@ def test_a_client_with_no_provider_sends_no_trace_context(fleet: Fleet) -> None:
     # the same call from a traced client does carry it
     result, _spans = fleet.client("annotations")
     assert "PRTC" in result
+
+
+def test_a_provider_set_later_turns_tracing_on(fleet: Fleet) -> None:
+    (before, after), spans = fleet.client("late", trace=False)
+    assert "PRTC" not in before and "PRTC" in after
+    client = _one(spans, "trace_back/annotations", "CLIENT")
+    _child(_one(fleet.spans(fleet.back, client["trace_id"], 1), "trace_back/annotations", "SERVER"), client)
 
 
 def test_a_stock_pyro5_proxy_calls_a_traced_worker(fleet: Fleet) -> None:

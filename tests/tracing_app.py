@@ -19,16 +19,24 @@ from Pyro5.callcontext import current_context
 import pyrorpc
 
 EXPORTER: Any = None
-if os.environ.get("TRACE_SPANS"):
+
+
+def install() -> None:
+    """Trace this process from now on into ``EXPORTER``."""
+    global EXPORTER
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     EXPORTER = InMemorySpanExporter()
-    _provider = TracerProvider()
-    _provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
-    trace.set_tracer_provider(_provider)
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
+    trace.set_tracer_provider(provider)
+
+
+if os.environ.get("TRACE_SPANS"):
+    install()
 
 
 def _span(s: Any) -> dict[str, Any]:
@@ -116,6 +124,11 @@ def _scenario(name: str, ns: str) -> Any:
             return back.echo(4)
         if name == "annotations":
             return back.annotations()
+        if name == "late":  # (run without TRACE_SPANS) a provider set after calls were made
+            import opentelemetry.trace  # noqa: F401
+            before = back.annotations()
+            install()
+            return [before, back.annotations()]
         if name == "nested":
             return front.relay(ns, 5)
         if name == "aio":
