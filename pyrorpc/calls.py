@@ -323,7 +323,7 @@ class CallHandler:
             if info.deadline is not None and now >= info.deadline:
                 raise CallTimeoutError(f"{method}: its deadline passed before it could run; it did not run")
             if tracing.INSTALLED and object_id != DAEMON_NAME:
-                tracing.start_server(self, target, info)  # (when tracing is on)
+                tracing.start_server(self, target, info, vargs if flags & FLAGS_BATCH else None)
             if flags & FLAGS_BATCH:
                 token = enter_call(info)
                 active = tracing.activate(info) if info._span is not None else None

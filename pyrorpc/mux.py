@@ -497,7 +497,7 @@ class MuxHandler:
             return
         oneway = header.flags & FLAGS_ONEWAY
         if tracing.INSTALLED and info._span is None:
-            tracing.start_server(self, target, info)  # (when tracing is on)
+            tracing.start_server(self, target, info, vargs if header.flags & FLAGS_BATCH else None)
         failed = True
         err: BaseException | None = None
         data: bytes | None = None

@@ -174,10 +174,11 @@ def end(span: Any, exc: BaseException | None = None, failed: bool = False, **ext
 
 
 # the worker's side ---------------------------------------------------------------------------------
-def start_server(server: Any, target: Any, info: Any) -> None:
+def start_server(server: Any, target: Any, info: Any, batch: Any = None) -> None:
     """Start the SERVER span of the call ``info`` (a child of the caller's span when the request carried
     ``PRTC``, else a root) if tracing is on and the call is for a service (``target.extra`` or the server's
-    ``metadata_extra`` names it, as a WorkerHost's does): kept in ``info._span`` until ``finish``."""
+    ``metadata_extra`` names it, as a WorkerHost's does): kept in ``info._span`` until ``finish``. ``batch``:
+    the calls of a batch request (named after its first)."""
     found = tracer()
     if found is None:
         return
@@ -193,8 +194,13 @@ def start_server(server: Any, target: Any, info: Any) -> None:
             parent = _propagate.extract(carrier, context=parent)
     worker = extra.get("name") or server.name
     method = info.method or "?"
+    size = len(batch) if isinstance(batch, (list, tuple)) else 0
+    if size and isinstance(batch[0], (list, tuple)) and batch[0] and isinstance(batch[0][0], str):
+        method = batch[0][0]
     attributes: dict[str, Any] = {"rpc.system": "pyrorpc", "rpc.service": service, "rpc.method": method,
                                   "pyrorpc.worker": worker}
+    if batch is not None:
+        attributes["pyrorpc.batch_size"] = size
     caller = info.caller
     if isinstance(caller, tuple) and len(caller) >= 2:
         attributes["net.peer.name"] = str(caller[0])

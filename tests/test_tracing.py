@@ -167,6 +167,18 @@ def test_a_stream_that_calls_another_service(fleet: Fleet) -> None:
     _child(_one(fleet.spans(fleet.back, client["trace_id"], 1), "trace_back/count", "SERVER"), inner)
 
 
+def test_map_batches(fleet: Fleet) -> None:
+    result, spans = fleet.client("map")
+    assert result == [1, 2, 3]
+    batches = [s for s in spans if s["name"] == "trace_back/echo" and s["attributes"]["pyrorpc.call"] == "batch"]
+    assert batches and sum(s["attributes"]["pyrorpc.batch_size"] for s in batches) == 3
+    for client in batches:
+        (server,) = fleet.spans(fleet.back, client["trace_id"], 1)
+        assert server["name"] == "trace_back/echo"
+        assert server["attributes"]["pyrorpc.batch_size"] == client["attributes"]["pyrorpc.batch_size"]
+        _child(server, client)
+
+
 def test_metadata_becomes_attributes(fleet: Fleet) -> None:
     result, spans = fleet.client("metadata")
     assert result == 2

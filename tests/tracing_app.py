@@ -129,6 +129,8 @@ def _scenario(name: str, ns: str) -> Any:
             before = back.annotations()
             install()
             return [before, back.annotations()]
+        if name == "map":
+            return list(back.echo.map([(1,), (2,), (3,)]))
         if name == "nested":
             return front.relay(ns, 5)
         if name == "aio":
