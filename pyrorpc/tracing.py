@@ -14,6 +14,12 @@ Span names are ``SERVICE/method`` (OpenTelemetry's RPC convention), with the att
 span current while the method runs, so the calls it makes are its children. A failed call's span has status
 ERROR and the exception recorded.
 
+A client span is one attempt: a Pool call that fails over has a span per worker tried (the ones that never
+reached a worker say ``pyrorpc.not_sent``), siblings under the caller's current span; a stream's span lasts
+until its consumer is done. Only calls to services are traced on the worker (not the name server's, not a
+client's callback objects), and spans of a worker start when a call thread or the event loop takes the
+request (those refused unrun while draining have none).
+
 ``PRTC``'s value is what the global propagator injects (``traceparent``, ``tracestate``, ``baggage``...),
 one ``name=value`` a line, ASCII; it goes to pyrorpc workers only, like every call-context annotation.
 """
