@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -436,3 +437,18 @@ def test_closing_a_pool_ends_its_watch_at_once(ns_daemon) -> None:
         pool.close()
         # the watch waiting on the name server (up to 20 s) is cut short with the pool's connections
         wait_for(lambda: ns_daemon.server.connection_count() <= 1, 2, message="the watch connection closed")
+
+
+def test_ns_scale_benchmark_smoke(tmp_path) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "ns_scale.json"
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "ns_scale.py"), "--smoke", "--unpinned",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "name server CPU, share of one core" in done.stdout
+    report = json.loads(out.read_text())
+    paced = report["paced"]
+    assert paced["target_renewals_per_s"] == 300 and paced["renewals_per_s"] > 250
+    assert 0 < paced["ns_cpu_share"] < 1 and paced["ns_cpu_us_per_renewal"] > 0
+    assert 0 < report["lookup"]["p50_ms"] <= report["lookup"]["p99_ms"]
+    assert report["saturated"]["renewals_per_s"] > 0
