@@ -24,9 +24,10 @@ from .errors import (
     WorkerDrainingError,
     WorkerLostError,
 )
+from .hedging import EVALUATE_EVERY, MAX_COOLDOWN_FACTOR, Attempt, Health, Hedging, outliers
 from .metrics import track_pool
 from .naming import NameServerClient, WorkerInfo
-from .proxy import _END, Abandoned, CallHandle, Dispatcher, Endpoint, NotSent, RemoteMethod, SlotsBusy
+from .proxy import _END, Abandoned, CallHandle, Dispatcher, Endpoint, NoMux, NotSent, RemoteMethod, SlotsBusy
 from .service import check_service_name
 from .stats import ERROR, LOST, NOT_SENT, OK, TIMEOUT, PoolStats
 
@@ -38,7 +39,7 @@ log = logging.getLogger("pyrorpc.pool")
 class _Member:
     """A live worker as this pool sees it."""
 
-    __slots__ = ("name", "info", "endpoint", "ejected_until", "strikes", "suspect")
+    __slots__ = ("name", "info", "endpoint", "ejected_until", "strikes", "suspect", "health")
 
     def __init__(self, info: WorkerInfo, endpoint: Endpoint) -> None:
         self.name = info.name
@@ -47,6 +48,7 @@ class _Member:
         self.ejected_until = 0.0
         self.strikes = 0
         self.suspect = False  # its lease renewals stopped arriving: hung, or cut off from the network
+        self.health = Health()  # its last attempts, for outlier ejection
 
     @property
     def in_flight(self) -> int:
@@ -127,6 +129,15 @@ class Pool(Dispatcher):
         refresh: seconds between membership refreshes.
         retries: extra attempts for idempotent calls lost after sending.
         cooldown: seconds a failing worker is left out.
+        hedge: ``True``: an ``@idempotent`` call with no reply after the method's observed p95 latency (on a
+            typical worker) is also sent to another worker, the first reply wins and the other attempt is
+            cancelled; a number: after that many seconds; ``None``/``False`` (default): never.
+        hedge_budget: hedges are at most this share of the hedge-eligible calls (a token bucket).
+        outlier_ejection: leave out for a cooldown a worker whose median latency over its last 50 calls is
+            ``outlier_latency`` times its peers' (and over 1 ms), or whose error rate is over
+            ``outlier_errors`` and twice its peers'; never more than half of the workers at once.
+        outlier_latency: the latency ratio (0: latency never ejects).
+        outlier_errors: the error rate (0: errors never eject).
         settings: a ``pyrorpc.Settings``; keyword arguments (also ``secret=``, ``tls_ca=``...) override it.
 
     Raises:
@@ -137,7 +148,9 @@ class Pool(Dispatcher):
 
     def __init__(self, service: str, *, ns: Any = None, strategy: "str | Strategy" = "least-loaded",
                  timeout: float | None = None, max_in_flight: int | None = None, refresh: float | None = None,
-                 retries: int = 3, cooldown: float = 2.0, settings: Settings | None = None,
+                 retries: int = 3, cooldown: float = 2.0, hedge: bool | float | None = None,
+                 hedge_budget: float = 0.1, outlier_ejection: bool = True, outlier_latency: float = 5.0,
+                 outlier_errors: float = 0.2, settings: Settings | None = None,
                  **options: Any) -> None:
         try:
             check_service_name(service)
@@ -147,6 +160,11 @@ class Pool(Dispatcher):
             raise ValueError(f"`retries` must be a non-negative integer, got {retries!r}")
         if not isinstance(cooldown, (int, float)) or cooldown < 0:
             raise ValueError(f"`cooldown` must be non-negative, got {cooldown!r}")
+        hedging = _hedging(service, hedge, hedge_budget)
+        if not isinstance(outlier_latency, (int, float)) or not (outlier_latency == 0 or 1 < outlier_latency < 1e6):
+            raise ValueError(f"`outlier_latency` must be 0 (off) or a ratio over 1, got {outlier_latency!r}")
+        if not isinstance(outlier_errors, (int, float)) or not 0 <= outlier_errors < 1:
+            raise ValueError(f"`outlier_errors` must be 0 (off) to under 1, got {outlier_errors!r}")
         super().__init__(resolve(settings, ns=ns, timeout=timeout, max_in_flight=max_in_flight, refresh=refresh,
                                  **options))
         self._service = service
@@ -163,6 +181,10 @@ class Pool(Dispatcher):
         self.refreshed_at = 0.0
         self._version: Any = None  # of the membership, from the name server (watch_service)
         self._stats = PoolStats()  # attempts, retries, failovers, ejections (pyrorpc.metrics reads them)
+        self._hedging = hedging
+        self._outliers = (float(outlier_latency), float(outlier_errors)) if outlier_ejection else None
+        self._since_evaluated = 0
+        self._evaluating = threading.Lock()
         self._refresh()  # raises NameServerUnavailableError at once if the name server is down
         # The refresher holds the pool weakly, and a finalizer stops it: a pool dropped without close() is
         # collected, and its thread and connections go with it.
@@ -173,6 +195,8 @@ class Pool(Dispatcher):
                                         self._naming, service),
             name=f"pool-{service}-refresh", daemon=True)
         self._refresher.start()
+        if hedging is not None:
+            weakref.finalize(self, hedging.close)
         track_pool(self)
 
     def __getattr__(self, name: str) -> PoolMethod:
@@ -330,6 +354,49 @@ class Pool(Dispatcher):
             self._eject(member)  # hung or overloaded: leave it out for a while (a method's own timeout: fine)
         raise exc
 
+    def _observe(self, member: _Member, started: float, failed: bool) -> None:
+        """An attempt on ``member`` that began at ``started`` ended; every ``EVALUATE_EVERY`` of them the
+        outlier rule runs (in the caller's thread: no sort per call, no thread of its own)."""
+        if self._outliers is None:
+            return
+        member.health.record(time.monotonic() - started, failed)
+        self._since_evaluated += 1  # (racing threads may lose a count: the evaluation comes a call later)
+        if self._since_evaluated >= EVALUATE_EVERY:
+            self._since_evaluated = 0
+            self._eject_outliers()
+
+    def _eject_outliers(self) -> None:
+        """Leave out the workers standing far from their peers (``outliers``), keeping at least half of them;
+        an ejected worker's samples are forgotten, so after its cooldown it is judged on fresh calls (a probe)
+        and ejected again, for twice as long (up to 8x), if it still is an outlier."""
+        assert self._outliers is not None
+        if not self._evaluating.acquire(blocking=False):
+            return  # another thread is at it
+        try:
+            now = time.monotonic()
+            members = list(self._members.values())
+            out = sum(1 for m in members if m.ejected_until > now or m.suspect)
+            room = len(members) // 2 - out
+            judged = {m.name: m.health.summary() for m in members if m.ejected_until <= now and not m.suspect}
+            latency, errors = self._outliers
+            found = set(outliers(judged, latency=latency, errors=errors, limit=room))
+            for m in members:
+                if m.name in found:
+                    factor = min(2 ** m.health.ejections, MAX_COOLDOWN_FACTOR)
+                    m.health.ejections += 1
+                    m.health.reset()
+                    log.info("pool %s: %s is an outlier (median latency %.1f ms, errors %.0f%%); left out for %g s",
+                             self._service, m.name, judged[m.name][0] * 1000,  # type: ignore[index]
+                             judged[m.name][1] * 100, self._cooldown * factor)  # type: ignore[index]
+                    self._stats.ejected(m.name)
+                    with self._lock:
+                        m.ejected_until = max(m.ejected_until, now + self._cooldown * factor)
+                        self._invalidate()
+                elif judged.get(m.name) is not None:
+                    m.health.ejections = 0  # judged on enough fresh calls, and fine
+        finally:
+            self._evaluating.release()
+
     def _succeeded(self, member: _Member) -> None:
         if member.strikes:
             with self._lock:
@@ -343,6 +410,9 @@ class Pool(Dispatcher):
         """Send one call (or one batch) to a worker chosen by the strategy, with failover and retries."""
         if self._closed:
             raise self._closed_error()
+        if self._hedging is not None and handle is None and not (oneway or batch) \
+                and self._hedging.wants(self, method):
+            return self._hedging.call(self, method, args, kwargs, timeout)  # its attempts come back with a handle
         timeout = timeout or self._settings.timeout
         deadline = time.monotonic() + timeout
         tried: set[str] = set()
@@ -357,27 +427,39 @@ class Pool(Dispatcher):
                 result = member.endpoint.call(method, args, kwargs, left, oneway, batch=batch, handle=handle)
             except (NotSent, WorkerLostError, CallTimeoutError) as exc:
                 self._stats.attempt(member.name, _outcome(exc), started)
+                if self._outliers is not None and not isinstance(exc, (NotSent, SlotsBusy)):
+                    self._observe(member, started, True)
                 retries = self._failed(member, method, exc, tried, retries)
                 continue
-            except Exception:
+            except Exception as exc:
                 self._stats.attempt(member.name, ERROR, started)
+                if self._outliers is not None and not isinstance(exc, Abandoned):
+                    self._observe(member, started, True)
                 raise
             self._stats.attempt(member.name, OK, started)
+            if self._outliers is not None:
+                self._observe(member, started, False)
             self._succeeded(member)
             return result
 
     async def _acall(self, method: str, args: Any, kwargs: dict[str, Any], timeout: float | None,
-                     oneway: bool = False) -> Any:
+                     oneway: bool = False, *, attempt: Attempt | None = None) -> Any:
         """``_call`` on the caller's event loop: the same choice, failover, retries and ejections, over each
-        worker's multiplexed connection. NoMux (nothing sent) when the chosen worker does not multiplex."""
+        worker's multiplexed connection. NoMux (nothing sent) when the chosen worker does not multiplex.
+        ``attempt``: one attempt of a hedged call (which it tells the worker chosen)."""
         if self._closed:
             raise self._closed_error()
+        if self._hedging is not None and attempt is None and not oneway \
+                and self._hedging.wants(self, method):
+            return await self._hedging.acall(self, method, args, kwargs, timeout)
         timeout = timeout or self._settings.timeout
         deadline = time.monotonic() + timeout
         tried: set[str] = set()
         retries = self._retries
         while True:
             member = await self._achoose(tried, deadline)
+            if attempt is not None:
+                attempt.worker = member.name
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CallTimeoutError(f"{self._service}.{method}: no reply within {timeout:g}s")
@@ -386,12 +468,18 @@ class Pool(Dispatcher):
                 result = await member.endpoint.acall(method, args, kwargs, left, oneway)
             except (NotSent, WorkerLostError, CallTimeoutError) as exc:
                 self._stats.attempt(member.name, _outcome(exc), started)
+                if self._outliers is not None and not isinstance(exc, (NotSent, SlotsBusy)):
+                    self._observe(member, started, True)
                 retries = self._failed(member, method, exc, tried, retries)
                 continue
-            except Exception:
+            except Exception as exc:
                 self._stats.attempt(member.name, ERROR, started)
+                if self._outliers is not None and not isinstance(exc, NoMux):
+                    self._observe(member, started, True)
                 raise
             self._stats.attempt(member.name, OK, started)
+            if self._outliers is not None:
+                self._observe(member, started, False)
             self._succeeded(member)
             return result
 
@@ -572,9 +660,28 @@ class Pool(Dispatcher):
         self._stop.set()
         self._refresh_now.set()
         super().close()  # waits for futures in flight
+        if self._hedging is not None:
+            self._hedging.close()
         self._finalizer()
         with self._lock:
             self._invalidate()
+
+
+def _hedging(service: str, hedge: Any, budget: Any) -> Hedging | None:
+    """The pool's Hedging for its ``hedge`` and ``hedge_budget`` options (None: off).
+
+    Raises:
+        ValueError: naming the bad option.
+    """
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 1:
+        raise ValueError(f"`hedge_budget` must be over 0 and at most 1, got {budget!r}")
+    if hedge is None or hedge is False:
+        return None
+    if hedge is True:
+        return Hedging(service, None, float(budget))
+    if not isinstance(hedge, (int, float)) or not 0 < hedge < 3600:
+        raise ValueError(f"`hedge` must be True, False, None or a delay in seconds (0-3600), got {hedge!r}")
+    return Hedging(service, float(hedge), float(budget))
 
 
 def _outcome(exc: Exception) -> int:
