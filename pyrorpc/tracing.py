@@ -99,8 +99,7 @@ def _adopt() -> Any:
         return None
     from opentelemetry import context, propagate
 
-    from . import __version__
-    found = provider.get_tracer("pyrorpc", __version__)
+    found = provider.get_tracer("pyrorpc", getattr(sys.modules.get("pyrorpc"), "__version__", None))
     if isinstance(found, api.NoOpTracer):
         _off = True
         return None

@@ -95,16 +95,18 @@ def test_imports_flow_one_way():
     assert imports("connection.py") <= {"pyrorpc.protocol"}
     assert imports("ioloop.py") <= {"pyrorpc.connection", "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.wire"}
     assert imports("context.py") <= {"pyrorpc.codec", "pyrorpc.protocol"}
+    assert imports("tracing.py") <= {"pyrorpc.context", "pyrorpc.protocol"}  # (OpenTelemetry: imported by users)
     assert imports("aloop.py") == set()
     assert imports("streams.py") <= {"pyrorpc.aloop", "pyrorpc.connection", "pyrorpc.protocol", "pyrorpc.wire"}
     assert imports("calls.py") <= {"pyrorpc.aloop", "pyrorpc.compat", "pyrorpc.connection", "pyrorpc.context",
-                                    "pyrorpc.errors",
+                                    "pyrorpc.errors", "pyrorpc.codec", "pyrorpc.tracing",
                                     "pyrorpc.protocol", "pyrorpc.streams", "pyrorpc.wire"}
     # mux (multiplexed connections) sits beside calls: both are mixins of the server
     assert imports("push.py") <= {"pyrorpc.aloop", "pyrorpc.connection", "pyrorpc.context", "pyrorpc.errors",
-                                  "pyrorpc.protocol", "pyrorpc.wire"}
+                                  "pyrorpc.protocol", "pyrorpc.wire", "pyrorpc.tracing"}
     assert imports("mux.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.context",
-                                 "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.push", "pyrorpc.wire"}
+                                 "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.push", "pyrorpc.wire",
+                                 "pyrorpc.tracing"}
     assert imports("server.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.ioloop",
                                     "pyrorpc.mux", "pyrorpc.protocol", "pyrorpc.push", "pyrorpc.streams"}
     for low in ("naming.py", "worker.py", "proxy.py", "endpoint.py", "pool.py", "server.py", "callbacks.py",
