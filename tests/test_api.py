@@ -72,13 +72,13 @@ def _pyrorpc_imports(path):
 
 def test_imports_flow_one_way():
     """Layers (STYLE 2, 20): protocol and codec (no I/O) -> wire (transport) -> security -> server ->
-    naming/worker/proxy/pool -> cli; nameserver uses only config/errors/security/server."""
+    naming/worker/proxy/pool -> cli; nameserver uses only config/errors/security/server/metrics."""
     import glob
     import os
     ns_dir = os.path.dirname(nameserver.__file__)
     for path in glob.glob(os.path.join(ns_dir, "*.py")):
         assert _pyrorpc_imports(path) <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.security",
-                                          "pyrorpc.server"}, path
+                                          "pyrorpc.server", "pyrorpc.metrics"}, path
     pkg = os.path.dirname(pyrorpc.__file__)
 
     def imports(name: str) -> set[str]:
@@ -88,6 +88,9 @@ def test_imports_flow_one_way():
     assert imports("codec.py") == set()
     assert imports("compat.py") == set()
     assert imports("errors.py") == set()
+    assert imports("stats.py") == set()
+    assert imports("metrics.py") <= {"pyrorpc.errors", "pyrorpc.stats"}  # (what the name server may use)
+    assert imports("logs.py") == set()
     assert imports("config.py") == set()
     assert imports("wire.py") <= {"pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.codec", "pyrorpc.compat"}
     assert imports("security.py") <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.wire", "pyrorpc.protocol"}
@@ -99,14 +102,14 @@ def test_imports_flow_one_way():
     assert imports("aloop.py") == set()
     assert imports("streams.py") <= {"pyrorpc.aloop", "pyrorpc.connection", "pyrorpc.protocol", "pyrorpc.wire"}
     assert imports("calls.py") <= {"pyrorpc.aloop", "pyrorpc.compat", "pyrorpc.connection", "pyrorpc.context",
-                                    "pyrorpc.errors", "pyrorpc.codec", "pyrorpc.tracing",
+                                    "pyrorpc.errors", "pyrorpc.codec", "pyrorpc.tracing", "pyrorpc.stats",
                                     "pyrorpc.protocol", "pyrorpc.streams", "pyrorpc.wire"}
     # mux (multiplexed connections) sits beside calls: both are mixins of the server
     assert imports("push.py") <= {"pyrorpc.aloop", "pyrorpc.connection", "pyrorpc.context", "pyrorpc.errors",
                                   "pyrorpc.protocol", "pyrorpc.wire", "pyrorpc.tracing"}
     assert imports("mux.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.context",
                                  "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.push", "pyrorpc.wire",
-                                 "pyrorpc.tracing"}
+                                 "pyrorpc.tracing", "pyrorpc.stats"}
     assert imports("server.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.ioloop",
                                     "pyrorpc.mux", "pyrorpc.protocol", "pyrorpc.push", "pyrorpc.streams"}
     for low in ("naming.py", "worker.py", "proxy.py", "endpoint.py", "pool.py", "server.py", "callbacks.py",
