@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import heapq
 import itertools
+import math
 import statistics
 import threading
 import time
@@ -44,6 +45,9 @@ DELAY_RING = 64  # latencies per (method, worker) behind the adaptive delay
 DELAY_MIN_SAMPLES = 8  # per worker, before its p95 counts
 MAX_METHODS = 256  # methods with an adaptive delay (more are simply not hedged)
 MAX_WORKERS = 64  # workers per method behind the adaptive delay
+BUDGET_WINDOW = 10.0  # seconds of calls whose share of hedge tokens may be saved up...
+MIN_BURST = 10.0  # ...but at least this many
+RECHECKS = 3  # a call late at the delay with no token (or no worker) for a hedge looks again at 2x, 4x, 8x
 
 
 # outlier ejection ---------------------------------------------------------------------------------------
@@ -110,23 +114,28 @@ def outliers(samples: Mapping[str, tuple[float, float] | None], *, latency: floa
 # hedging ------------------------------------------------------------------------------------------------
 
 class Budget:
-    """A token bucket: each eligible call adds ``ratio`` of a token (up to ``burst``), a hedge spends one,
-    so hedges never exceed ``ratio`` of the calls."""
+    """A token bucket: each eligible call adds ``ratio`` of a token, a hedge spends one, so hedges never exceed
+    ``ratio`` of the calls. Unspent tokens are capped at ``ratio`` of the calls of about the last 10 s (at least
+    ``MIN_BURST``), as Finagle's retry budget: a quiet spell does not save up a burst that could swamp workers."""
 
-    __slots__ = ("ratio", "burst", "tokens", "calls", "hedges", "_lock")
+    __slots__ = ("ratio", "tokens", "calls", "hedges", "_recent", "_at", "_lock")
 
-    def __init__(self, ratio: float, burst: float = 10.0) -> None:
+    def __init__(self, ratio: float) -> None:
         self.ratio = ratio
-        self.burst = max(1.0, burst)
         self.tokens = 0.0
         self.calls = 0
         self.hedges = 0
+        self._recent = 0.0  # calls of about the last 10 s (decaying)
+        self._at = time.monotonic()
         self._lock = threading.Lock()
 
     def earn(self) -> None:
+        now = time.monotonic()
         with self._lock:
             self.calls += 1
-            self.tokens = min(self.burst, self.tokens + self.ratio)
+            self._recent = self._recent * math.exp((self._at - now) / BUDGET_WINDOW) + 1.0
+            self._at = now
+            self.tokens = min(max(MIN_BURST, self.ratio * self._recent), self.tokens + self.ratio)
 
     def spend(self) -> bool:
         with self._lock:
@@ -353,14 +362,19 @@ class Hedging:
         if delay is not None and delay < timeout:
             context = contextvars.copy_context()  # call_metadata() and the deadline go with the second attempt
             race.timer = self.hedger.schedule(
-                delay, lambda: self._launch(pool, race, context, method, args, kwargs, deadline))
+                delay, lambda: self._launch(pool, race, context, method, args, kwargs, started, deadline))
         try:
             value = pool._call(method, args, kwargs, timeout, False, race.first)
         except Abandoned:
             with race.lock:
                 if race.winner != 2:
                     raise
-            return race.result()  # the second attempt won and cut this one off
+            # the second attempt won and cut this one off: its worker took at least this long (left out, the
+            # tails of the workers' latencies would shrink with every hedge won, and the delay with them)
+            endpoint = race.first.endpoint
+            if endpoint is not None:
+                self.delays.record(method, endpoint.name, time.monotonic() - started)
+            return race.result()
         except Exception as exc:
             with race.lock:
                 if race.winner == 2:
@@ -396,14 +410,20 @@ class Hedging:
         return value
 
     def _launch(self, pool: Pool, race: _Race, context: contextvars.Context, method: str, args: Any,
-                kwargs: dict[str, Any] | None, deadline: float) -> None:
-        """In the hedger thread, at the delay: send the second copy, budget and a worker permitting."""
+                kwargs: dict[str, Any] | None, started: float, deadline: float, checks: int = 0) -> None:
+        """In the hedger thread, at the delay: send the second copy, budget and a worker permitting. Without
+        either, look again at twice the time so far (up to ``RECHECKS`` times): the tokens then go to the
+        calls that are late the longest, not to those a little over the delay."""
         endpoint = race.first.endpoint
         target = self._target(pool, endpoint.name if endpoint is not None else None)
-        if target is None:
-            return
         with race.lock:
-            if race.winner or not self.budget.spend():
+            if race.winner:
+                return
+            if target is None or not self.budget.spend():
+                now = time.monotonic()
+                if checks < RECHECKS and endpoint is not None and 2 * now - started < deadline:
+                    race.timer = self.hedger.schedule(now - started, lambda: self._launch(
+                        pool, race, context, method, args, kwargs, started, deadline, checks + 1))
                 return
             race.second = CallHandle()
             race.running = True
@@ -463,12 +483,19 @@ class Hedging:
         first = asyncio.ensure_future(pool._acall(method, args, kwargs, timeout, False, attempt=attempt))
         tasks = [first]
         try:
-            if delay is not None and delay < timeout:
-                await asyncio.wait(tasks, timeout=delay)
-            if not first.done():
+            wait = delay if delay is not None and delay < timeout else None
+            checks = 0
+            while wait is not None:  # (as _launch: without a token or a worker, look again at twice the time)
+                await asyncio.wait(tasks, timeout=wait)
+                if first.done():
+                    break
                 target = self._target(pool, attempt.worker)
                 if target is not None and self.budget.spend():
                     tasks.append(asyncio.ensure_future(self._asecond(pool, target, method, args, kwargs, deadline)))
+                    break
+                now = time.monotonic()
+                checks += 1
+                wait = now - started if checks <= RECHECKS and 2 * now - started < deadline else None
             pending = set(tasks)
             failure: BaseException | None = None
             while pending:
@@ -476,7 +503,8 @@ class Hedging:
                 for task in sorted(done, key=tasks.index):
                     exc = task.exception()
                     if exc is None or not _transport(exc):
-                        if task is first and exc is None and attempt.worker is not None:
+                        if attempt.worker is not None and (exc is None or task is not first):
+                            # (the first attempt's latency, or at least this long if the hedge beat it)
                             self.delays.record(method, attempt.worker, time.monotonic() - started)
                         return task.result()
                     if failure is None or task is first:
