@@ -315,4 +315,4 @@ def test_missing_extra_is_a_clear_error(tmp_path: Any, ns_addr: str) -> None:
     try:
         proc.expect(r"^worker \S+ serving calc")
     finally:
-        assert proc.stop(signal.SIGTERM) == 0
+        proc.kill()  # (a SIGTERM right after the ready line may come before its handler is installed)
