@@ -37,7 +37,8 @@ __all__ = ["Attempt", "Budget", "Delays", "Health", "Hedger", "Hedging", "outlie
 
 WINDOW = 50  # attempts per worker the outlier rule looks at...
 MIN_SAMPLES = 10  # ...once it has at least this many fresh ones
-EVALUATE_EVERY = 25  # calls of the pool between two evaluations
+_LAST = WINDOW - 1
+EVALUATE_EVERY = 50  # calls of the pool between two evaluations
 MIN_OUTLIER_P50 = 0.001  # a worker whose median is under 1 ms is never a latency outlier (noise, not a problem)
 MAX_COOLDOWN_FACTOR = 8  # an outlier ejected again and again stays out cooldown x 1, 2, 4, 8 (then 8)
 MIN_DELAY = 0.001  # a hedge never goes out sooner than this after its call
@@ -69,7 +70,7 @@ class Health:
         i = self.index
         self.latency[i] = seconds
         self.failed[i] = failed
-        self.index = 0 if i == WINDOW - 1 else i + 1
+        self.index = 0 if i == _LAST else i + 1
         self.count += 1
 
     def reset(self) -> None:

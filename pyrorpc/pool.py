@@ -360,9 +360,12 @@ class Pool(Dispatcher):
         if self._outliers is None:
             return
         member.health.record(time.monotonic() - started, failed)
-        self._since_evaluated += 1  # (racing threads may lose a count: the evaluation comes a call later)
-        if self._since_evaluated >= EVALUATE_EVERY:
-            self._since_evaluated = 0
+        since = self._since_evaluated + 1  # (racing threads may lose a count: the evaluation comes a call later)
+        if since < EVALUATE_EVERY:
+            self._since_evaluated = since
+            return
+        self._since_evaluated = 0
+        if len(self._members) > 1:
             self._eject_outliers()
 
     def _eject_outliers(self) -> None:
@@ -377,6 +380,8 @@ class Pool(Dispatcher):
             members = list(self._members.values())
             out = sum(1 for m in members if m.ejected_until > now or m.suspect)
             room = len(members) // 2 - out
+            if room <= 0:
+                return
             judged = {m.name: m.health.summary() for m in members if m.ejected_until <= now and not m.suspect}
             latency, errors = self._outliers
             found = set(outliers(judged, latency=latency, errors=errors, limit=room))
