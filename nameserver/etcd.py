@@ -6,8 +6,9 @@ Keys live under a prefix (``/pyrorpc/ns/`` unless the URL names another: ``etcd:
 Leased registrations are owned by the name server their worker renews through: it writes them under its own
 etcd lease (one per name server, kept alive every second or so, ``owner_ttl`` long), keeps each one's renewal
 clock in memory and deletes the key (a transaction "if still mine") once a worker misses its TTL. So a renewal
-costs no etcd request: only a changed load report is written (at once for its fixed fields such as ``threads``,
-at most every ``load_interval`` seconds for the counters). A worker that renews through another name server
+costs no etcd request: only a changed load report is written, at once when a fixed field such as ``threads``
+changed, and at most every ``load_interval`` seconds when only the counters did (those go with the others due,
+one transaction a second). A worker that renews through another name server
 moves its registration there with one write. If a name server dies, its registrations outlive it by at most
 ``owner_ttl``, in which its workers move to another name server, which takes them over.
 
@@ -37,7 +38,17 @@ from typing import Any
 import Pyro5.core
 import Pyro5.errors
 
-from .etcd_client import DEFAULT_PREFIX, EtcdClient, EtcdError, _b64, _detail, _range_end, etcd_ttl, parse_url
+from .etcd_client import (
+    DEFAULT_PREFIX,
+    MAX_BATCH,
+    EtcdClient,
+    EtcdError,
+    _b64,
+    _detail,
+    _range_end,
+    etcd_ttl,
+    parse_url,
+)
 
 log = logging.getLogger("pyrorpc.nameserver.etcd")
 
@@ -128,7 +139,7 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
     keeps_leases = True  # the NameServer hands it leases and locks (SqlStorage fails any getattr: a class flag)
 
     def __init__(self, endpoints: list[tuple[str, int]], prefix: str = DEFAULT_PREFIX, *,
-                 owner_ttl: float = 10.0, load_interval: float = 30.0, timeout: float = 3.0, retry_for: float = 6.0,
+                 owner_ttl: float = 10.0, load_interval: float = 10.0, timeout: float = 3.0, retry_for: float = 6.0,
                  check_interval: float = 1.0) -> None:
         self.etcd = EtcdClient(endpoints, timeout=timeout, retry_for=retry_for)
         self.prefix = prefix.encode() + b"reg/"
@@ -155,6 +166,8 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
             self.etcd.close()
             raise ValueError(f"cannot read the registry from etcd: {exc}") from None
         self._owner_alive = time.monotonic()  # the last time etcd confirmed the owner lease
+        self._dirty: dict[str, Record] = {}  # load reports to write with the next flush
+        self._dirty_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "EtcdStorage":
@@ -310,10 +323,12 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
         if rec is not None and rec.lease == self.owner and rec.uri == uri and rec.metadata == tags \
                 and rec.ttl == ttl:
             rec.renewed = time.monotonic()
-            if self._load_due(rec, load):
+            rec.load = load
+            if self._fixed_fields_changed(rec):
                 self._put_leased(name, uri, tags, ttl, load, self.owner)
-            else:
-                rec.load = load
+            elif load != rec.written and rec.renewed - rec.seen >= self.load_interval:
+                with self._dirty_lock:  # written with the others due by the next flush, in one transaction
+                    self._dirty[name] = rec
             return {"ttl": ttl, "created": False}
         # new, changed, or owned by another name server (its worker renews here now): write it as ours
         if not self._put_leased(name, uri, tags, ttl, load, self.owner):
@@ -338,13 +353,29 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
                 gone.append(name)
         return gone
 
-    def _load_due(self, rec: Record, load: dict[str, Any]) -> bool:
-        written = rec.written
-        if load == written:
-            return False
-        if any(load.get(k) != written.get(k) for k in (set(load) | set(written)) - COUNTERS):
-            return True
-        return time.monotonic() - rec.seen >= self.load_interval
+    @staticmethod
+    def _fixed_fields_changed(rec: Record) -> bool:
+        load, written = rec.load, rec.written
+        return load != written and any(load.get(k) != written.get(k) for k in (set(load) | set(written)) - COUNTERS)
+
+    def _flush_loads(self) -> None:
+        """Write the load reports that are due, MAX_BATCH to a transaction (one alone costs etcd 1.4 ms of
+        CPU and us 1 ms; one of a hundred, 0.1 ms in all)."""
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, {}
+        due = [(name, rec) for name, rec in dirty.items() if self.entries.get(name) is rec and rec.lease == self.owner]
+        for start in range(0, len(due), MAX_BATCH):
+            fresh = [(name, old, Record(old.uri, old.metadata, old.ttl, dict(old.load), old.lease, 0))
+                     for name, old in due[start:start + MAX_BATCH]]
+            try:
+                _ok, reply = self.etcd.txn([], [op for name, _old, rec in fresh for op in self._put_op(name, rec)], [])
+            except EtcdError as exc:  # the owner lease is gone (the keepalive sees to it) or etcd is away
+                log.info("load reports not written: %s", exc)
+                return
+            rev = int(reply["header"]["revision"])
+            for name, old, rec in fresh:
+                rec.rev, rec.renewed = rev, old.renewed
+                self._apply(name, rec, rev, notify=True)
 
     def _put_leased(self, name: str, uri: str, tags: frozenset[str], ttl: float | None, load: dict[str, Any],
                     lease: int) -> bool:
@@ -560,3 +591,7 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
             watching = self._watch_client
             if watching is not None and watching is not self.etcd.current():
                 self._kick_watch()
+            try:
+                self._flush_loads()
+            except Exception:  # pragma: no cover - never stop keeping the lease alive
+                log.exception("writing load reports failed")

@@ -413,3 +413,29 @@ def test_concurrent_writes_share_transactions_and_fail_alone(shared_etcd: EtcdCl
         assert len(kvs) == 40
     finally:
         client.close()
+
+
+def test_load_reports_reach_other_name_servers(shared_etcd: EtcdCluster) -> None:
+    from nameserver import NameServer
+    from nameserver.etcd import EtcdStorage
+    url = f"{shared_etcd.url}/load-reports"
+    a = NameServer(EtcdStorage.from_url(url, owner_ttl=3, load_interval=0.5))
+    b = NameServer(EtcdStorage.from_url(url, owner_ttl=3, load_interval=0.5))
+    try:
+        def load_on_b() -> dict[str, Any]:
+            records = b.service_workers("calc")
+            return records[0]["load"] if records else {}
+
+        args = ("calc.w", "PYRO:w@127.0.0.1:5010", ["pyrorpc.service:calc"])
+        a.lease(*args, {"threads": 4, "calls": 1}, 3.0)
+        wait_for(lambda: load_on_b().get("calls") == 1, 5, message="the first report on b")
+        a.lease(*args, {"threads": 4, "calls": 2}, 3.0)  # a counter: not written yet (due after 0.5 s)
+        assert a.service_workers("calc")[0]["load"]["calls"] == 2  # the owner has the fresh one
+        time.sleep(0.6)
+        a.lease(*args, {"threads": 4, "calls": 3}, 3.0)  # due now: written with the next flush (<= 1 s)
+        wait_for(lambda: load_on_b().get("calls") == 3, 3, message="counters written in a flush")
+        a.lease(*args, {"threads": 8, "calls": 3}, 3.0)  # a fixed field: written at once
+        wait_for(lambda: load_on_b().get("threads") == 8, 1, message="a fixed field written at once")
+    finally:
+        a.storage.close()
+        b.storage.close()
