@@ -869,9 +869,12 @@ class Endpoint:
 
 
 def _end_span(span: Any, exc: BaseException) -> None:
-    """End a call's client span with what ended the call (a call never sent: its cause, flagged)."""
+    """End a call's client span with what ended the call (a call never sent: its cause, flagged; one its
+    caller gave up, a hedge that lost or a cancelled await: flagged, no error)."""
     if isinstance(exc, NotSent):
         tracing.end(span, exc.cause, not_sent=True)
+    elif isinstance(exc, (Abandoned, asyncio.CancelledError)):
+        tracing.end(span, abandoned=True)
     else:
         tracing.end(span, exc)
 

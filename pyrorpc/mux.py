@@ -636,8 +636,8 @@ class MuxHandler:
                 counted = False  # (and no outcome to count)
             if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
                 coro.close()  # cancelled before it began: it never runs (and is not "never awaited")
-            if info._span is not None:
-                tracing.finish(info, exc)
+            if info._span is not None:  # (given up by its caller: no error, as on the caller's side)
+                tracing.finish(info, err, abandoned=err is None)
         except BaseException as exc:
             if info._span is not None:
                 tracing.finish(info, exc)

@@ -225,13 +225,13 @@ def deactivate(token: Any) -> None:
     _context.detach(token)
 
 
-def finish(info: Any, exc: BaseException | None = None, failed: bool = False) -> None:
-    """End the call's span (once), with ``exc`` or ``failed`` as ``end``."""
+def finish(info: Any, exc: BaseException | None = None, failed: bool = False, **extra: Any) -> None:
+    """End the call's span (once), as ``end``."""
     span = info._span
     if span is None:
         return
     info._span = None
-    end(span, exc, failed)
+    end(span, exc, failed, **extra)
 
 
 def finish_future(info: Any, future: Any) -> None:

@@ -200,6 +200,16 @@ def test_errors_set_the_status_and_record_the_exception(fleet: Fleet) -> None:
         assert "exception" in span["events"]
 
 
+def test_a_call_given_up_is_no_error(fleet: Fleet) -> None:
+    result, spans = fleet.client("cancelled")
+    assert result == "gave up"
+    client = _one(spans, "trace_back/nap", "CLIENT")
+    assert client["status"] == "UNSET" and client["attributes"]["pyrorpc.abandoned"] is True
+    (server,) = fleet.spans(fleet.back, client["trace_id"], 1)  # cancelled there too (MSG_CANCEL)
+    _child(server, client)
+    assert server["status"] == "UNSET" and server["attributes"]["pyrorpc.abandoned"] is True
+
+
 def test_oneway_calls(fleet: Fleet) -> None:
     result, spans = fleet.client("oneway")
     assert result == 4

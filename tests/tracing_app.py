@@ -70,6 +70,9 @@ class Back:
             await asyncio.sleep(0)
             yield i
 
+    async def nap(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
     def fail(self) -> None:
         raise ValueError("boom")
 
@@ -137,6 +140,14 @@ def _scenario(name: str, ns: str) -> Any:
             async def main() -> Any:
                 return [await back.echo.aio(6), await back.aecho.aio(7), await front.arelay.aio(ns, 8)]
             return asyncio.run(main())
+        if name == "cancelled":
+            async def give_up() -> Any:
+                try:
+                    await asyncio.wait_for(back.nap.aio(30), 0.3)
+                except asyncio.TimeoutError:
+                    return "gave up"
+                return None
+            return asyncio.run(give_up())
         if name == "stream":
             return list(back.count.stream(3))
         if name == "astream":
