@@ -48,6 +48,8 @@ def _installed() -> bool:
 
 
 INSTALLED = _installed()  # opentelemetry-api is importable (the extra); without it tracing never starts
+if INSTALLED and os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"):
+    import opentelemetry.trace  # noqa: F401 - a provider named in the environment: tracer() loads it
 
 _api: Any = None  # opentelemetry.trace, once someone imported it (and it keeps the provider in _TRACER_PROVIDER)
 _tracer: Any = None  # pyrorpc's Tracer once a real provider is set (OpenTelemetry sets the global one only once)
