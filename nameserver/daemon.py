@@ -168,6 +168,8 @@ class NameServerDaemon:
         self._closed = True
         self._stop.set()
         self.server.stop_accepting()
+        if self.nameserver is not None:
+            self.nameserver.release_watches()  # pools waiting on a watch hear now, and can move on at once
         # a call under way (a registration, say) gets a moment to finish and reply
         self.server.drain(min(2.0, self.settings.connect_timeout))
         self.server.close()

@@ -15,6 +15,8 @@ import Pyro5.errors
 import Pyro5.nameserver
 import Pyro5.server
 
+from pyrorpc.context import current_call
+
 log = logging.getLogger("pyrorpc.nameserver")
 
 SERVICE_TAG = "pyrorpc.service:"
@@ -212,8 +214,11 @@ class NameServer(Pyro5.nameserver.NameServer):
         self._epoch = secrets.token_hex(4)
         self._version_count = 0
         self._versions: dict[str, str] = {}
-        self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        # service -> the futures its watches wait on (a dict: a watch that ends removes itself in O(1))
+        self._watchers: dict[str, dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
         self._watch_lock = threading.Lock()
+        self._watch_replies: dict[tuple[str, bool], tuple[str, float, list[Any]]] = {}  # shared for a moment
+        self._watches_released = False  # the server is stopping: watches answer at once
         # since start, for metrics (pyrorpc.metrics.NameServerCollector): plain increments
         self.counts = {"registrations": 0, "renewals": 0, "lookups": 0, "expiries": 0}
         super().__init__(IndexedStorage(inner, self._forget))
@@ -250,12 +255,32 @@ class NameServer(Pyro5.nameserver.NameServer):
             for svc in services:
                 self._version_count += 1
                 self._versions[svc] = f"{self._epoch}:{self._version_count}"
-                woken.extend(self._watchers.pop(svc, ()))
+                woken.extend(self._watchers.pop(svc, {}).values())
+                if svc not in self.storage.by_service:
+                    # no worker left: forget its version (a watch then sees "EPOCH:0", a change all the same),
+                    # so services that come and go leave nothing behind
+                    del self._versions[svc]
+        self._wake_all(woken)
+
+    @staticmethod
+    def _wake_all(woken: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for loop, fut in woken:
+            by_loop.setdefault(loop, []).append(fut)
+        for loop, futures in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_wake, fut)
+                loop.call_soon_threadsafe(_wake_many, futures)  # (one wake-up of the loop for all of them)
             except RuntimeError:  # its loop closed (the server is shutting down)
                 pass
+
+    def release_watches(self) -> None:
+        """The server is stopping: every watch under way answers now (its caller can move on to another
+        name server at once), and new ones answer at once."""
+        with self._watch_lock:
+            self._watches_released = True
+            woken = [w for waiting in self._watchers.values() for w in waiting.values()]
+            self._watchers.clear()
+        self._wake_all(woken)
 
     def membership_version(self, service: str) -> str:
         """The current membership version of ``service`` (it changes whenever one of its workers is
@@ -278,30 +303,45 @@ class NameServer(Pyro5.nameserver.NameServer):
             raise TypeError("service must be a str")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        call = current_call()
+        if call is not None and call.holds_thread:
+            timeout = 0  # a plain connection (a stock Pyro5 proxy): a call thread waits for us, so no waiting
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(float(timeout), MAX_WATCH)
         while True:
             with self._watch_lock:
                 current = self._versions.get(service, f"{self._epoch}:0")
                 left = deadline - loop.time()
-                if current != version or left <= 0:
+                if current != version or left <= 0 or self._watches_released:
                     break
-                waiter = (loop, loop.create_future())
-                self._watchers.setdefault(service, []).append(waiter)
+                future = loop.create_future()
+                self._watchers.setdefault(service, {})[id(future)] = (loop, future)
             try:
-                await asyncio.wait_for(waiter[1], left)
+                await asyncio.wait_for(future, left)
             except asyncio.TimeoutError:
                 pass
             finally:
                 with self._watch_lock:
                     waiting = self._watchers.get(service)
-                    if waiting is not None and waiter in waiting:
-                        waiting.remove(waiter)
-                        if not waiting:
-                            del self._watchers[service]
-        with self.lock:  # the version and the records of one moment (index changes happen under this lock)
-            return {"version": self.membership_version(service), "workers": self.service_workers(service,
-                                                                                                  with_metadata)}
+                    if waiting is not None and waiting.pop(id(future), None) is not None and not waiting:
+                        del self._watchers[service]
+        return self._watch_reply(service, with_metadata)
+
+    def _watch_reply(self, service: str, with_metadata: bool) -> dict[str, Any]:
+        """The reply of a watch: the version and the records of one moment (index changes happen under the
+        registry lock). The watches one change wakes share one list of records, built once within 0.1 s."""
+        key = (service, with_metadata)
+        now = time.monotonic()
+        with self.lock:
+            version = self.membership_version(service)
+            cached = self._watch_replies.get(key)
+            if cached is not None and cached[0] == version and now - cached[1] < 0.1:
+                return {"version": version, "workers": cached[2]}
+            workers = self.service_workers(service, with_metadata)
+            if len(self._watch_replies) > 1000:
+                self._watch_replies.clear()
+            self._watch_replies[key] = (version, now, workers)
+        return {"version": version, "workers": workers}
 
     def _forget(self, name: str) -> None:
         if not getattr(self._leasing, "active", False):
@@ -465,9 +505,11 @@ class NameServer(Pyro5.nameserver.NameServer):
                                                        "service": svcs[0] if svcs else None})
 
 
-def _wake(fut: "asyncio.Future[None]") -> None:
-    if not fut.done():
-        fut.set_result(None)
+
+def _wake_many(futures: list["asyncio.Future[None]"]) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_result(None)
 
 
 def _count(key: str, low: int, high: int) -> Callable[[Any], Any]:

@@ -83,18 +83,20 @@ class DaemonObject:
     def stats(self) -> dict[str, Any]:
         """This server's statistics (pyrorpc.stats), a plain dict: ``name``, ``host``, ``pid``, ``location``,
         ``started``, ``uptime`` (s), ``in_flight``, ``calls``, ``errors``, ``connections``, ``draining``,
-        ``oneway_queue``, ``threads``, ``buckets_ms`` (latency bucket bounds) and ``methods``:
+        ``oneway_queue``, ``threads``, ``buckets_ms`` (latency bucket bounds), ``methods``:
         ``{service: {method: {"ok", "error", "timeout", "refused", "p50_ms", "p99_ms", "sum_ms", "buckets"}}}``
         (counts since start; p50/p99 of the method's last 512 calls; calls per bucket, one more than
-        ``buckets_ms``)."""
+        ``buckets_ms``) and ``services``: ``{service: {"ok", "error", "timeout", "refused", "p50_ms",
+        "p99_ms"}}`` (its methods together)."""
         s = self._server
         stats = s.stats
         snap: dict[str, Any] = stats.snapshot()
+        methods, services = stats.full_snapshot()
         snap.update(name=s.name, host=socket.gethostname().split(".")[0] or "localhost", pid=os.getpid(),
                     location=s.location, started=stats.started, uptime=round(time.time() - stats.started, 3),
                     connections=max(0, s.connection_count()), draining=stats.draining,
                     oneway_queue=stats.oneway_queued, threads=s.threads, buckets_ms=[b * 1000 for b in BUCKETS],
-                    methods=stats.methods_snapshot())
+                    methods=methods, services=services)
         return snap
 
     def get_metadata(self, objectId: str) -> dict[str, Any]:  # noqa: N803 - Pyro5's name
@@ -478,6 +480,8 @@ class CallHandler:
         """Run a coroutine on the server's event loop and wait for it here (a call thread), cancelling it at
         its deadline, or when the caller closes ``conn`` meanwhile (its reply could not be delivered)."""
         ctx = contextvars.copy_context()  # (holds the call's CallInfo)
+        if info is not None:
+            info.holds_thread = True  # (a long poll, say, answers at once rather than pin this thread)
         future = self.async_runner.submit(_in_context(ctx, coro))
         try:
             return wait(future, None if info is None else info.remaining(), conn.peer_closed)

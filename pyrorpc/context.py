@@ -35,9 +35,12 @@ _MAX_METADATA = 64 * 1024  # bytes of encoded metadata a request may carry
 
 class CallInfo:
     """The call a method is serving: its ``deadline`` (absolute, ``time.time()`` based, or None), the
-    caller's ``metadata`` (a dict), the caller's address (``caller``, ``(host, port)``) and ``method``."""
+    caller's ``metadata`` (a dict), the caller's address (``caller``, ``(host, port)``) and ``method``.
+    ``holds_thread`` is True while an ``async def`` method runs for a caller on a plain (not multiplexed)
+    connection, a stock Pyro5 proxy's: a call thread of the worker waits for it, so it should not wait
+    long (a long poll answers at once then)."""
 
-    __slots__ = ("deadline", "metadata", "caller", "method", "_trace", "_span")
+    __slots__ = ("deadline", "metadata", "caller", "method", "holds_thread", "_trace", "_span")
 
     def __init__(self, deadline: float | None, metadata: dict[str, Any], caller: Any = None,
                  method: str | None = None) -> None:
@@ -45,6 +48,7 @@ class CallInfo:
         self.metadata = metadata
         self.caller = caller
         self.method = method
+        self.holds_thread = False
         self._trace: bytes | None = None  # the caller's trace context (PRTC), for the worker's span
         self._span: Any = None  # the worker's span of this call, while tracing (tracing.py)
 
