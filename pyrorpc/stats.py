@@ -171,14 +171,29 @@ class ServerStats:
         """``{service: {method: {"ok", "error", "timeout", "refused", "p50_ms", "p99_ms", "sum_ms",
         "buckets"}}}``: counts since start, p50/p99 of the last ``RECENT`` calls, ``buckets`` the calls per
         latency bucket (bounds ``BUCKETS``, then one above the last)."""
-        out: dict[str, dict[str, dict[str, Any]]] = {}
+        return self.full_snapshot()[0]
+
+    def full_snapshot(self) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+        """``methods_snapshot()`` and, per service, its methods together: ``{service: {"ok", "error",
+        "timeout", "refused", "p50_ms", "p99_ms"}}`` (p50/p99 over the recent calls of all its methods)."""
+        methods: dict[str, dict[str, dict[str, Any]]] = {}
+        services: dict[str, tuple[list[int], list[float]]] = {}
         for svc, method, counts, buckets, total, recent in self.method_counts():
+            per_service = services.setdefault(svc, ([0] * len(OUTCOMES), []))
+            per_service[1].extend(recent)
+            for i, n in enumerate(counts):
+                per_service[0][i] += n
             recent.sort()
             row: dict[str, Any] = dict(zip(OUTCOMES, counts, strict=True))
             row.update(p50_ms=round(quantile(recent, 0.5) * 1000, 3), p99_ms=round(quantile(recent, 0.99) * 1000, 3),
                        sum_ms=round(total * 1000, 3), buckets=buckets)
-            out.setdefault(svc, {})[method] = row
-        return out
+            methods.setdefault(svc, {})[method] = row
+        totals: dict[str, dict[str, Any]] = {}
+        for svc, (counts, recent) in services.items():
+            recent.sort()
+            totals[svc] = dict(zip(OUTCOMES, counts, strict=True), p50_ms=round(quantile(recent, 0.5) * 1000, 3),
+                               p99_ms=round(quantile(recent, 0.99) * 1000, 3))
+        return methods, totals
 
 
 class PoolStats:

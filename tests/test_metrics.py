@@ -156,6 +156,9 @@ def test_counters_match_the_calls_made(tmp_path: Any) -> None:
             assert stats["connections"] >= 1 and stats["uptime"] > 0
             assert 0 < add["p50_ms"] <= add["p99_ms"] and sum(add["buckets"]) == 20
             assert len(stats["buckets_ms"]) + 1 == len(add["buckets"])
+            calc = stats["services"]["calc"]
+            assert (calc["ok"], calc["error"], calc["timeout"], calc["refused"]) == (20, 5, 1, 0)
+            assert 0 < calc["p50_ms"] <= calc["p99_ms"] and calc["p99_ms"] >= 1000  # (the slow call's 1 s)
 
         # the name server: one lease, its renewals going up, the worker in its service
         first = scrape(ns_metrics)
