@@ -17,6 +17,7 @@ from .errors import (
                      WorkerLostError,
 )
 from .naming import NameServerClient, WorkerInfo
+from .outbox import Outbox
 from .pool import Pool
 from .proxy import Proxy, RemoteMethod, connect
 from .service import idempotent, oneway, service
@@ -35,6 +36,7 @@ __all__ = [
     "NameServerClient",
     "NameServerUnavailableError",
     "NoWorkersError",
+    "Outbox",
     "Pool",
     "Proxy",
     "RemoteError",

@@ -34,6 +34,7 @@ __all__ = ["STREAM_WINDOW", "BlockingStream", "ChannelStream", "MuxChannel", "No
 MSG_ITEMS = getattr(protocol, "MSG_ITEMS", 0x51)
 MSG_CREDIT = getattr(protocol, "MSG_CREDIT", 0x52)
 MSG_CANCEL = getattr(protocol, "MSG_CANCEL", 0x53)
+MSG_ACCEPTED = protocol.MSG_ACCEPTED
 STREAM_WINDOW = 1024  # items a stream may have in flight or buffered (credit granted half a window at a time)
 _HEADER = protocol.HEADER
 _HEADER_SIZE = protocol.HEADER_SIZE
@@ -59,6 +60,11 @@ _EXPIRED = _Expired()
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_result(_EXPIRED)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # (a reply nobody awaits: its exception is no "never retrieved" warning)
 
 
 def _wake(fut: asyncio.Future[Any]) -> None:
@@ -129,6 +135,8 @@ class MuxChannel(asyncio.Protocol):
         self.closed = False  # the connection is gone
         self.closing = False  # closes once nothing is outstanding (endpoint closed, too many tombs)
         self.draining = False  # the worker said (MSG_NOTICE) it is draining
+        self.acks = False  # the worker acknowledges sends (negotiated: "ack")
+        self.accepts: dict[int, asyncio.Future[bool]] = {}  # seq -> a send() waiting for MSG_ACCEPTED
         self.last_active = loop.time()
         self.on_notice = on_notice
         self.on_lost = on_lost
@@ -165,6 +173,10 @@ class MuxChannel(asyncio.Protocol):
                 entry.fail(error)
             elif not entry.done():
                 entry.set_exception(error)
+        accepts, self.accepts = self.accepts, {}
+        for accepted in accepts.values():
+            if not accepted.done():
+                accepted.set_result(False)  # (its reply future says why)
         if not self.handshake.done():
             self.handshake.set_exception(Pyro5.errors.ConnectionClosedError(f"connection lost: {reason}"))
             self.handshake.exception()  # (whoever waits gets it; nobody may, after a connect timeout)
@@ -242,6 +254,10 @@ class MuxChannel(asyncio.Protocol):
     def _frame(self, msg_type: int, flags: int, seq: int, body: bytes) -> None:
         if msg_type == protocol.MSG_RESULT:
             entry = self.pending.pop(seq, None)
+            if self.accepts:
+                accepted = self.accepts.pop(seq, None)
+                if accepted is not None and not accepted.done():
+                    accepted.set_result(False)  # answered without being accepted: refused, or not an acked call
             if entry is None:
                 if seq == 0 and flags & protocol.FLAGS_EXCEPTION:
                     self._refusal(body)  # the worker is about to drop the connection
@@ -262,6 +278,10 @@ class MuxChannel(asyncio.Protocol):
                 if self._sizes:
                     self._sizes.pop(seq, None)  # accepted: it was not too large
                 entry.items(flags, body)
+        elif msg_type == MSG_ACCEPTED:
+            accepted = self.accepts.pop(seq, None)
+            if accepted is not None and not accepted.done():
+                accepted.set_result(True)
         elif msg_type == protocol.MSG_NOTICE:
             self.draining = True
             if self.on_notice is not None:
@@ -423,6 +443,56 @@ class MuxChannel(asyncio.Protocol):
             self._close_stock_stream(body)
             raise _stream_result_error(method)
         return decode_reply(rflags, body, self.max_size)
+
+    async def send(self, method: str, args: Any, kwargs: Any, annotations: bytes, timeout: float,
+                   wait: bool) -> tuple["asyncio.Future[tuple[int, bytes]]", bool]:
+        """Send a request asking for acceptance (``annotations`` carry ``PRAK``): returns once the worker
+        accepted it (MSG_ACCEPTED), or answered it without (a refusal), with the future of its reply
+        ``(flags, body)`` and whether it was accepted. With ``wait`` it returns once the reply came. The
+        request is never given up after acceptance (no MSG_CANCEL): the worker runs it to its end.
+
+        Raises:
+            NotWritten: not sent, or the connection was lost before the worker accepted it.
+            Pyro5.errors.TimeoutError: neither acceptance nor a reply within ``timeout`` (given up), or with
+                ``wait`` no reply within ``timeout`` (the call keeps running there).
+            Pyro5.errors.ConnectionClosedError: the connection was lost after acceptance (``wait`` only).
+            as ``call`` before sending.
+        """
+        if self._paused:
+            await self._writable()
+        seq, frame = self._request(method, args, kwargs, 0, annotations)
+        transport = self.transport
+        assert transport is not None
+        loop = self.loop
+        reply: asyncio.Future[Any] = loop.create_future()
+        reply.add_done_callback(_retrieve)
+        accepted: asyncio.Future[Any] = loop.create_future()
+        self.pending[seq] = reply
+        self.accepts[seq] = accepted
+        transport.write(frame)
+        deadline = loop.time() + timeout
+        timer = loop.call_at(deadline, _expire, accepted)
+        try:
+            ok = await accepted
+            if ok is _EXPIRED:
+                self.accepts.pop(seq, None)
+                self.cancel(seq)
+                raise Pyro5.errors.TimeoutError(f"not accepted within {timeout:g}s")
+            if not ok and reply.done() and reply.exception() is not None:
+                raise NotWritten(f"connection lost before the worker accepted the call: {reply.exception()}")
+            if wait and not reply.done():
+                timer.cancel()
+                timer = loop.call_at(deadline, _expire, reply)
+                if await asyncio.shield(reply) is _EXPIRED:
+                    raise Pyro5.errors.TimeoutError(f"no reply within {timeout:g}s (the call was accepted)")
+        except asyncio.CancelledError:
+            if not accepted.done():
+                self.accepts.pop(seq, None)
+                self.cancel(seq)
+            raise
+        finally:
+            timer.cancel()
+        return reply, ok
 
     def _close_stock_stream(self, body: bytes) -> None:
         """The method returned a generator to a plain call: free the worker's Pyro5 stream for it."""
@@ -656,6 +726,8 @@ async def open_channel(uri: Pyro5.core.URI, settings: Settings, *, on_notice: Ca
     if not mux:
         channel.close()
         return channel, meta, False
+    extensions = reply.get("pyrorpc") if isinstance(reply, dict) else None
+    channel.acks = isinstance(extensions, dict) and bool(extensions.get("ack"))
     channel.on_lost = on_lost
     channel.last_active = loop.time()
     channel._guard = _closed_at_shutdown(channel)

@@ -540,6 +540,32 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+# outbox ----------------------------------------------------------------------------------------------
+
+@main.group()
+def outbox() -> None:
+    """Inspect durable outboxes (pyrorpc.Outbox journals)."""
+
+
+@outbox.command("status")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@user_errors
+def outbox_status_cmd(path: str, as_json: bool) -> None:
+    """Pending, in-flight, accepted, failed and lost entries of the outbox at PATH (failed ones with errors)."""
+    from .outbox import outbox_status
+    status = outbox_status(path)
+    if as_json:
+        emit_json(status)
+        return
+    counts = ("pending", "in_flight", "accepted", "unconfirmed", "failed", "lost")
+    click.echo("  ".join(f"{name.replace('_', '-')}: {status[name]}" for name in counts))
+    for entry in status["entries"]:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["created"]))
+        click.echo(f"{entry['state'].upper():11} {entry['id']}  {entry['service']}.{entry['method']}  {created}  "
+                   f"attempts {entry['attempts']}: {entry['error']}")
+
+
 @main.command("dashboard")
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to serve the page on")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="port (0 = any)")

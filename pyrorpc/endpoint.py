@@ -17,7 +17,8 @@ import Pyro5.errors
 from Pyro5 import protocol
 
 from . import tracing
-from .aio import STREAM_WINDOW, BlockingStream, MuxChannel, NotWritten, open_blocking, open_channel
+from .acks import ACK_KEY, Ack
+from .aio import STREAM_WINDOW, BlockingStream, MuxChannel, NotWritten, decode_reply, open_blocking, open_channel
 from .compat import is_exception_wrapper, remote_traceback, unwrap_exception
 from .config import Settings
 from .context import outgoing_bytes, outgoing_metadata
@@ -643,10 +644,14 @@ class Endpoint:
                     del self._channels[channel.loop]  # (nothing keeps an ended event loop alive)
 
     async def acall(self, method: str, args: Any, kwargs: dict[str, Any] | None, timeout: float,
-                    oneway: bool = False, trace: bytes | None = None) -> Any:
+                    oneway: bool = False, trace: bytes | None = None, ack: Ack | None = None) -> Any:
         """``call`` for a coroutine, on this loop's multiplexed channel: no thread, and waiting for a slot
         takes none either. Cancelling the await gives the call up at once: its slot is free and the worker
         is told to cancel it (MSG_CANCEL); so is a call that times out.
+
+        With ``ack`` (send()) it returns None once the worker accepted the call, or, for an ``@idempotent``
+        method, its result once it ran (see ``Ack``); a worker that does not acknowledge (an older pyrorpc)
+        gets a plain call.
 
         Raises as ``call`` does, and NoMux (before sending) when the worker does not multiplex.
         """
@@ -657,7 +662,7 @@ class Endpoint:
             if found is not None:
                 span, trace = tracing.start_client(found, self, method, "aio", outgoing_metadata())
                 try:
-                    result = await self.acall(method, args, kwargs, timeout, oneway, trace)
+                    result = await self.acall(method, args, kwargs, timeout, oneway, trace, ack)
                 except NoMux:
                     raise  # (its span is never ended, so never exported: the call runs in a thread, traced there)
                 except BaseException as exc:
@@ -686,7 +691,10 @@ class Endpoint:
             if trace:
                 annotations += trace
             try:
-                result = await channel.call(method, args, kwargs or {}, flags, annotations, timeout)
+                if ack is not None and channel.acks:
+                    result = await self._asend(channel, method, args, kwargs, annotations, timeout, ack)
+                else:
+                    result = await channel.call(method, args, kwargs or {}, flags, annotations, timeout)
             except (WorkerDrainingError, NotWritten) as exc:
                 if isinstance(exc, WorkerDrainingError):
                     self.close()  # refused unrun: nothing more goes there, the pool sends this one elsewhere
@@ -706,6 +714,33 @@ class Endpoint:
             return result
         finally:
             self._aleave(unbounded, failed)
+
+    async def _asend(self, channel: MuxChannel, method: str, args: Any, kwargs: dict[str, Any] | None,
+                     annotations: bytes, timeout: float, ack: Ack) -> Any:
+        """A send() on ``channel``: None once accepted; an idempotent method's result once it ran."""
+        ack.waited = wait = method in self.idempotent
+        annotations += pack_annotations({ACK_KEY: ack.id.encode("ascii")})
+        reply, accepted = await channel.send(method, args, kwargs or {}, annotations, timeout, wait)
+        if wait or not accepted:  # (not accepted: the reply came instead, a refusal most likely)
+            flags, body = reply.result()
+            return decode_reply(flags, body, channel.max_size)
+        on_done = ack.on_done
+        if on_done is not None:
+            max_size = channel.max_size
+
+            def done(fut: "asyncio.Future[tuple[int, bytes]]") -> None:
+                if fut.cancelled() or fut.exception() is not None:
+                    on_done(None, True)
+                    return
+                try:
+                    decode_reply(*fut.result(), max_size)
+                except BaseException as exc:
+                    on_done(exc, False)
+                else:
+                    on_done(None, False)
+
+            reply.add_done_callback(done)
+        return None
 
     def stream(self, method: str, args: Any, kwargs: dict[str, Any] | None,
                timeout: float, trace: bytes | None = None) -> Generator[Any, None, None]:

@@ -457,6 +457,8 @@ class IOLoop:
                     if wants.get("mux"):
                         self._mux_accept(conn)  # many requests at once on this connection (mux.py)
                         extensions["mux"] = 1
+                        if wants.get("ack"):
+                            extensions["ack"] = 1  # acknowledged sends (PRAK -> MSG_ACCEPTED, mux.py)
             except AuthenticationError as exc:
                 reason = str(exc)
                 log.warning("%s: refused connection from %s: %s", self.name, conn.peer, exc)

@@ -28,6 +28,7 @@ import Pyro5.errors
 from Pyro5.callcontext import current_context
 
 from . import context, tracing
+from .acks import ACK_KEY, check_arguments, seen_ids
 from .connection import _DONTWAIT, _EPOLLIN, _EPOLLOUT, _NOT_READY, _ONESHOT, _TLS_CHUNK, CLOSED, Connection
 from .errors import CallTimeoutError, WorkerDrainingError
 from .protocol import (
@@ -36,6 +37,7 @@ from .protocol import (
     FLAGS_CORR_ID,
     FLAGS_EXCEPTION,
     FLAGS_ONEWAY,
+    MSG_ACCEPTED,
     MSG_CANCEL,
     MSG_CREDIT,
     MSG_INVOKE,
@@ -425,9 +427,12 @@ class MuxHandler:
             else:
                 obj = self._instance(target, conn)
                 fn = self._method(target, obj, method)
+                acked = not oneway and ACK_KEY in annotations
+                if acked and self._mux_accept_send(conn, header, fn, vargs, kwargs, info, annotations[ACK_KEY]):
+                    return  # a re-send of a call accepted here already: acknowledged again, not run twice
                 if method in target.async_methods:
                     self.async_runner.call_soon(self._mux_start_async, conn, header, method, fn, vargs, kwargs,
-                                                info, oneway, credit, target, started)
+                                                info, oneway, credit, target, started, acked)
                     return
                 if oneway:
                     self._mux_done(conn, None, None, count=False)  # the oneway run counts itself out
@@ -451,6 +456,21 @@ class MuxHandler:
         else:
             self._submit(job)
 
+    def _mux_accept_send(self, conn: Connection, header: Any, fn: Any, vargs: Any, kwargs: Any,
+                         info: context.CallInfo, send_id: bytes) -> bool:
+        """A request asking for acceptance (``PRAK``, send()): refuse it unrun if the method does not take its
+        arguments (TypeError), else acknowledge it (MSG_ACCEPTED) before it is queued. True when it is a re-send
+        of an id accepted here already: answered (accepted, and done) without running it again."""
+        check_arguments(fn, vargs, kwargs)
+        seq = header.seq
+        if not seen_ids(self).accept(bytes(send_id)):
+            self._mux_done(conn, pack(MSG_ACCEPTED, 0, seq, b"") + _result(0, header, SERIALIZER.dumps(None)),
+                           False, seq=seq)
+            return True
+        info.deadline = None  # accepted: it runs, drain or not, whatever its deadline
+        self._mux_send(conn, pack(MSG_ACCEPTED, 0, seq, b""))
+        return False
+
     def _mux_done(self, conn: Connection, data: bytes | None, failed: bool | None, count: bool = True,
                   seq: int | None = None) -> None:
         """A request is answered (``data``, or None for no answer): out of flight, out of the connection's
@@ -467,11 +487,12 @@ class MuxHandler:
                 self._resume(conn)
 
     def _unstarted_refused(self, conn: Connection, header: Any, method: Any, target: _Target | None = None,
-                           started: float = 0.0) -> bool:
+                           started: float = 0.0, acked: bool = False) -> bool:
         """Before a request starts: refuse it unrun when draining (the client sends it elsewhere) or closed,
-        or when the client gave it up already. True if it was refused (and answered)."""
+        or when the client gave it up already. True if it was refused (and answered). An accepted send
+        (``acked``) runs unless the server is closed."""
         entry = conn.tasks.get(header.seq)
-        if type(entry) is Pending and entry.cancelled:
+        if not acked and type(entry) is Pending and entry.cancelled:
             self._mux_done(conn, None, False, seq=header.seq)
             return True
         if self._closed:
@@ -479,7 +500,7 @@ class MuxHandler:
                 self.stats.record(target.label, method, REFUSED, started)
             self._mux_done(conn, None, True, seq=header.seq)
             return True
-        if self.stats.draining:
+        if self.stats.draining and not acked:
             self._last_refusal = time.monotonic()
             if target is not None:
                 self.stats.record(target.label, method, REFUSED, started)
@@ -493,7 +514,7 @@ class MuxHandler:
     def _mux_sync(self, conn: Connection, header: Any, target: _Target, method: Any, fn: Any, vargs: Any,
                   kwargs: Any, info: context.CallInfo, annotations: dict[str, bytes], credit: int | None,
                   started: float = 0.0) -> None:
-        if self._unstarted_refused(conn, header, method, target, started):
+        if self._unstarted_refused(conn, header, method, target, started, ACK_KEY in annotations):
             return
         oneway = header.flags & FLAGS_ONEWAY
         if tracing.INSTALLED and info._span is None:
@@ -551,9 +572,9 @@ class MuxHandler:
     # async methods (the event loop) -------------------------------------------------------------
     def _mux_start_async(self, conn: Connection, header: Any, method: str, fn: Any, vargs: Any, kwargs: Any,
                          info: context.CallInfo, oneway: bool, credit: int | None, target: _Target | None = None,
-                         started: float = 0.0) -> None:
+                         started: float = 0.0, acked: bool = False) -> None:
         seq = None if oneway else header.seq
-        if self._unstarted_refused(conn, header, method, target, started):
+        if self._unstarted_refused(conn, header, method, target, started, acked):
             return
         ctx = contextvars.copy_context()
         ctx.run(context.enter, info)
@@ -597,7 +618,7 @@ class MuxHandler:
         expired = [False]
         task = ctx.run(loop.create_task, self._mux_await(conn, header, method, result, info, oneway, expired, target,
                                                          started))
-        if not oneway:
+        if not oneway and not acked:  # (an accepted send is not cancelled by its caller, nor by its going away)
             with conn.wlock:
                 pending = conn.tasks.get(header.seq)
                 conn.tasks[header.seq] = task

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import logging
+import os
 import threading
 import time
 import weakref
@@ -13,6 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from typing import Any
 
+from .acks import Ack
 from .balancing import Strategy, make_strategy
 from .compat import is_exception_wrapper, remote_traceback, unwrap_exception
 from .config import Settings, resolve
@@ -139,6 +141,8 @@ class Pool(Dispatcher):
         outlier_latency: the latency ratio (0: latency never ejects).
         outlier_errors: the error rate (0: errors never eject).
         settings: a ``pyrorpc.Settings``; keyword arguments (also ``secret=``, ``tls_ca=``...) override it.
+        outbox: a SQLite file: ``pool.m.enqueue(...)`` keeps calls there until a worker accepted them
+            (``pyrorpc.Outbox``).
 
     Raises:
         NameServerUnavailableError: the name server cannot be reached when the pool is created.
@@ -151,7 +155,7 @@ class Pool(Dispatcher):
                  retries: int = 3, cooldown: float = 2.0, hedge: bool | float | None = None,
                  hedge_budget: float = 0.1, outlier_ejection: bool = True, outlier_latency: float = 5.0,
                  outlier_errors: float = 0.2, settings: Settings | None = None,
-                 **options: Any) -> None:
+                 outbox: str | os.PathLike[str] | None = None, **options: Any) -> None:
         try:
             check_service_name(service)
         except ValueError as exc:
@@ -198,6 +202,15 @@ class Pool(Dispatcher):
         if hedging is not None:
             weakref.finalize(self, hedging.close)
         track_pool(self)
+        self._outbox = None
+        if outbox is not None:
+            from .outbox import Outbox  # (the outbox sends through pools)
+            self._outbox = Outbox(outbox, service=service, settings=self._settings, pools={service: self})
+
+    def _enqueue(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if self._outbox is None:
+            return super()._enqueue(method, args, kwargs)
+        return self._outbox.enqueue(method, args, kwargs)
 
     def __getattr__(self, name: str) -> PoolMethod:
         return super().__getattr__(name)  # type: ignore[return-value]
@@ -448,13 +461,13 @@ class Pool(Dispatcher):
             return result
 
     async def _acall(self, method: str, args: Any, kwargs: dict[str, Any], timeout: float | None,
-                     oneway: bool = False, *, attempt: Attempt | None = None) -> Any:
+                     oneway: bool = False, ack: Ack | None = None, *, attempt: Attempt | None = None) -> Any:
         """``_call`` on the caller's event loop: the same choice, failover, retries and ejections, over each
         worker's multiplexed connection. NoMux (nothing sent) when the chosen worker does not multiplex.
         ``attempt``: one attempt of a hedged call (which it tells the worker chosen)."""
         if self._closed:
             raise self._closed_error()
-        if self._hedging is not None and attempt is None and not oneway \
+        if self._hedging is not None and attempt is None and not oneway and ack is None \
                 and self._hedging.wants(self, method):
             return await self._hedging.acall(self, method, args, kwargs, timeout)
         timeout = timeout or self._settings.timeout
@@ -470,7 +483,7 @@ class Pool(Dispatcher):
                 raise CallTimeoutError(f"{self._service}.{method}: no reply within {timeout:g}s")
             started = time.monotonic()
             try:
-                result = await member.endpoint.acall(method, args, kwargs, left, oneway)
+                result = await member.endpoint.acall(method, args, kwargs, left, oneway, ack=ack)
             except (NotSent, WorkerLostError, CallTimeoutError) as exc:
                 self._stats.attempt(member.name, _outcome(exc), started)
                 if self._outliers is not None and not isinstance(exc, (NotSent, SlotsBusy)):
@@ -656,6 +669,8 @@ class Pool(Dispatcher):
 
         Calls waiting for a worker, a call slot or the in-flight window fail at once with RuntimeError
         ("pool ... is closed"); calls already sent finish (their connections close after them)."""
+        if self._outbox is not None:
+            self._outbox.close()  # (what it could not deliver stays in its journal)
         self._shut()
         with self._lock:
             self._changed.notify_all()  # callers waiting for a worker to appear

@@ -14,10 +14,10 @@ from typing import NamedTuple
 
 __all__ = [
     "FLAGS_BATCH", "FLAGS_COMPRESSED", "FLAGS_CORR_ID", "FLAGS_EXCEPTION", "FLAGS_ITEMSTREAMRESULT",
-    "FLAGS_KEEPSERIALIZED", "FLAGS_ONEWAY", "HEADER", "HEADER_SIZE", "Header", "MAGIC", "MSG_CANCEL", "MSG_CONNECT",
-    "MSG_CONNECTFAIL", "MSG_CONNECTOK", "MSG_CREDIT", "MSG_INVOKE", "MSG_ITEMS", "MSG_NOTICE", "MSG_PING",
-    "MSG_RESULT", "PROTOCOL_VERSION", "ProtocolViolation", "SERPENT_ID", "decompress", "pack", "pack_annotations",
-    "parse_annotations", "parse_header",
+    "FLAGS_KEEPSERIALIZED", "FLAGS_ONEWAY", "HEADER", "HEADER_SIZE", "Header", "MAGIC", "MSG_ACCEPTED", "MSG_CANCEL",
+    "MSG_CONNECT", "MSG_CONNECTFAIL", "MSG_CONNECTOK", "MSG_CREDIT", "MSG_INVOKE", "MSG_ITEMS", "MSG_NOTICE",
+    "MSG_PING", "MSG_RESULT", "PROTOCOL_VERSION", "ProtocolViolation", "SERPENT_ID", "decompress", "pack",
+    "pack_annotations", "parse_annotations", "parse_header",
 ]
 
 MSG_CONNECT = 1
@@ -32,6 +32,7 @@ MSG_NOTICE = 0x50
 MSG_ITEMS = 0x51  # a stream's items (server to client)
 MSG_CREDIT = 0x52  # the consumer took items: the server may send this many more (client to server)
 MSG_CANCEL = 0x53  # give a request up (client to server)
+MSG_ACCEPTED = 0x54  # a request that asked for it (PRAK) is queued to run (server to client)
 FLAGS_EXCEPTION = 1 << 0
 FLAGS_COMPRESSED = 1 << 1
 FLAGS_ONEWAY = 1 << 2
@@ -47,7 +48,7 @@ HEADER_SIZE = HEADER.size  # 40
 _NO_CORRELATION = b"\0" * 16
 _ANN = struct.Struct("!4sI")
 _KNOWN_TYPES = frozenset((MSG_CONNECT, MSG_CONNECTOK, MSG_CONNECTFAIL, MSG_INVOKE, MSG_RESULT, MSG_PING,
-                          MSG_NOTICE, MSG_ITEMS, MSG_CREDIT, MSG_CANCEL))
+                          MSG_NOTICE, MSG_ITEMS, MSG_CREDIT, MSG_CANCEL, MSG_ACCEPTED))
 
 
 class ProtocolViolation(Exception):

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import threading
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
@@ -14,6 +15,8 @@ import Pyro5.core
 import Pyro5.errors
 from Pyro5.serializers import SerializerBase
 
+from .acks import Ack
+from .aloop import AsyncRunner
 from .codec import set_proxy_factory
 from .config import MAX_TIMEOUT, MIN_TIMEOUT, Settings, resolve
 from .endpoint import Abandoned, CallHandle, Endpoint, NoMux, NotSent, SlotsBusy
@@ -26,9 +29,25 @@ from .errors import (
 from .naming import NameServerClient, WorkerInfo
 
 __all__ = ["Abandoned", "CallHandle", "Endpoint", "NoMux", "NotSent", "Proxy", "RemoteMethod", "SlotsBusy",
-           "connect", "set_callback_settings"]
+           "connect", "send_loop", "set_callback_settings"]
 
 _END = object()  # a stream that ended before its first item
+
+_send_runner: AsyncRunner | None = None
+_send_runner_lock = threading.Lock()
+
+
+def send_loop() -> AsyncRunner:
+    """The event loop (a daemon thread, started on first use) that blocking send() calls and outboxes run on:
+    its multiplexed connections carry every send of this process."""
+    global _send_runner
+    runner = _send_runner
+    if runner is None:
+        with _send_runner_lock:
+            if _send_runner is None:
+                _send_runner = AsyncRunner("pyrorpc-send")
+            runner = _send_runner
+    return runner
 
 
 class RemoteMethod:
@@ -76,6 +95,31 @@ class RemoteMethod:
     def astream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         """``stream`` for ``async for``, on the caller's event loop (the worker's multiplexed connection)."""
         return self._client._astream(self._name, args, kwargs, self._timeout)
+
+    def send(self, *args: Any, **kwargs: Any) -> str:
+        """Acknowledged send: return once a live worker has accepted the call (queued it to run), without
+        waiting for its result; returns the send's id. A worker that dies or refuses (draining) before
+        accepting: the call goes to another worker (Pool; a Proxy bound to a service moves once). After
+        acceptance: at-most-once, no result, the method's errors are only logged by the worker; except for
+        ``@idempotent`` methods, where send() waits for the call to finish and re-sends it elsewhere if the
+        worker is lost (at-least-once). The worker remembers the ids it accepted (the last 100,000, for 10
+        minutes): a re-send of one is acknowledged without running again. A method that does not take the
+        arguments (TypeError), or does not exist, is refused before acceptance and raises here.
+
+        A stock Pyro5 daemon cannot acknowledge: it gets a plain sync call (accepted = completed).
+        """
+        return self._client._send(self._name, args, kwargs, self._timeout, None)
+
+    def send_as(self, send_id: str, *args: Any, **kwargs: Any) -> str:
+        """``send`` under your own id (1-128 ASCII characters): sending it again, to the same worker within
+        its memory, is acknowledged without running twice."""
+        return self._client._send(self._name, args, kwargs, self._timeout, send_id)
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> str:
+        """Keep the call in the Pool's outbox (``Pool(..., outbox=PATH)``) and return its entry id once it is
+        durable: a background sender delivers it with ``send()`` semantics when a worker is up, also after
+        this process restarts (see ``pyrorpc.Outbox``)."""
+        return self._client._enqueue(self._name, args, kwargs)
 
     def with_timeout(self, seconds: float) -> "RemoteMethod":
         """The same method with its own call timeout."""
@@ -205,13 +249,36 @@ class Dispatcher:
         raise NotImplementedError
 
     async def _acall(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
-                     oneway: bool = False) -> Any:
-        """``_call`` on the caller's event loop (multiplexed); NoMux, before sending, where that cannot be."""
+                     oneway: bool = False, ack: Ack | None = None) -> Any:
+        """``_call`` on the caller's event loop (multiplexed); NoMux, before sending, where that cannot be.
+        With ``ack`` it is a send() (``Endpoint.acall``)."""
         raise NoMux()
+
+    def _send(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
+              send_id: str | None) -> str:
+        """send(): the call on the client's send loop (a thread of its own), with acceptance; a worker that
+        does not multiplex (a stock Pyro5 daemon) gets a plain sync call."""
+        if self._closed:
+            raise self._closed_error()
+        ack = Ack(send_id or uuid.uuid4().hex)
+        # (each attempt has its own timeout; this bounds them all: a Pool may retry an idempotent send)
+        wait = (timeout or self._settings.timeout) * (getattr(self, "_retries", 0) + 2) + 5.0
+        fut = send_loop().submit(self._acall(method, args, kwargs, timeout, False, ack))
+        try:
+            fut.result(wait)
+        except NoMux:
+            self._call(method, args, kwargs, timeout, False)  # accepted = completed
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise CallTimeoutError(f"{method}: not accepted within {wait:g}s") from None
+        return ack.id
 
     def _stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None) -> Iterator[Any]:
         raise NotImplementedError
+
+    def _enqueue(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        raise ConfigurationError(f"{method}.enqueue() needs a Pool made with outbox=PATH")
 
     def _astream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                  timeout: float | None) -> AsyncIterator[Any]:
@@ -420,14 +487,14 @@ class Proxy(Dispatcher):
         await asyncio.wrap_future(self._get_executor().submit(self._move, endpoint))
 
     async def _acall(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None,
-                     oneway: bool = False) -> Any:
+                     oneway: bool = False, ack: Ack | None = None) -> Any:
         if self._closed:
             raise self._closed_error()
         timeout = timeout or self._settings.timeout
         for moved in (False, True):
             endpoint = self._endpoint
             try:
-                return await endpoint.acall(method, args, kwargs, timeout, oneway)
+                return await endpoint.acall(method, args, kwargs, timeout, oneway, ack=ack)
             except NotSent as exc:
                 error = self._unreachable(endpoint, exc, moved)
                 if error is not exc:

@@ -183,7 +183,7 @@ def handshake_frame(uri: Pyro5.core.URI, settings: Settings, mux: bool = False) 
     """The MSG_CONNECT frame (with our token, and the extensions we understand beyond Pyro5's protocol:
     a stock Pyro5 server ignores them), and the token it carries."""
     token = make_token(settings.secret, target=uri.object) if settings.secret else "hello"
-    extensions = {"notice": 1, "mux": 1} if mux else {"notice": 1}
+    extensions = {"notice": 1, "mux": 1, "ack": 1} if mux else {"notice": 1}
     data = SERIALIZER.dumps({"handshake": token, "object": uri.object, "pyrorpc": extensions})
     return wire_protocol.pack(wire_protocol.MSG_CONNECT, 0, 0, data), token
 

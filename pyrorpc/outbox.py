@@ -1,0 +1,422 @@
+"""Outbox: calls kept in a local SQLite journal (WAL, group commit) and delivered with send() semantics by a
+background sender, across crashes and restarts of the process that made them.
+
+An entry is ``pending`` until a sender claims it (``in_flight``, under that sender's lease), then
+``accepted`` once a worker acknowledged it, and deleted once the worker finished it. It ends ``failed``
+(with its error) when the worker refused it (no such method, arguments it does not take) or the method
+raised, and ``lost`` when the worker was lost after accepting it (it may or may not have run: an
+``@idempotent`` method is re-sent instead, and is never lost). A sender that dies leaves its claims to
+expire: ``in_flight`` entries go out again (the worker's memory of accepted ids keeps a re-send from
+running twice); ``accepted`` ones are never re-sent (at-most-once) and show as ``unconfirmed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import Pyro5.errors
+
+from .acks import Ack
+from .codec import dumps, loads
+from .compat import remote_traceback
+from .config import Settings, resolve
+from .errors import ConfigurationError
+from .proxy import NoMux, send_loop
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+__all__ = ["Outbox", "outbox_status"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    service TEXT NOT NULL,
+    method TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    owner TEXT,
+    lease_until REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS entries_state ON entries (state, seq);
+"""
+_INSERT = "INSERT INTO entries (id, service, method, payload, created) VALUES (?, ?, ?, ?, ?)"
+_MAX_BACKOFF = 2.0
+
+
+def _connect(path: str, sync: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={sync}")
+    db.execute("PRAGMA busy_timeout=30000")
+    return db
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Worth sending again later (nobody to take it now, or the attempt did not get through); otherwise the
+    entry failed for good (the worker refused it, or the method raised)."""
+    if remote_traceback(exc) is not None:
+        return False
+    return isinstance(exc, Pyro5.errors.CommunicationError) and not isinstance(exc, Pyro5.errors.SerializeError) \
+        or isinstance(exc, (Pyro5.errors.NamingError, RuntimeError))
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Outbox:
+    """A durable outbox: ``enqueue()`` appends a call to the SQLite journal at ``path`` and returns once it
+    is committed (several threads' calls share a commit); a background sender delivers the entries to
+    the workers of their service with ``send()`` semantics, oldest first, ``in_flight`` at a time, again
+    and again (backing off up to 2 s) while no worker is up. Several processes may open the same file: each
+    sender claims the entries it sends under a lease, renewed while it runs.
+
+    Args:
+        path: the journal file (created if missing).
+        ns: name server ``HOST:PORT`` for the pools the sender makes.
+        service: the default service of ``enqueue``.
+        in_flight: entries the sender has outstanding at once (sent and not finished).
+        lease: seconds a claim lasts without renewal (another process takes over a dead sender's entries
+            after it).
+        sync: SQLite's ``synchronous`` for the journal: ``"normal"`` (default; an enqueue survives the
+            process being killed, not a power cut) or ``"full"`` (survives both; slower).
+        send: run the background sender (False: only enqueue here; another process delivers).
+        settings: a ``pyrorpc.Settings``; other keyword arguments (``timeout=``, ``secret=``...) override it.
+        pools: internal: ``{service: Pool}`` to send through (a Pool made with ``outbox=``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, ns: Any = None, service: str | None = None,
+                 in_flight: int = 64, lease: float = 10.0, sync: str = "normal", send: bool = True,
+                 settings: Settings | None = None, pools: dict[str, Pool] | None = None, **options: Any) -> None:
+        if not isinstance(in_flight, int) or in_flight < 1:
+            raise ConfigurationError(f"`in_flight` must be a positive integer, got {in_flight!r}")
+        if not isinstance(lease, (int, float)) or lease <= 0:
+            raise ConfigurationError(f"`lease` must be positive, got {lease!r}")
+        if sync not in ("normal", "full"):
+            raise ConfigurationError(f"`sync` must be 'normal' or 'full', got {sync!r}")
+        self.path = os.fspath(path)
+        self.service = service
+        self._settings = resolve(settings, ns=ns, **options)
+        self._in_flight_limit = in_flight
+        self._lease = float(lease)
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        try:
+            self._db = _connect(self.path, sync.upper())
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"cannot open the outbox {self.path!r}: {exc}") from None
+        self._sync = sync.upper()
+        self._queue: list[list[Any]] = []  # rows waiting for the next commit (group commit: see enqueue)
+        self._committed = threading.Condition(threading.Lock())
+        self._committing = False
+        self._pools: dict[str, Pool] = dict(pools or {})
+        self._services: set[str] = set(self._pools)  # services that may have entries (see _ready_services)
+        self._services_due = 0.0
+        self._own_pools: list[Pool] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._outcomes: list[tuple[int, str, str | None]] = []  # (seq, what happened, error) for the sender
+        self._outcomes_lock = threading.Lock()
+        self._active = 0  # entries claimed by this sender and not finished
+        self._waiting = False  # the sender has room and workers, and waits for entries
+        self._idle = threading.Condition(threading.Lock())
+        self._closed = False
+        self._sender: threading.Thread | None = None
+        if send:
+            self._sender = threading.Thread(target=self._run, name="pyrorpc-outbox", daemon=True)
+            self._sender.start()
+
+    def __repr__(self) -> str:
+        return f"<pyrorpc.Outbox {self.path!r}>"
+
+    # enqueue: group commit ----------------------------------------------------------------------------
+    def enqueue(self, method: str, args: tuple[Any, ...] | list[Any] = (), kwargs: dict[str, Any] | None = None,
+                *, service: str | None = None) -> str:
+        """Append a call of ``service.method(*args, **kwargs)`` to the journal; returns its entry id once
+        it is committed (durable). Delivered later, exactly once unless its worker is lost mid-run (then
+        ``lost``, or re-sent for an ``@idempotent`` method).
+
+        Raises:
+            ConfigurationError: no service given and no default, or a bad method name.
+            TypeError: arguments serpent cannot write (nothing is stored).
+        """
+        service = service or self.service
+        if not service:
+            raise ConfigurationError("enqueue() needs a service: Outbox(service=...) or service=")
+        if not isinstance(method, str) or not method or method.startswith("_"):
+            raise ConfigurationError(f"not a callable remote method name: {method!r}")
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        payload = dumps((tuple(args), dict(kwargs or {})))
+        entry_id = uuid.uuid4().hex
+        slot: list[Any] = [(entry_id, service, method, payload, time.time()), False, None]
+        with self._committed:
+            self._queue.append(slot)
+            while not slot[1] and self._committing:  # a commit is under way: the next one takes ours along
+                self._committed.wait()
+            batch: list[list[Any]] = []
+            if not slot[1]:  # we commit every row queued so far (the others find theirs done)
+                self._committing = True
+                batch, self._queue = self._queue, []
+        if batch:
+            error: BaseException | None = None
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(_INSERT, [s[0] for s in batch])
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                error = exc
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            with self._committed:
+                for s in batch:
+                    s[1], s[2] = True, error
+                self._committing = False
+                self._committed.notify_all()
+        if slot[2] is not None:
+            raise RuntimeError(f"{self.path}: the entry could not be stored: {slot[2]}") from slot[2]
+        if service not in self._services:
+            self._services.add(service)
+        if self._waiting:
+            self._wake.set()  # (only a sender with room and workers waits for new entries)
+        return entry_id
+
+    # status --------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Counts of the entries by state (``pending``, ``in_flight``, ``accepted``, ``unconfirmed``,
+        ``failed``, ``lost``) and the failed and lost entries themselves (``entries``)."""
+        return outbox_status(self.path)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until no entry is pending, in flight or awaiting its outcome (accepted); True if so."""
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = outbox_status(self.path)
+            if not (counts["pending"] or counts["in_flight"] or counts["accepted"]):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    # the sender ----------------------------------------------------------------------------------------
+    def _pool(self, service: str) -> Pool | None:
+        pool = self._pools.get(service)
+        if pool is None:
+            from .pool import Pool
+            try:
+                pool = Pool(service, settings=self._settings)
+            except Pyro5.errors.PyroError:
+                return None  # the name server is not there (yet): later
+            self._pools[service] = pool
+            self._own_pools.append(pool)
+        return pool
+
+    def _ready_services(self, db: sqlite3.Connection) -> list[str]:
+        """Services that may have entries due and have a live worker: those enqueued here, and those in the
+        journal (looked up at most every half second: it reads every entry)."""
+        if time.monotonic() >= self._services_due:
+            self._services_due = time.monotonic() + 0.5
+            self._services.update(row[0] for row in db.execute(
+                "SELECT DISTINCT service FROM entries WHERE state IN ('pending', 'inflight')"))
+        ready = []
+        for service in sorted(self._services):
+            pool = self._pool(service)
+            if pool is not None and pool.workers():
+                ready.append(service)
+        return ready
+
+    def _claim(self, db: sqlite3.Connection, services: list[str], n: int) -> list[tuple[Any, ...]]:
+        now = time.time()
+        marks = ",".join("?" * len(services))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = db.execute(
+                f"SELECT seq, id, service, method, payload FROM entries WHERE service IN ({marks}) AND "
+                "((state = 'pending' AND next_try <= ?) OR (state = 'inflight' AND lease_until < ?)) "
+                "ORDER BY seq LIMIT ?", (*services, now, now, n)).fetchall()
+            db.executemany("UPDATE entries SET state = 'inflight', owner = ?, lease_until = ?, "
+                           "attempts = attempts + 1 WHERE seq = ?",
+                           [(self._owner, now + self._lease, row[0]) for row in rows])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return rows
+
+    def _outcome(self, seq: int, what: str, error: str | None = None) -> None:
+        """From the send loop: an entry's fate, for the sender thread to write down."""
+        with self._outcomes_lock:
+            self._outcomes.append((seq, what, error))
+        self._wake.set()
+
+    def _apply(self, db: sqlite3.Connection) -> None:
+        with self._outcomes_lock:
+            outcomes, self._outcomes = self._outcomes, []
+        if not outcomes:
+            return
+        now = time.time()
+        finished = 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for seq, what, error in outcomes:
+                if what == "done":
+                    db.execute("DELETE FROM entries WHERE seq = ?", (seq,))
+                elif what == "accepted":
+                    db.execute("UPDATE entries SET state = 'accepted' WHERE seq = ?", (seq,))
+                    continue  # (still this sender's until its outcome comes)
+                elif what == "retry":
+                    db.execute("UPDATE entries SET state = 'pending', owner = NULL, error = ?, next_try = "
+                               "? + MIN(?, 0.05 * (1 << MIN(attempts, 8))) WHERE seq = ?",
+                               (error, now, _MAX_BACKOFF, seq))
+                else:  # failed, lost
+                    db.execute("UPDATE entries SET state = ?, owner = NULL, error = ? WHERE seq = ?",
+                               (what, error, seq))
+                finished += 1
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            with self._outcomes_lock:
+                self._outcomes[:0] = outcomes
+            raise
+        with self._idle:
+            self._active -= finished
+            self._idle.notify_all()
+
+    async def _deliver(self, pool: Pool, seq: int, entry_id: str, method: str, payload: bytes) -> None:
+        try:
+            args, kwargs = loads(payload)
+            ack = Ack(entry_id, on_done=lambda error, lost: self._outcome(
+                seq, "lost" if lost else "failed" if error is not None else "done",
+                "the worker was lost after accepting it: it may or may not have run" if lost
+                else None if error is None else _error_text(error)))
+            try:
+                await pool._acall(method, tuple(args), kwargs, None, False, ack)
+            except NoMux:  # a stock Pyro5 worker: a plain call (accepted = completed)
+                await asyncio.get_running_loop().run_in_executor(None, pool._call, method, tuple(args), kwargs,
+                                                                 None, False)
+                ack.waited = True
+        except Exception as exc:
+            self._outcome(seq, "retry" if _retryable(exc) else "failed", _error_text(exc))
+            return
+        if ack.waited:
+            self._outcome(seq, "done")
+        else:
+            self._outcome(seq, "accepted")
+
+    def _run(self) -> None:
+        db = _connect(self.path, self._sync)
+        renewed = time.monotonic()
+        loop = send_loop()
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                try:
+                    self._apply(db)
+                    if time.monotonic() - renewed > self._lease / 3:
+                        renewed = time.monotonic()
+                        db.execute("UPDATE entries SET lease_until = ? WHERE owner = ? AND state IN "
+                                   "('inflight', 'accepted')", (time.time() + self._lease, self._owner))
+                    room = self._in_flight_limit - self._active
+                    rows: list[tuple[Any, ...]] = []
+                    services: list[str] = []
+                    if room > 0:
+                        services = self._ready_services(db)
+                        if services:
+                            rows = self._claim(db, services, room)
+                    self._waiting = bool(services) and not rows
+                except sqlite3.Error:
+                    rows = []  # (locked for longer than the busy timeout: next round)
+                if rows:
+                    with self._idle:
+                        self._active += len(rows)
+                    for seq, entry_id, service, method, payload in rows:
+                        pool = self._pools[service]
+                        loop.submit(self._deliver(pool, seq, entry_id, method, payload))
+                    continue
+                self._wake.wait(0.05)
+            self._apply(db)
+            # what this sender still holds unsent goes back at once (another sender may take it now)
+            db.execute("UPDATE entries SET state = 'pending', owner = NULL WHERE owner = ? AND state = 'inflight'",
+                       (self._owner,))
+        except sqlite3.Error:
+            pass
+        finally:
+            db.close()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the sender: entries in flight get up to ``timeout`` seconds to be acknowledged; what is left
+        stays in the journal for the next sender (this process or another)."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            self._idle.wait_for(lambda: self._active <= 0 or time.monotonic() >= deadline,
+                                max(0.0, timeout))
+        self._stop.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join(max(0.5, deadline - time.monotonic() + 0.5))
+        for pool in self._own_pools:
+            pool.close()
+        self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def outbox_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``pyrorpc outbox status`` shows: counts by state and the failed, lost and unconfirmed entries
+    (``id``, ``service``, ``method``, ``created``, ``attempts``, ``state``, ``error``).
+
+    Raises:
+        ConfigurationError: no outbox at ``path``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ConfigurationError(f"no outbox at {path!r}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        now = time.time()
+        counts = {"pending": 0, "in_flight": 0, "accepted": 0, "unconfirmed": 0, "failed": 0, "lost": 0}
+        for state, live, n in db.execute(
+                "SELECT state, lease_until >= ?, COUNT(*) FROM entries GROUP BY state, lease_until >= ?", (now, now)):
+            if state == "inflight":
+                counts["in_flight" if live else "pending"] += n
+            elif state == "accepted":
+                counts["accepted" if live else "unconfirmed"] += n
+            elif state in counts:
+                counts[state] += n
+        entries = [dict(zip(("id", "service", "method", "created", "attempts", "state", "error"), row, strict=True))
+                   for row in db.execute(
+                       "SELECT id, service, method, created, attempts, state, error FROM entries WHERE state IN "
+                       "('failed', 'lost') OR (state = 'accepted' AND lease_until < ?) ORDER BY seq LIMIT 1000",
+                       (now,))]
+        for entry in entries:
+            if entry["state"] == "accepted":
+                entry["state"] = "unconfirmed"
+                entry["error"] = "accepted by a worker; its sender stopped before the outcome came"
+    except sqlite3.Error as exc:
+        raise ConfigurationError(f"cannot read the outbox {path!r}: {exc}") from None
+    finally:
+        db.close()
+    return dict(counts, entries=entries)
+

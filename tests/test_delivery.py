@@ -1,0 +1,323 @@
+"""Delivery (issue 14): acknowledged send() on Proxy and Pool, worker-side dedup, the durable outbox."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import Pyro5.api
+import pytest
+from delivery_app import Mailer, journal_runs
+
+import pyrorpc
+from pyrorpc.testing import ChildProcess, wait_for
+
+
+@pytest.fixture(autouse=True)
+def fresh_runs() -> None:
+    Mailer.runs.clear()
+
+
+def _runs(kind: str = "done") -> list[str]:
+    return [uid for k, uid in list(Mailer.runs) if k == kind]
+
+
+class Steer:
+    """Choose the worker named ``target`` whenever it is a candidate, else the first by name."""
+
+    def __init__(self, target: str | None = None) -> None:
+        self.target = target
+
+    def choose(self, candidates: Sequence[pyrorpc.balancing.Candidate]) -> pyrorpc.balancing.Candidate:
+        for c in candidates:
+            if c.name == self.target:
+                return c
+        return min(candidates, key=lambda c: c.name)
+
+
+# send() ------------------------------------------------------------------------------------------------
+
+def test_proxy_send_returns_once_accepted_not_when_done(ns_addr: str) -> None:
+    with pyrorpc.WorkerHost(Mailer, ns=ns_addr), pyrorpc.connect("mailer", ns=ns_addr) as p:
+        began = time.monotonic()
+        send_id = p.mail.send("a", 1.0)
+        assert time.monotonic() - began < 0.5  # accepted, not run to its end
+        assert isinstance(send_id, str) and send_id
+        wait_for(lambda: "a" in _runs("start"), 5)
+        assert "a" not in _runs("done")
+        wait_for(lambda: "a" in _runs("done"), 5)
+        assert p.amail.send("b") and wait_for(lambda: "b" in _runs("done"), 5)  # async def methods too
+
+
+def test_pool_send(ns_addr: str) -> None:
+    with pyrorpc.WorkerHost(Mailer, ns=ns_addr), pyrorpc.WorkerHost(Mailer, ns=ns_addr), \
+            pyrorpc.Pool("mailer", ns=ns_addr) as pool:
+        for i in range(20):
+            pool.mail.send(f"m{i}")
+        wait_for(lambda: len(_runs()) == 20, 5)
+        assert sorted(_runs()) == sorted(f"m{i}" for i in range(20))
+
+
+def test_same_id_twice_runs_once(ns_addr: str) -> None:
+    with pyrorpc.WorkerHost(Mailer, ns=ns_addr), pyrorpc.connect("mailer", ns=ns_addr) as p:
+        assert p.mail.send_as("welcome-42", "x") == "welcome-42"
+        assert p.mail.send_as("welcome-42", "x") == "welcome-42"  # acknowledged again...
+        p.mail.send_as("welcome-43", "y")
+        wait_for(lambda: "y" in _runs(), 5)
+        assert _runs().count("x") == 1  # ...but not run again
+
+
+def test_refused_before_acceptance_raises_and_never_runs(ns_addr: str) -> None:
+    with pyrorpc.WorkerHost(Mailer, ns=ns_addr), pyrorpc.connect("mailer", ns=ns_addr) as p:
+        with pytest.raises(AttributeError):
+            p.nosuch.send(1)
+        with pytest.raises(TypeError):
+            p.mail.send("a", 1, 2, 3)
+        with pytest.raises(TypeError):
+            p.mail.send("a", bogus=1)
+        p.mail.send("ok")
+        wait_for(lambda: "ok" in _runs(), 5)
+        assert _runs("start") == ["ok"]
+
+
+def test_idempotent_send_waits_for_completion(ns_addr: str) -> None:
+    with pyrorpc.WorkerHost(Mailer, ns=ns_addr), pyrorpc.connect("mailer", ns=ns_addr) as p:
+        began = time.monotonic()
+        p.mail_idem.send("i", 0.5)
+        assert time.monotonic() - began >= 0.45
+        assert "i" in _runs()
+
+
+def test_send_to_a_draining_worker_goes_elsewhere(nameserver, worker_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ns = nameserver(lease_ttl=30)
+    env = dict(os.environ, DELIVERY_JOURNAL=str(tmp_path))
+    a = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    b = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    with pyrorpc.Pool("mailer", ns=ns.ns, strategy=Steer(a.name)) as pool:
+        pool.mail.send("busy", 1.5)  # accepted by a; keeps its drain going
+        wait_for(lambda: "busy" in sum(journal_runs(str(tmp_path), "start").values(), []), 10)
+        a.signal(signal.SIGTERM)
+        # (the pool hears of it from the name server or from a itself, MSG_NOTICE; a call sent to a meanwhile
+        # is refused unrun: either way it goes to b)
+        wait_for(lambda: a.name not in {w.name for w in pool.workers()}, 10)
+        pool.mail.send("after")
+        assert a.wait(15) == 0
+        runs = journal_runs(str(tmp_path))
+        assert runs[f"{a.worker_pid}.log"] == ["busy"]  # accepted: kept through the drain
+        assert runs[f"{b.worker_pid}.log"] == ["after"]
+
+
+def test_send_to_a_dead_worker_goes_elsewhere(nameserver, worker_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ns = nameserver(lease_ttl=30)  # the dead worker stays registered: the pool finds out by trying
+    env = dict(os.environ, DELIVERY_JOURNAL=str(tmp_path))
+    a = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    b = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    with pyrorpc.Pool("mailer", ns=ns.ns, strategy=Steer(a.name)) as pool:
+        pool.mail.send("first")
+        wait_for(lambda: journal_runs(str(tmp_path)).get(f"{a.worker_pid}.log"), 10)
+        a.kill()
+        pool.mail.send("second")
+        wait_for(lambda: sum(len(v) for v in journal_runs(str(tmp_path)).values()) == 2, 10)
+        runs = journal_runs(str(tmp_path))
+        assert runs[f"{a.worker_pid}.log"] == ["first"]
+        assert runs[f"{b.worker_pid}.log"] == ["second"]
+
+
+def test_idempotent_send_is_resent_after_sigkill(nameserver, worker_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ns = nameserver(lease_ttl=30)
+    env = dict(os.environ, DELIVERY_JOURNAL=str(tmp_path))
+    a = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    b = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    with pyrorpc.Pool("mailer", ns=ns.ns, strategy=Steer(a.name)) as pool:
+        killer = threading.Thread(target=lambda: (
+            wait_for(lambda: "job" in sum(journal_runs(str(tmp_path), "start").values(), []), 10), a.kill()))
+        killer.start()
+        pool.mail_idem.send("job", 1.0)  # returns once it ran: on b, after a died mid-run
+        killer.join(10)
+        runs = journal_runs(str(tmp_path))
+        assert runs.get(f"{a.worker_pid}.log", []) == []
+        assert runs[f"{b.worker_pid}.log"] == ["job"]
+
+
+def test_non_idempotent_send_is_not_resent_after_acceptance(nameserver, worker_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ns = nameserver(lease_ttl=30)
+    env = dict(os.environ, DELIVERY_JOURNAL=str(tmp_path))
+    a = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    b = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    with pyrorpc.Pool("mailer", ns=ns.ns, strategy=Steer(a.name)) as pool:
+        pool.mail.send("once", 1.0)  # accepted by a: send() returned
+        wait_for(lambda: "once" in sum(journal_runs(str(tmp_path), "start").values(), []), 10)
+        a.kill()
+        time.sleep(0.3)
+        assert journal_runs(str(tmp_path), "start").get(f"{b.worker_pid}.log", []) == []  # at-most-once
+
+
+class StockMailer:
+    runs: list[str] = []
+
+    @Pyro5.api.expose
+    def mail(self, uid):
+        time.sleep(0.2)
+        StockMailer.runs.append(uid)
+
+
+def test_send_to_a_stock_pyro5_daemon_is_a_sync_call() -> None:
+    StockMailer.runs.clear()
+    with Pyro5.api.Daemon(host="127.0.0.1", port=0) as daemon:
+        uri = daemon.register(StockMailer, "stock.mailer")
+        thread = threading.Thread(target=daemon.requestLoop, daemon=True)
+        thread.start()
+        try:
+            with pyrorpc.connect(str(uri)) as p:
+                p.mail.send("s1")
+                assert StockMailer.runs == ["s1"]  # accepted = completed
+        finally:
+            daemon.shutdown()
+            thread.join(5)
+
+
+# the outbox --------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _delivered(path: str, timeout: float) -> None:
+    """Wait until nothing in the outbox at ``path`` is pending, in flight or awaiting its outcome."""
+    def idle() -> bool:
+        status = pyrorpc.outbox.outbox_status(path)
+        return not (status["pending"] or status["in_flight"] or status["accepted"])
+    wait_for(idle, timeout)
+
+
+def _client(ns: str, path: str, first: int, count: int) -> ChildProcess:
+    return ChildProcess([sys.executable, os.path.join(HERE, "delivery_client.py"), ns, path, str(first), str(count)],
+                        stdin=True)
+
+
+def test_outbox_survives_a_sigkilled_client_and_runs_every_call_once(nameserver, worker_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14's acceptance: 10,000 enqueues while no worker runs, the client SIGKILLed after 5,000, a new
+    client enqueues the other 5,000; then 3 workers start: every call runs exactly once."""
+    ns = nameserver()
+    path = str(tmp_path / "outbox.sqlite")
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    first = _client(ns.ns, path, 0, 5000)
+    try:
+        first.expect("ENQUEUED 5000", 20)
+        first.kill()
+    finally:
+        first.kill()
+    assert pyrorpc.outbox.outbox_status(path)["pending"] == 5000
+    with _client(ns.ns, path, 5000, 5000) as second:
+        second.expect("ENQUEUED 5000", 20)
+        env = dict(os.environ, DELIVERY_JOURNAL=str(journal))
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            list(ex.map(lambda _i: worker_factory("delivery_app:Mailer", ns.ns, env=env), range(3)))
+        wait_for(lambda: sum(len(v) for v in journal_runs(str(journal)).values()) >= 10_000, 20)
+        wait_for(lambda: pyrorpc.outbox.outbox_status(path)["accepted"] == 0, 5)
+    runs = [uid for uids in journal_runs(str(journal)).values() for uid in uids]
+    assert len(runs) == 10_000
+    assert sorted(runs) == sorted(f"u{i}" for i in range(10_000))  # each exactly once
+    assert len(journal_runs(str(journal))) == 3  # (on all three workers)
+    status = pyrorpc.outbox.outbox_status(path)
+    assert {k: status[k] for k in ("pending", "in_flight", "accepted", "failed", "lost")} == \
+        {"pending": 0, "in_flight": 0, "accepted": 0, "failed": 0, "lost": 0}
+
+
+def test_outbox_worker_sigkilled_mid_run(nameserver, worker_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """@idempotent entries: none lost; the others never run twice, each either ran or is reported lost."""
+    ns = nameserver(lease_ttl=30)
+    env = dict(os.environ, DELIVERY_JOURNAL=str(tmp_path))
+    a = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    b = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    path = str(tmp_path / "outbox.sqlite")
+    with pyrorpc.Pool("mailer", ns=ns.ns, outbox=path) as pool:
+        ids = {}
+        for i in range(60):
+            ids[pool.mail.enqueue(f"n{i}", 0.2)] = f"n{i}"
+            pool.mail_idem.enqueue(f"i{i}", 0.2)
+        wait_for(lambda: len(journal_runs(str(tmp_path), "start").get(f"{a.worker_pid}.log", [])) >= 10, 10)
+        a.kill()
+        _delivered(path, 20)
+    done = journal_runs(str(tmp_path), "done")
+    started = sum(journal_runs(str(tmp_path), "start").values(), [])
+    ran = set(sum(done.values(), []))
+    assert {f"i{i}" for i in range(60)} <= ran  # idempotent: 0 lost
+    plain = [uid for uid in started if uid.startswith("n")]
+    assert len(plain) == len(set(plain))  # never run twice
+    status = pyrorpc.outbox.outbox_status(path)
+    lost = {ids[e["id"]] for e in status["entries"] if e["state"] == "lost"}
+    assert status["lost"] == len(lost)
+    for i in range(60):
+        assert (f"n{i}" in ran) != (f"n{i}" in lost), f"n{i}"  # ran, or reported lost: never both, never neither
+    on_a = f"{a.worker_pid}.log"
+    cut_off = set(journal_runs(str(tmp_path), "start")[on_a]) - set(done.get(on_a, []))
+    assert cut_off  # (the kill did cut calls off mid-run)
+    assert {uid for uid in cut_off if uid.startswith("i")} <= set(done[f"{b.worker_pid}.log"])  # re-sent to b
+
+
+def test_outbox_keeps_failed_entries_and_status_shows_them(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "outbox.sqlite")
+    with pyrorpc.WorkerHost(Mailer, ns=ns_addr), pyrorpc.Pool("mailer", ns=ns_addr, outbox=path) as pool:
+        pool.nosuch.enqueue(1)
+        pool.mail.enqueue("a", "b", "c", "d")
+        pool.fail.enqueue("z")
+        pool.mail.enqueue("fine")
+        _delivered(path, 10)
+    assert _runs() == ["fine"]
+    status = pyrorpc.outbox.outbox_status(path)
+    assert status["failed"] == 3 and status["pending"] == 0
+    errors = sorted(e["error"] for e in status["entries"])
+    assert errors[0].startswith("AttributeError") and "nosuch" in errors[0]
+    assert errors[1].startswith("TypeError")
+    assert errors[2] == "ValueError: cannot mail z"
+    out = subprocess.run([sys.executable, "-m", "pyrorpc", "outbox", "status", path], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "failed: 3" in out.stdout and "pending: 0" in out.stdout
+    assert "cannot mail z" in out.stdout and "nosuch" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "pyrorpc", "outbox", "status", path, "--json"], capture_output=True,
+                         text=True, timeout=30)
+    assert json.loads(out.stdout)["failed"] == 3
+    out = subprocess.run([sys.executable, "-m", "pyrorpc", "outbox", "status", str(tmp_path / "none.sqlite")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and out.stderr.startswith("Error:")
+
+
+def test_enqueue_needs_an_outbox(ns_addr: str) -> None:
+    with pyrorpc.WorkerHost(Mailer, ns=ns_addr), pyrorpc.Pool("mailer", ns=ns_addr) as pool:
+        with pytest.raises(pyrorpc.ConfigurationError, match="outbox"):
+            pool.mail.enqueue("x")
+
+
+def test_two_processes_share_an_outbox(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two outboxes on one file (as two processes would): each entry is delivered once."""
+    path = str(tmp_path / "outbox.sqlite")
+    with pyrorpc.Outbox(path, ns=ns_addr, service="mailer") as one, \
+            pyrorpc.Outbox(path, ns=ns_addr, service="mailer") as two:
+        for i in range(300):
+            (one if i % 2 else two).enqueue("mail", (f"s{i}",))
+        with pyrorpc.WorkerHost(Mailer, ns=ns_addr):
+            assert one.wait(20) and two.wait(20)
+            wait_for(lambda: len(_runs()) >= 300, 5)
+    assert sorted(_runs()) == sorted(f"s{i}" for i in range(300))
+
+
+def test_seen_ids_are_bounded_by_count_and_age() -> None:
+    from pyrorpc.acks import SeenIds
+    seen = SeenIds(limit=3, ttl=0.2)
+    assert all(seen.accept(k) for k in (b"a", b"b", b"c"))
+    assert not seen.accept(b"a")  # a re-send
+    assert seen.accept(b"d") and len(seen) == 3  # the oldest ("a") made room
+    assert not seen.accept(b"b")
+    assert seen.accept(b"a") and len(seen) == 3  # forgotten: accepted again
+    time.sleep(0.25)
+    assert seen.accept(b"d")  # too old to be remembered: accepted again
+    assert len(seen) == 1
