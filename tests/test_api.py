@@ -72,13 +72,13 @@ def _pyrorpc_imports(path):
 
 def test_imports_flow_one_way():
     """Layers (STYLE 2, 20): protocol and codec (no I/O) -> wire (transport) -> security -> server ->
-    naming/worker/proxy/pool -> cli; nameserver uses only config/errors/security/server/metrics."""
+    naming/worker/proxy/pool -> cli; nameserver uses only config/errors/security/server/metrics/context."""
     import glob
     import os
     ns_dir = os.path.dirname(nameserver.__file__)
     for path in glob.glob(os.path.join(ns_dir, "*.py")):
         assert _pyrorpc_imports(path) <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.security",
-                                          "pyrorpc.server", "pyrorpc.metrics"}, path
+                                          "pyrorpc.server", "pyrorpc.metrics", "pyrorpc.context"}, path
     pkg = os.path.dirname(pyrorpc.__file__)
 
     def imports(name: str) -> set[str]:
