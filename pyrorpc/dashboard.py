@@ -207,9 +207,14 @@ class Fleet:
 
 
 def _latencies(stats: dict[str, Any], service: str) -> tuple[float | None, float | None]:
-    """p50 and p99 (ms) of a worker's calls of ``service``, from its ``stats()``: the latency histograms of
-    the service's methods added up (``buckets_ms`` bounds), interpolated within a bucket as Prometheus'
-    ``histogram_quantile`` does."""
+    """p50 and p99 (ms) of a worker's recent calls of ``service``, from its ``stats()`` (``services``: over
+    each method's last calls); from an older worker's ``methods``, the latency histograms of the service's
+    methods added up (``buckets_ms`` bounds, since the worker started), interpolated within a bucket as
+    Prometheus' ``histogram_quantile`` does."""
+    services = stats.get("services")
+    entry = services.get(service) if isinstance(services, dict) else None
+    if isinstance(entry, dict) and ("p50_ms" in entry or "p99_ms" in entry):
+        return _number(entry.get("p50_ms")), _number(entry.get("p99_ms"))
     bounds = stats.get("buckets_ms")
     methods = stats.get("methods")
     if not isinstance(bounds, list) or not isinstance(methods, dict):
