@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=8, help="renewing threads per client process (default 8)")
     parser.add_argument("--shared-connections", action="store_true", help="the workers of a client thread "
                         "share one connection (as if one process renewed for all of them) instead of one each")
+    parser.add_argument("--batch", type=int, default=1, help="renew this many workers per request "
+                        "(NameServerClient.lease_many, as one process renewing for several would; default 1)")
     parser.add_argument("--cpu", type=int, default=0, help="the CPU the name server is pinned to (default 0)")
     parser.add_argument("--unpinned", action="store_true", help="pin nothing")
     parser.add_argument("--watch-pid", type=int, action="append", default=[], metavar="PID",
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.procs, args.threads = 2, 2
     if args.services is None:
         args.services = max(1, args.workers // 10)
-    for option in ("workers", "services", "procs", "threads"):
+    for option in ("workers", "services", "procs", "threads", "batch"):
         if getattr(args, option) < 1:
             parser.error(f"--{option} must be at least 1")
     if args.services > args.workers:
@@ -147,7 +149,7 @@ class SimWorker:
 
 
 def client_main(conn: multiprocessing.connection.Connection, proc: int, indices: list[int], services: int,
-                ns: str, ttl: float, threads: int, cpus: set[int] | None, shared: bool) -> None:
+                ns: str, ttl: float, threads: int, cpus: set[int] | None, shared: bool, batch: int) -> None:
     """A client process: builds its simulated workers, then runs the phases the parent asks for."""
     if cpus:
         os.sched_setaffinity(0, cpus)
@@ -175,7 +177,7 @@ def client_main(conn: multiprocessing.connection.Connection, proc: int, indices:
             continue
         _kind, start_at, duration, paced, window = command
         phase = Phase(start_at, duration, paced, ttl, threads, window)
-        pool = [threading.Thread(target=phase.run, args=(t, s)) for t, s in enumerate(slices)]
+        pool = [threading.Thread(target=phase.run, args=(t, s, batch)) for t, s in enumerate(slices)]
         for th in pool:
             th.start()
         for th in pool:
@@ -198,9 +200,10 @@ class Phase:
         self.lags = [0.0] * threads
         self.latencies: list[list[float]] = [[] for _ in range(threads)]
 
-    def run(self, t: int, mine: list[SimWorker]) -> None:
-        if not mine:
+    def run(self, t: int, workers: list[SimWorker], batch: int = 1) -> None:
+        if not workers:
             return
+        mine = [workers[j:j + batch] for j in range(0, len(workers), batch)]  # one request each
         step = self.ttl / 3 / len(mine)
         due = self.start_at + t * step / self.threads
         end, ttl, paced, latencies = self.end, self.ttl, self.paced, self.latencies[t]
@@ -218,13 +221,27 @@ class Phase:
             elif now >= end:
                 break
             t0 = clock()
-            mine[i].renew(ttl)
+            group = mine[i]
+            if len(group) == 1:
+                group[0].renew(ttl)
+            else:
+                renew_together(group, ttl)
             latencies.append(clock() - t0)
-            self.counts[t] += 1
+            self.counts[t] += len(group)
             if self.window[0] <= t0 < self.window[1]:
-                self.in_window[t] += 1
+                self.in_window[t] += len(group)
             i = (i + 1) % len(mine)
             due += step
+
+
+def renew_together(group: list[SimWorker], ttl: float) -> None:
+    """Renew several workers' leases in one request (``lease_many``), over the first one's connection."""
+    for w in group:
+        w.load["calls"] += 1
+    replies = group[0].client.lease_many([(w.name, w.uri, w.metadata, w.load, ttl) for w in group])
+    refused = [r for r in replies if isinstance(r, Exception)]
+    if refused:
+        raise refused[0]
 
 
 # the parent ---------------------------------------------------------------------------------------------
@@ -279,7 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             parent_end, child_end = ctx.Pipe()
             indices = list(range(p, args.workers, args.procs))
             child = ctx.Process(target=client_main, args=(child_end, p, indices, args.services, ns, args.ttl,
-                                                          args.threads, client_cpus, args.shared_connections),
+                                                          args.threads, client_cpus, args.shared_connections,
+                                                          args.batch),
                                 daemon=True)
             child.start()
             links.append(parent_end)
@@ -360,6 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"workers": args.workers, "ttl": args.ttl, "storage": args.storage, "services": args.services,
                    "duration": args.duration, "lookup_seconds": args.lookup_seconds, "saturate": args.saturate,
                    "procs": args.procs, "threads": args.threads, "shared_connections": args.shared_connections,
+                   "batch": args.batch,
                    "ns_cpu": None if args.unpinned else args.cpu,
                    "smoke": args.smoke},
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
@@ -389,6 +408,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     cfg, paced, lookup, sat = report["config"], report["paced"], report["lookup"], report["saturated"]
     pinned = f"pinned to CPU {cfg['ns_cpu']}" if cfg["ns_cpu"] is not None else "unpinned"
+    if cfg["batch"] > 1:
+        pinned += f", {cfg['batch']} renewals per request (lease_many)"
     lines = [
         f"### Name server at scale: {cfg['workers']:,} leased workers, TTL {cfg['ttl']:g} s, {cfg['storage']} "
         f"storage, name server {pinned}",

@@ -30,6 +30,7 @@ MAX_COUNT = 2**63 - 1
 MAX_HOST_LENGTH = 255
 MAX_STARTED = 1e12  # a Unix time (year 33658): clients read anything later as "unknown"
 MAX_WATCH = 30.0  # seconds a watch_service call waits at most
+MAX_LEASE_MANY = 1000  # leases one lease_many call may carry
 _MAX_LOAD_KEYS = 32
 
 Entry = tuple[str, frozenset[str]]
@@ -197,7 +198,8 @@ class NameServer(Pyro5.nameserver.NameServer):
     behaviour; ``yplookup(meta_all={"pyrorpc.service:S"})`` is answered from the service index. Added:
     ``lease`` (register-or-renew with a load report), ``service_workers``, ``services``, ``expire``,
     ``acquire_lock`` / ``release_lock`` (a leased mutex, e.g. for "only one scheduler fires"),
-    ``watch_service`` (a long poll: a service's workers as soon as its membership changes).
+    ``watch_service`` (a long poll: a service's workers as soon as its membership changes), ``lease_many``
+    (several leases in one request).
     """
 
     default_lease_ttl = 10.0
@@ -413,6 +415,28 @@ class NameServer(Pyro5.nameserver.NameServer):
         if services:  # (a lock is a lease too)
             log.info("lease registered: %s", name, extra={"event": "registered", "worker": name,
                                                           "service": services[0]})
+
+    def lease_many(self, leases: Any) -> list[dict[str, Any]]:
+        """Several ``lease`` calls in one request (one process renewing for several workers): ``leases`` is a
+        list of ``[name, uri, metadata, load, ttl]`` (at most MAX_LEASE_MANY); returns, in order, each one's
+        ``lease`` reply, or ``{"error": "TypeError: ..."}`` for one refused (the others still apply).
+
+        Raises:
+            TypeError, ValueError: ``leases`` is not such a list, or too long; nothing is renewed then.
+        """
+        if not isinstance(leases, (list, tuple)):
+            raise TypeError("leases must be a list of [name, uri, metadata, load, ttl]")
+        if len(leases) > MAX_LEASE_MANY:
+            raise ValueError(f"at most {MAX_LEASE_MANY} leases per call, got {len(leases)}")
+        replies: list[dict[str, Any]] = []
+        for item in leases:
+            try:
+                if not isinstance(item, (list, tuple)) or len(item) != 5:
+                    raise TypeError("each lease must be [name, uri, metadata, load, ttl]")
+                replies.append(self.lease(*item))
+            except (TypeError, ValueError, Pyro5.errors.PyroError) as exc:
+                replies.append({"error": f"{type(exc).__name__}: {exc}"})
+        return replies
 
     def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
         """Take or renew the lock ``name`` for ``owner`` for ``ttl`` seconds; False while another owner

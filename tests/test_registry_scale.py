@@ -158,6 +158,22 @@ def test_worker_heartbeats_reuse_one_connection(secure_ns) -> None:
     watcher_client.close()
 
 
+def test_lease_many_renews_several_in_one_request(secure_ns) -> None:
+    daemon, handshakes = secure_ns
+    with pyrorpc.NameServerClient(pyrorpc.Settings(ns=addr(daemon), secret=SECRET)) as client:
+        leases = [(f"calc.h.1.{x}", f"PYRO:calc.h.1.{x}@127.0.0.1:1", {"pyrorpc.service:calc"}, {"calls": 1}, 3.0)
+                  for x in "abc"]
+        leases[1] = (*leases[1][:4], -1)  # refused alone
+        first, refused, third = client.lease_many(leases)
+        assert first == third == 3.0
+        assert isinstance(refused, ValueError) and "ttl" in str(refused)
+        assert sorted(w.name for w in client.service_workers("calc")) == ["calc.h.1.a", "calc.h.1.c"]
+        assert client.lease_many([leases[0], leases[2]]) == [3.0, 3.0]  # renewed
+        with pytest.raises(ValueError, match="at most"):
+            client.lease_many([leases[0]] * 1001)
+        assert handshakes.count == 1
+
+
 def test_broken_connection_is_replaced(secure_ns) -> None:
     daemon, handshakes = secure_ns
     host, port = daemon.address
