@@ -439,3 +439,13 @@ def test_load_reports_reach_other_name_servers(shared_etcd: EtcdCluster) -> None
     finally:
         a.storage.close()
         b.storage.close()
+
+
+def test_storage_urls() -> None:
+    from nameserver import open_storage
+    from nameserver.etcd import parse_url
+    assert parse_url("etcd://10.0.0.1:2379,h2:2479") == ([("10.0.0.1", 2379), ("h2", 2479)], "/pyrorpc/ns/")
+    assert parse_url("etcd://[::1]:2379/staging/") == ([("::1", 2379)], "/staging/")
+    for bad in ("etcd://", "etcd://host", "etcd://h:0", "etcd://h:2379,", "etcd://h:x"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            open_storage(bad)
