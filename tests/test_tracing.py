@@ -261,3 +261,13 @@ def test_garbage_trace_context_is_ignored(fleet: Fleet) -> None:
     spans = fleet.spans(fleet.back, None, before + 4)[before:]
     assert all(s["name"] == "trace_back/echo" and s["parent"] is None for s in spans)
 
+
+
+def test_the_cost_benchmark_runs() -> None:
+    """benchmarks/tracing_cost.py, tiny: a row per tracing state."""
+    script = os.path.join(os.path.dirname(HERE), "benchmarks", "tracing_cost.py")
+    done = subprocess.run([sys.executable, script, "--calls", "200", "--rounds", "1", "--cpus", ""], env=_env(False),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["off", "no-sdk", "sdk-drop", "sdk-batch"], done.stdout
