@@ -241,14 +241,20 @@ class Outbox:
         return ready
 
     def _claim(self, db: sqlite3.Connection, services: list[str], n: int) -> list[tuple[Any, ...]]:
+        """Take up to ``n`` entries of ``services``, oldest first: pending ones that are due, and those whose
+        sender's lease ran out before they were accepted. (Two queries, each walking the state index.)"""
         now = time.time()
         marks = ",".join("?" * len(services))
+        columns = "seq, id, service, method, payload"
         db.execute("BEGIN IMMEDIATE")
         try:
             rows = db.execute(
-                f"SELECT seq, id, service, method, payload FROM entries WHERE service IN ({marks}) AND "
-                "((state = 'pending' AND next_try <= ?) OR (state = 'inflight' AND lease_until < ?)) "
-                "ORDER BY seq LIMIT ?", (*services, now, now, n)).fetchall()
+                f"SELECT {columns} FROM entries WHERE state = 'pending' AND next_try <= ? AND service IN ({marks}) "
+                "ORDER BY seq LIMIT ?", (now, *services, n)).fetchall()
+            rows += db.execute(
+                f"SELECT {columns} FROM entries WHERE state = 'inflight' AND lease_until < ? AND service IN ({marks}) "
+                "ORDER BY seq LIMIT ?", (now, *services, n)).fetchall()
+            rows = sorted(rows)[:n]
             db.executemany("UPDATE entries SET state = 'inflight', owner = ?, lease_until = ?, "
                            "attempts = attempts + 1 WHERE seq = ?",
                            [(self._owner, now + self._lease, row[0]) for row in rows])
@@ -334,7 +340,8 @@ class Outbox:
                     room = self._in_flight_limit - self._active
                     rows: list[tuple[Any, ...]] = []
                     services: list[str] = []
-                    if room > 0:
+                    # (claims in batches: a quarter of the window at least, unless nothing is out)
+                    if room >= max(1, self._in_flight_limit // 4) or (room > 0 and self._active == 0):
                         services = self._ready_services(db)
                         if services:
                             rows = self._claim(db, services, room)

@@ -155,8 +155,9 @@ def test_non_idempotent_send_is_not_resent_after_acceptance(nameserver, worker_f
         pool.mail.send("once", 1.0)  # accepted by a: send() returned
         wait_for(lambda: "once" in sum(journal_runs(str(tmp_path), "start").values(), []), 10)
         a.kill()
-        time.sleep(0.3)
-        assert journal_runs(str(tmp_path), "start").get(f"{b.worker_pid}.log", []) == []  # at-most-once
+        pool.mail.send("marker")  # (goes to b: a is gone)
+        wait_for(lambda: "marker" in journal_runs(str(tmp_path)).get(f"{b.worker_pid}.log", []), 10)
+    assert journal_runs(str(tmp_path), "start")[f"{b.worker_pid}.log"] == ["marker"]  # "once" never re-sent
 
 
 class StockMailer:
