@@ -322,3 +322,26 @@ def test_seen_ids_are_bounded_by_count_and_age() -> None:
     time.sleep(0.25)
     assert seen.accept(b"d")  # too old to be remembered: accepted again
     assert len(seen) == 1
+
+
+def test_outbox_delivers_to_a_stock_pyro5_worker(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A stock Pyro5 daemon registered as a worker of the service: no acknowledgement, a plain call."""
+    StockMailer.runs.clear()
+    path = str(tmp_path / "outbox.sqlite")
+    host, port = ns_addr.split(":")
+    with Pyro5.api.Daemon(host="127.0.0.1", port=0) as daemon:
+        uri = daemon.register(StockMailer, "stock.mailer")
+        thread = threading.Thread(target=daemon.requestLoop, daemon=True)
+        thread.start()
+        try:
+            with Pyro5.api.locate_ns(host, int(port)) as ns:
+                ns.register("mailer.stock", uri, metadata={"pyrorpc.service:mailer"})
+            with pyrorpc.Outbox(path, ns=ns_addr, service="mailer") as outbox:
+                outbox.enqueue("mail", ("s1",))
+                outbox.enqueue("mail", ("s2",))
+                _delivered(path, 15)
+            assert sorted(StockMailer.runs) == ["s1", "s2"]
+            assert pyrorpc.outbox.outbox_status(path)["failed"] == 0
+        finally:
+            daemon.shutdown()
+            thread.join(5)
