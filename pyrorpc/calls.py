@@ -67,6 +67,7 @@ class DaemonObject:
 
     def __init__(self, server: Any) -> None:
         self._server = server  # the Server
+        self._asked = 0  # stats() calls so far
 
     def registered(self) -> list[str]:
         """Names of every object served here."""
@@ -87,10 +88,14 @@ class DaemonObject:
         ``{service: {method: {"ok", "error", "timeout", "refused", "p50_ms", "p99_ms", "sum_ms", "buckets"}}}``
         (counts since start; p50/p99 of the method's last 512 calls; calls per bucket, one more than
         ``buckets_ms``) and ``services``: ``{service: {"ok", "error", "timeout", "refused", "p50_ms",
-        "p99_ms"}}`` (its methods together)."""
+        "p99_ms"}}`` (its methods together). ``in_flight`` and ``calls`` leave out the ``stats()`` calls
+        themselves, so a dashboard asking every second does not show up in what it shows."""
         s = self._server
         stats = s.stats
+        self._asked += 1
         snap: dict[str, Any] = stats.snapshot()
+        snap["in_flight"] = max(0, snap["in_flight"] - 1)  # (this call)
+        snap["calls"] = max(0, snap["calls"] - (self._asked - 1))  # (the stats() calls before it)
         methods, services = stats.full_snapshot()
         snap.update(name=s.name, host=socket.gethostname().split(".")[0] or "localhost", pid=os.getpid(),
                     location=s.location, started=stats.started, uptime=round(time.time() - stats.started, 3),

@@ -19,8 +19,8 @@ import click
 from .compat import remote_traceback
 from .config import MAX_TIMEOUT, MIN_TIMEOUT, Address, Addresses, Settings
 
-NS_HELP = ("name server HOST:PORT, or several: HOST:PORT,HOST:PORT (the first that answers; env PYRORPC_NS, "
-           "default 127.0.0.1:9090)")
+NS_HELP = ("name server HOST:PORT, or several: HOST:PORT,HOST:PORT (the first that answers; several name servers "
+           "share one registry only over etcd storage; env PYRORPC_NS, default 127.0.0.1:9090)")
 
 
 class HostPort(click.ParamType):
@@ -402,9 +402,15 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
         env = dict(os.environ)
         if settings.secret:
             env["PYRORPC_SECRET"] = settings.secret  # not on the command line, where `ps` shows it
+        if log_format == "json":  # (every line of the process is JSON then: the supervisor's through logging)
+            import logging
+            echo: Callable[[str], None] = logging.getLogger("pyrorpc.supervisor").info
+        else:
+            def echo(line: str) -> None:
+                click.echo(line, err=True)
         sup = Supervisor(argv, processes, grace=settings.drain_timeout + 10, env=env, max_restarts=max_restarts,
-                         restart_window=restart_window, echo=lambda line: click.echo(line, err=True))
-        click.echo(f"supervisor {os.getpid()}: starting {processes} workers of {spec}", err=True)
+                         restart_window=restart_window, echo=echo)
+        echo(f"supervisor {os.getpid()}: starting {processes} workers of {spec}")
         status = sup.run()
         if sup.failure:
             raise click.ClickException(f"{sup.failure} (--max-restarts {max_restarts}, "

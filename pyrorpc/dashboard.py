@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import http.server
 import json
 import logging
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 
 from .config import Settings
 from .errors import NameServerUnavailableError
+from .httpd import BoundedHTTPServer, Response
 from .naming import NameServerClient, WorkerInfo
 
 __all__ = ["Dashboard", "Fleet"]
@@ -61,6 +61,9 @@ class Fleet:
         self._known: dict[str, dict[str, Any]] = {}  # worker -> its last row
         self._proxies: dict[str, Any] = {}  # worker -> a Proxy to its Pyro.Daemon object
         self._no_stats: set[str] = set()  # workers without stats() (a stock or older worker)
+        self._asking: dict[str, concurrent.futures.Future[Any]] = {}  # worker -> its stats() request under way
+        self._backoff: dict[str, tuple[int, float]] = {}  # worker -> (failures in a row, ask again after)
+        self._last_stats: dict[str, tuple[float, dict[str, Any]]] = {}  # worker -> (when, its last stats())
         self._pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="dashboard-stats")
 
     def state(self) -> dict[str, Any]:
@@ -117,14 +120,31 @@ class Fleet:
         """Each worker's ``stats()``, asked in parallel; a worker that does not answer in time is left out."""
         if len(infos) > MAX_STATS_WORKERS:
             return {}
-        wanted = [w for w in infos if w.name not in self._no_stats]
+        now = time.monotonic()
+        for name, future in list(self._asking.items()):
+            if future.done():
+                del self._asking[name]
+        # a worker still answering the last poll (busy, hung) is not asked again meanwhile, and one that
+        # failed is asked again after a backoff: a few slow workers cannot hold up the page for the others
+        wanted = [w for w in infos if w.name not in self._no_stats and w.name not in self._asking
+                  and self._backoff.get(w.name, (0, 0.0))[1] <= now]
         futures = {self._pool.submit(self._stats_of, w): w.name for w in wanted}
+        self._asking.update((name, future) for future, name in futures.items())
         done, _late = concurrent.futures.wait(futures, timeout=_STATS_TIMEOUT + 0.2)
         result = {}
         for future in done:
+            name = futures[future]
             value = future.result()
             if isinstance(value, dict):
-                result[futures[future]] = value
+                result[name] = value
+                self._backoff.pop(name, None)
+            else:
+                strikes = self._backoff.get(name, (0, 0.0))[0] + 1
+                self._backoff[name] = (strikes, now + min(30.0, 2.0 ** strikes))
+        for future in _late:
+            name = futures[future]
+            strikes = self._backoff.get(name, (0, 0.0))[0] + 1
+            self._backoff[name] = (strikes, now + min(30.0, 2.0 ** strikes))
         return result
 
     def _stats_of(self, info: WorkerInfo) -> dict[str, Any] | None:
@@ -150,6 +170,13 @@ class Fleet:
         return value if isinstance(value, dict) else None
 
     def _row(self, info: WorkerInfo, stats: dict[str, Any] | None, now: float) -> dict[str, Any]:
+        live = stats is not None
+        if stats is not None:
+            self._last_stats[info.name] = (now, stats)
+        else:
+            last_stats = self._last_stats.get(info.name)
+            if last_stats is not None and now - last_stats[0] < 15:
+                stats = last_stats[1]  # (busy or slow to answer this time: its last figures, not a reset)
         calls, errors, in_flight = info.calls, info.errors, info.in_flight
         p50 = p99 = None
         draining = False
@@ -166,7 +193,7 @@ class Fleet:
         last = self._last_calls.get(info.name)
         if last is None or last[2] != source or calls < last[1] or now <= last[0]:
             self._last_calls[info.name] = (now, calls, source, None)
-        elif calls > last[1] or source == "stats":
+        elif calls > last[1] or (source == "stats" and live):
             rate = round((calls - last[1]) / (now - last[0]), 1)
             self._last_calls[info.name] = (now, calls, source, rate)
         else:
@@ -174,7 +201,7 @@ class Fleet:
         row = {"name": info.name, "service": info.service, "host": info.host, "pid": info.pid,
                "in_flight": in_flight, "calls": calls, "errors": errors, "calls_per_s": rate,
                "p50_ms": p50, "p99_ms": p99, "last_heartbeat": info.last_heartbeat, "ttl": info.ttl,
-               "uptime": round(info.uptime, 1), "draining": draining, "live_stats": stats is not None,
+               "uptime": round(info.uptime, 1), "draining": draining, "live_stats": live,
                "gone": False}
         self._known[info.name] = row
         return row
@@ -186,6 +213,8 @@ class Fleet:
                 row = self._known.pop(name)
                 self._gone[name] = (now, dict(row, gone=True, in_flight=0, calls_per_s=None))
                 self._last_calls.pop(name, None)
+                self._last_stats.pop(name, None)
+                self._backoff.pop(name, None)
                 self._no_stats.discard(name)
                 proxy = self._proxies.pop(name, None)
                 if proxy is not None:
@@ -258,54 +287,6 @@ def _number(value: Any) -> float | None:
     return None
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: "_HTTPServer"
-    server_version = "pyrorpc-dashboard"
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
-            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-        elif path == "/api/state":
-            body = json.dumps(self.server.fleet.state(), default=str).encode()
-            self._send(200, body, "application/json")
-        elif path == "/healthz":
-            self._send(200, b"ok\n", "text/plain")
-        else:
-            self._send(404, b"not found\n", "text/plain")
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self.do_GET()
-
-    def _refuse(self) -> None:
-        self._send(405, b"read-only\n", "text/plain", allow="GET, HEAD")
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
-
-    def _send(self, status: int, body: bytes, content_type: str, **headers: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
-                                                    "style-src 'unsafe-inline'")
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
-        log.debug("%s %s", self.address_string(), format % args)
-
-
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    fleet: Fleet
-
-
 class Dashboard:
     """Serve the live page of the fleet registered at the name server(s) of ``settings``.
 
@@ -320,10 +301,19 @@ class Dashboard:
         if not isinstance(interval, (int, float)) or not 0.1 <= interval <= 60:
             raise ValueError(f"`interval` must be 0.1-60 seconds, got {interval!r}")
         self.fleet = Fleet(settings if settings is not None else Settings.from_env(), interval)
-        self.httpd = _HTTPServer((host, port), _Handler)
-        self.httpd.fleet = self.fleet
+        self.httpd = BoundedHTTPServer((host, port), self._route, name="dashboard", headers={
+            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"})
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    def _route(self, path: str) -> Response | None:
+        if path in ("/", "/index.html"):
+            return 200, PAGE.encode(), "text/html; charset=utf-8"
+        if path == "/api/state":
+            return 200, json.dumps(self.fleet.state(), default=str).encode(), "application/json"
+        if path == "/healthz":
+            return 200, b"ok\n", "text/plain"
+        return None
 
     @property
     def url(self) -> str:
@@ -341,10 +331,9 @@ class Dashboard:
 
     def start(self) -> "Dashboard":
         if not self._threads:
-            for target, name in ((self._poll_loop, "dashboard-poll"), (self.httpd.serve_forever, "dashboard-http")):
-                thread = threading.Thread(target=target, name=name, daemon=True)
-                thread.start()
-                self._threads.append(thread)
+            poller = threading.Thread(target=self._poll_loop, name="dashboard-poll", daemon=True)
+            poller.start()
+            self._threads = [poller, self.httpd.serve_in_thread()]
         return self
 
     def serve_forever(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -60,3 +61,22 @@ def setup_logging(log_format: str = "text", *, level: int = logging.INFO, stream
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # what would bypass logging goes through it too, so every line stays JSON: warnings.warn(), and an
+    # exception nobody caught in a thread or in the main thread
+    logging.captureWarnings(True)
+
+    def thread_hook(args: Any) -> None:
+        if args.exc_type is SystemExit:
+            return
+        logging.getLogger("pyrorpc.uncaught").error(
+            "uncaught exception in thread %s", getattr(args.thread, "name", "?"),
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    def main_hook(exc_type: Any, exc_value: Any, tb: Any) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc_value, tb)
+            return
+        logging.getLogger("pyrorpc.uncaught").critical("uncaught exception", exc_info=(exc_type, exc_value, tb))
+
+    threading.excepthook = thread_hook
+    sys.excepthook = main_hook

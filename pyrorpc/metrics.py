@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import ConfigurationError
+from .httpd import BoundedHTTPServer, Response
 from .stats import BUCKETS, OUTCOMES, POOL_OUTCOMES, ServerStats
 
 __all__ = ["MetricsServer", "NameServerCollector", "PoolCollector", "ServerCollector", "require_prometheus",
@@ -91,7 +92,7 @@ class ServerCollector:
                                     labels=["service", "method", "outcome"])
         latency = HistogramMetricFamily("pyrorpc_call_duration_seconds", "Call latency on the server, from "
                                         "request read to reply", labels=["service", "method"])
-        for svc, method, counts, buckets, total, _recent in stats.method_counts():
+        for svc, method, counts, buckets, total, _recent in stats.method_counts(recent=False):
             for outcome, count in zip(OUTCOMES, counts, strict=True):
                 calls.add_metric([svc, method, outcome], count)
             hist, total = _histogram(buckets, total)
@@ -227,8 +228,17 @@ class MetricsServer:
 
     def __init__(self, registry: Any, host: str = "127.0.0.1", port: int = 0) -> None:
         prometheus_client = require_prometheus()
+
+        def route(path: str) -> Response | None:
+            if path not in ("/metrics", "/"):
+                return None
+            return 200, prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST
+
         try:
-            self._httpd, self._thread = prometheus_client.start_http_server(port, host, registry)
+            # (not prometheus_client.start_http_server: a thread per connection, no timeout, no cap, so idle
+            # connections could use up this process's file descriptors and stop it accepting RPC clients)
+            self._httpd = BoundedHTTPServer((host, port), route, name="metrics")
+            self._thread = self._httpd.serve_in_thread()
         except OSError as exc:
             where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise ConfigurationError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None

@@ -171,9 +171,10 @@ def _about(address: Address, exc: Exception) -> str:
 class _Unreachable(Exception):
     """One name server did not answer (internal): ``sent`` when the request may have reached it."""
 
-    def __init__(self, message: str, sent: bool) -> None:
+    def __init__(self, message: str, sent: bool, timed_out: bool = False) -> None:
         super().__init__(message)
         self.sent = sent
+        self.timed_out = timed_out  # no answer in time: hung or overloaded, not a connection found closed
 
 
 class _Connections:
@@ -294,11 +295,22 @@ class NameServerClient:
                    mux: bool = False) -> Any:
         """Run ``method`` on the first name server that answers, starting with the one in use."""
         failed: list[str] = []
+        refused: AuthenticationError | None = None
+        refusals = 0
         closings = self._conns.closings
         candidates = self._candidates()
         for address in candidates:
             try:
                 result = self._call_at(address, method, args, kwargs, timeout, mux)
+            except AuthenticationError as exc:
+                if len(candidates) == 1:
+                    raise
+                # this one refuses our credentials (another cluster?): another name server may take them
+                refused = refused or exc
+                refusals += 1
+                self._failed(address)
+                failed.append(str(exc))
+                continue
             except _Unreachable as exc:
                 if self._conns.closings != closings:
                     raise NameServerUnavailableError(f"{exc} (the client was closed)") from None
@@ -309,6 +321,8 @@ class NameServerClient:
                 continue
             self._answered(address)
             return result
+        if refused is not None and refusals == len(failed):
+            raise refused  # every one that answered refused us: a credentials problem, not an outage
         if len(candidates) == 1 or len(failed) == 1:
             raise NameServerUnavailableError(failed[0])
         tried = ", ".join(str(a) for a in candidates[:len(failed)])
@@ -350,14 +364,17 @@ class NameServerClient:
             try:
                 return self._invoke(key, conn, method, args, kwargs, timeout)
             except _Unreachable as exc:
-                if (exc.sent and method not in IDEMPOTENT) or self._conns.closed:
+                # a kept connection found closed is worth one fresh one; a name server that did not answer
+                # in time (hung) is not asked again here: the next one in the list is (a worker's lease must
+                # not wait out two timeouts on a hung name server)
+                if (exc.sent and method not in IDEMPOTENT) or exc.timed_out or self._conns.closed:
                     raise
                 log.debug("name server %s: kept connection lost (%s); reconnecting", address, exc)
-        return self._invoke(key, self._connect(address, mux), method, args, kwargs, timeout)
+        return self._invoke(key, self._connect(address, mux, timeout), method, args, kwargs, timeout)
 
-    def _connect(self, address: Address, mux: bool) -> LimitedConnection:
+    def _connect(self, address: Address, mux: bool, timeout: float | None = None) -> LimitedConnection:
         try:
-            conn, meta = open_connection(_ns_uri(address), self.settings, mux=mux)
+            conn, meta = open_connection(_ns_uri(address), self.settings, mux=mux, timeout=timeout)
         except AuthenticationError as exc:
             raise AuthenticationError(_about(address, exc)) from None
         except Pyro5.errors.CommunicationError as exc:
@@ -381,7 +398,8 @@ class NameServerClient:
                 self._conns.give(key, conn)
                 raise
             self._conns.drop(conn)
-            raise _Unreachable(f"name server at {address} did not answer within {wait:g}s", sent=True) from None
+            raise _Unreachable(f"name server at {address} did not answer within {wait:g}s", sent=True,
+                               timed_out=True) from None
         except Pyro5.errors.CommunicationError as exc:
             if remote_traceback(exc) is not None:
                 self._conns.give(key, conn)
@@ -425,11 +443,16 @@ class NameServerClient:
     def remove(self, name: str) -> int:
         return int(self._call("remove", name))
 
-    def lease(self, name: str, uri: str, metadata: Any, load: dict[str, Any], ttl: float | None) -> float | None:
+    def lease(self, name: str, uri: str, metadata: Any, load: dict[str, Any], ttl: float | None,
+              timeout: float | None = None) -> float | None:
         """Register-or-renew ``name``; returns the lease TTL, or None against a stock Pyro5 name server
-        (where the name is re-registered if it went missing)."""
+        (where the name is re-registered if it went missing). ``timeout``: how long one name server may take
+        to answer before the next in the list is asked (default ``connect_timeout``; a worker passes a third
+        of its TTL, so that a hung name server does not cost it its lease)."""
+        if self._leasing is None:
+            self._call_with("ping", (), {}, timeout=timeout)  # (what kind of name server: in the same time)
         if self.leasing:
-            reply = self._call("lease", name, str(uri), sorted(metadata), load, ttl)
+            reply = self._call_with("lease", (name, str(uri), sorted(metadata), load, ttl), {}, timeout=timeout)
             return float(reply["ttl"])
         try:
             current, _meta = self.lookup(name)
@@ -468,7 +491,8 @@ class NameServerClient:
     def can_watch(self) -> bool:
         """True when the server pushes membership changes (``watch_service``): False for a stock Pyro5 one."""
         if self._methods is None:
-            self.ping()
+            # asked over the multiplexed connection a watch uses anyway: a pool keeps one connection, not two
+            self._call_with("ping", (), {}, mux=True)
         return "watch_service" in (self._methods or ())
 
     def watch_service(self, service: str, version: Any = None, timeout: float = 10.0,

@@ -31,6 +31,7 @@ POOL_OUTCOMES = ("ok", "error", "timeout", "lost", "not_sent")
 # upper bounds in seconds (a call of exactly a bound counts in its bucket); one more bucket above the last
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RECENT = 512  # latencies kept per method for p50/p99
+_MAX_REASON = 500  # characters of an error's message in a failed call's log line
 MAX_METHODS = 1000  # (service, method) entries; past it new names count under "<other>" (names come from peers)
 OTHER = "<other>"
 _INF = float("inf")
@@ -138,6 +139,8 @@ class ServerStats:
             return
         what = OUTCOMES[outcome]
         reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        if len(reason) > _MAX_REASON:  # (a peer's 5 MB method name is in the message of its error)
+            reason = reason[:_MAX_REASON] + f"... ({len(reason):,} characters)"
         call_log.log(level, "%s: call %s.%s %s after %.1f ms%s", self.name, service, method, what, seconds * 1000,
                      reason, extra={"service": service, "worker": self.name, "method": method, "outcome": what,
                                     "duration_ms": round(seconds * 1000, 3)})
@@ -161,9 +164,13 @@ class ServerStats:
         with self._lock:
             return {"in_flight": self.in_flight, "calls": self.calls, "errors": self.errors}
 
-    def method_counts(self) -> list[tuple[str, str, list[int], list[int], float, list[float]]]:
-        """Copies of every entry: ``(service, method, counts, buckets, total_seconds, recent)``."""
+    def method_counts(self, recent: bool = True) -> list[tuple[str, str, list[int], list[int], float, list[float]]]:
+        """Copies of every entry: ``(service, method, counts, buckets, total_seconds, recent)`` (``recent``
+        empty unless asked for: copying 512 latencies a method under the lock every call takes is what a
+        scrape of many methods must not do)."""
         with self._lock:
+            if not recent:
+                return [(svc, m, list(e.counts), list(e.buckets), e.total, []) for (svc, m), e in self.methods.items()]
             return [(svc, m, list(e.counts), list(e.buckets), e.total, list(e.recent))
                     for (svc, m), e in self.methods.items()]
 

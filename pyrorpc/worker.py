@@ -180,8 +180,11 @@ class WorkerHost:
 
     def _renew(self) -> None:
         assert self.uri is not None
+        ttl = self.lease_ttl or self.settings.lease_ttl
+        # a name server that does not answer within a third of the TTL is left for the next one in the list
+        wait = min(self.settings.connect_timeout, max(0.5, ttl / 3)) if ttl else None
         self.lease_ttl = self._naming.lease(self.name, self.uri, self.metadata, self.load(),
-                                            self.settings.lease_ttl)
+                                            self.settings.lease_ttl, timeout=wait)
 
     def _heartbeat(self) -> None:
         healthy = True

@@ -83,3 +83,43 @@ def test_many_watches_end_in_linear_time_and_versions_are_forgotten():
     assert time.monotonic() - t0 < 10
     ns.remove("svc.w1")
     assert "svc" not in ns._versions
+
+
+def test_a_name_server_that_refuses_our_secret_is_passed_over():
+    """With --ns A,B where A belongs to another cluster (another secret), the client goes on to B, which
+    takes its secret; only when every one refuses is it an AuthenticationError."""
+    a = NameServerDaemon("127.0.0.1", 0, settings=pyrorpc.Settings(secret="AAA")).start()
+    b = NameServerDaemon("127.0.0.1", 0, settings=pyrorpc.Settings(secret="BBB")).start()
+    try:
+        both = f"127.0.0.1:{a.address[1]},127.0.0.1:{b.address[1]}"
+        with pyrorpc.NameServerClient(pyrorpc.Settings(ns=both, secret="BBB")) as client:
+            client.ping()
+            assert client.address.port == b.address[1]
+        with pyrorpc.NameServerClient(pyrorpc.Settings(ns=both, secret="CCC")) as client:
+            try:
+                client.ping()
+            except pyrorpc.AuthenticationError:
+                pass
+            else:
+                raise AssertionError("nobody takes secret CCC")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_hung_name_server_costs_a_lease_its_own_timeout(ns_addr):
+    """A name server that accepts and never answers (hung) costs a lease renewal the timeout it was given
+    (a worker gives a third of its TTL), once: then the next name server in the list is asked."""
+    import socket
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    try:
+        both = f"127.0.0.1:{hung.getsockname()[1]},{ns_addr}"
+        with pyrorpc.NameServerClient(pyrorpc.Settings(ns=both, connect_timeout=10)) as client:
+            t0 = time.monotonic()
+            ttl = client.lease("calc.x.1.a", "PYRO:x@127.0.0.1:1", ["pyrorpc.service:calc"], {}, 3.0, timeout=0.5)
+            assert ttl == 3.0 and time.monotonic() - t0 < 3
+    finally:
+        hung.close()
