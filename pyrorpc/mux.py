@@ -130,10 +130,10 @@ class MuxHandler:
         def _record_refused(self, conn: Connection, flags: int, body: Any) -> None: ...
 
         def _stream_start(self, conn: Connection, header: Any, method: str, result: Any, credit: int,
-                          info: context.CallInfo) -> None: ...
+                          info: context.CallInfo, target: Any = None, started: float = 0.0) -> None: ...
 
         def _astream_start(self, conn: Connection, header: Any, method: str, result: Any, credit: int,
-                           info: context.CallInfo, ctx: Any) -> None: ...
+                           info: context.CallInfo, ctx: Any, target: Any = None, started: float = 0.0) -> None: ...
 
     # the connection -----------------------------------------------------------------------------
     def _mux_accept(self, conn: Connection) -> None:
@@ -547,7 +547,7 @@ class MuxHandler:
                                                 info, False, credit, target, started)
                     return
                 if credit is not None:
-                    self._stream_start(conn, header, method, result, credit, info)
+                    self._stream_start(conn, header, method, result, credit, info, target, started)
                     return
                 if _streams(result):
                     _close_quietly(result)
@@ -599,7 +599,7 @@ class MuxHandler:
             return
         loop = asyncio.get_running_loop()  # (a callback on the server's loop)
         if credit is not None and not oneway:
-            self._astream_start(conn, header, method, result, credit, info, ctx)
+            self._astream_start(conn, header, method, result, credit, info, ctx, target, started)
             return
         if inspect.isasyncgen(result) or not inspect.iscoroutine(result):
             # an async generator called without stream(), or an awaitable we don't know how to run

@@ -67,7 +67,7 @@ class _Stream:
 
     __slots__ = ("server", "conn", "header", "source", "is_async", "credit", "lock", "parked", "cancelled",
                  "finished", "stall", "progress", "wakeup", "method", "info", "batch", "batch_no", "armed",
-                 "started", "error", "blocked")
+                 "started", "error", "blocked", "counted")
 
     def __init__(self, server: Any, conn: Connection, header: Any, source: Any, is_async: bool, credit: int,
                  info: context.CallInfo, method: str) -> None:
@@ -93,6 +93,7 @@ class _Stream:
         self.started = 0.0  # when the frame being filled got its first item
         self.error: BaseException | None = None  # why a timer flush ended the stream
         self.blocked = False  # waiting for the connection's output to drain (the client reads slowly)
+        self.counted: tuple[Any, float] | None = None  # (target, request arrival): counted in ServerStats at its end
 
     # called from the I/O thread (sync streams) or on the event loop (async streams)
     def add_credit(self, n: int) -> None:
@@ -148,9 +149,12 @@ class PushStreams:
 
         def _error_frame(self, exc: BaseException, seq: int, tb: Any, header: Any = None) -> bytes: ...
 
+        def _record(self, target: Any, method: Any, failed: bool, err: BaseException | None, started: float,
+                    info: Any) -> None: ...
+
     # starting -----------------------------------------------------------------------------------
     def _stream_start(self, conn: Connection, header: Any, method: str, result: Any, credit: int,
-                      info: context.CallInfo) -> None:
+                      info: context.CallInfo, target: Any = None, started: float = 0.0) -> None:
         """A call thread starts a sync stream (the request stays in flight until the stream ends)."""
         try:
             source = iter(result)
@@ -158,13 +162,17 @@ class PushStreams:
             raise TypeError(f"{method} returned {type(result).__name__}, which is not iterable: it cannot be "
                             "streamed") from None
         stream = _Stream(self, conn, header, source, False, credit, info, method)
+        if target is not None:
+            stream.counted = (target, started)
         self._register(stream)
         self._pump(stream)
 
     def _astream_start(self, conn: Connection, header: Any, method: str, result: Any, credit: int,
-                       info: context.CallInfo, ctx: Any) -> None:
+                       info: context.CallInfo, ctx: Any, target: Any = None, started: float = 0.0) -> None:
         """On the event loop: start an async stream (of an async generator, or of what a coroutine returns)."""
         stream = _Stream(self, conn, header, result, True, credit, info, method)
+        if target is not None:
+            stream.counted = (target, started)
         stream.wakeup = asyncio.Event()
         self._register(stream)
         ctx.run(asyncio.get_running_loop().create_task, self._astream(stream))
@@ -257,6 +265,9 @@ class PushStreams:
             stream.finished = True
         if stream.info._span is not None:
             tracing.finish(stream.info, None, failed)
+        if stream.counted is not None:  # (a stream counts as one call of its method, from request to end)
+            target, started = stream.counted
+            self._record(target, stream.method, failed, None, started, stream.info)
         conn = stream.conn
         if conn.tasks.get(stream.header.seq) is stream:
             del conn.tasks[stream.header.seq]

@@ -118,3 +118,43 @@ def test_a_failed_calls_log_line_is_bounded():
         log.removeHandler(handler)
         log.setLevel(old_level)
     assert 0 < len(out.getvalue()) < 1000
+
+
+@pyrorpc.service("counting")
+class Counting:
+    def numbers(self, n):
+        yield from range(n)
+
+    async def anumbers(self, n):
+        for i in range(n):
+            yield i
+
+    def broken(self):
+        yield 1
+        raise ValueError("midway")
+
+
+def test_streams_count_as_calls_of_their_method():
+    """stream() and astream() count in the worker's statistics like any call of their method (ok or error,
+    at the stream's end); they were left out."""
+    import asyncio
+
+    with pyrorpc.WorkerHost(Counting, register=False) as host:
+        with pyrorpc.connect(host.uri, timeout=10) as proxy:
+            assert list(proxy.numbers.stream(5)) == [0, 1, 2, 3, 4]
+
+            async def read() -> list[int]:
+                return [x async for x in proxy.anumbers.astream(3)]
+
+            assert asyncio.run(read()) == [0, 1, 2]
+            try:
+                list(proxy.broken.stream())
+            except ValueError:
+                pass
+            location = host.uri.split("@", 1)[1]
+            with Pyro5.api.Proxy(f"PYRO:Pyro.Daemon@{location}") as daemon:
+                wait_for(lambda: daemon.stats()["methods"].get("counting", {}).get("broken", {}).get("error") == 1,
+                         10, message="the failed stream counted")
+                methods = daemon.stats()["methods"]["counting"]
+        assert methods["numbers"]["ok"] == 1 and methods["anumbers"]["ok"] == 1
+        assert methods["broken"]["error"] == 1 and methods["broken"]["ok"] == 0
