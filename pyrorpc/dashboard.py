@@ -64,6 +64,7 @@ class Fleet:
         self._asking: dict[str, concurrent.futures.Future[Any]] = {}  # worker -> its stats() request under way
         self._backoff: dict[str, tuple[int, float]] = {}  # worker -> (failures in a row, ask again after)
         self._last_stats: dict[str, tuple[float, dict[str, Any]]] = {}  # worker -> (when, its last stats())
+        self._latency: dict[str, tuple[float | None, float | None]] = {}  # worker -> its last p50, p99 shown
         self._pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="dashboard-stats")
 
     def state(self) -> dict[str, Any]:
@@ -171,6 +172,7 @@ class Fleet:
 
     def _row(self, info: WorkerInfo, stats: dict[str, Any] | None, now: float) -> dict[str, Any]:
         live = stats is not None
+        previous = self._last_stats.get(info.name)
         if stats is not None:
             self._last_stats[info.name] = (now, stats)
         else:
@@ -185,7 +187,8 @@ class Fleet:
             errors = _int(stats.get("errors"), errors)
             in_flight = _int(stats.get("in_flight"), in_flight)
             draining = bool(stats.get("draining"))
-            p50, p99 = _latencies(stats, info.service)
+            p50, p99 = self._recent_latencies(info.name, stats, previous[1] if live and previous else None,
+                                              info.service)
         # calls/s from two polls of the same source (the worker's own count, or its lease report's)
         # (a lease report changes once a renewal, TTL/3: between two, its last rate stands)
         source = "stats" if stats else "lease"
@@ -206,6 +209,24 @@ class Fleet:
         self._known[info.name] = row
         return row
 
+    def _recent_latencies(self, name: str, stats: dict[str, Any], before: dict[str, Any] | None,
+                          service: str) -> tuple[float | None, float | None]:
+        """p50 and p99 (ms) of the calls a worker ended since the last poll (its latency histograms then and
+        now), each call weighing the same whatever its method; without calls since, the last figures."""
+        now_buckets = _service_buckets(stats, service)
+        then_buckets = _service_buckets(before, service) if before is not None else None
+        if now_buckets is not None and then_buckets is not None and len(now_buckets[1]) == len(then_buckets[1]):
+            bounds, counts = now_buckets
+            delta = [max(0, a - b) for a, b in zip(counts, then_buckets[1], strict=True)]
+            if sum(delta):
+                value = (_bucket_quantile(bounds, delta, 0.5), _bucket_quantile(bounds, delta, 0.99))
+                self._latency[name] = value
+                return value
+            return self._latency.get(name, (None, None))
+        if name in self._latency:
+            return self._latency[name]
+        return _latencies(stats, service)
+
     def _forget(self, alive: set[str], now: float, services: list[dict[str, Any]]) -> None:
         """Workers that left the registry: shown as gone for GONE_FOR seconds, then dropped."""
         for name in list(self._known):
@@ -214,6 +235,7 @@ class Fleet:
                 self._gone[name] = (now, dict(row, gone=True, in_flight=0, calls_per_s=None))
                 self._last_calls.pop(name, None)
                 self._last_stats.pop(name, None)
+                self._latency.pop(name, None)
                 self._backoff.pop(name, None)
                 self._no_stats.discard(name)
                 proxy = self._proxies.pop(name, None)
@@ -259,6 +281,23 @@ def _latencies(stats: dict[str, Any], service: str) -> tuple[float | None, float
                 if isinstance(n, int):
                     total[i] += n
     return _bucket_quantile(bounds, total, 0.5), _bucket_quantile(bounds, total, 0.99)
+
+
+def _service_buckets(stats: dict[str, Any], service: str) -> tuple[list[Any], list[int]] | None:
+    """(bucket bounds in ms, calls per bucket) of ``service``'s methods added up, from a ``stats()``."""
+    bounds = stats.get("buckets_ms")
+    methods = stats.get("methods")
+    per_method = methods.get(service) if isinstance(methods, dict) else None
+    if not isinstance(bounds, list) or not isinstance(per_method, dict):
+        return None
+    total = [0] * (len(bounds) + 1)
+    for entry in per_method.values():
+        buckets = entry.get("buckets") if isinstance(entry, dict) else None
+        if isinstance(buckets, list) and len(buckets) == len(total):
+            for i, n in enumerate(buckets):
+                if isinstance(n, int):
+                    total[i] += n
+    return bounds, total
 
 
 def _bucket_quantile(bounds: list[Any], counts: list[int], q: float) -> float | None:
