@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nameserver", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9090, help="port to bind, 0 for any (default 9090)")
-    parser.add_argument("--storage", default="memory", help="memory (default) or PATH.sqlite")
+    parser.add_argument("--storage", default="memory", help="memory (default), PATH.sqlite or etcd://HOST:PORT[,HOST:PORT...]")
     parser.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL, help="lease TTL in seconds")
     parser.add_argument("--secret", default=None, help="shared secret (env PYRORPC_SECRET)")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS (env PYRORPC_TLS_CERT)")

@@ -183,7 +183,8 @@ def ns() -> None:
 @ns.command("start")
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind")
 @click.option("--port", type=click.IntRange(0, 65535), default=9090, show_default=True, help="port (0 = any)")
-@click.option("--storage", default="memory", show_default=True, help="memory or PATH.sqlite")
+@click.option("--storage", default="memory", show_default=True,
+              help="memory, PATH.sqlite, or etcd://HOST:PORT[,HOST:PORT...] (several name servers, one registry)")
 @click.option("--lease-ttl", type=Seconds(0.2, 86400), default=10.0, show_default=True,
               help="seconds a worker's lease lives without renewal")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,

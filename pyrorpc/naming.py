@@ -302,6 +302,13 @@ class NameServerClient:
         for address in candidates:
             try:
                 result = self._call_at(address, method, args, kwargs, timeout, mux)
+            except Pyro5.errors.NamingError as exc:
+                # a name server whose storage is away (it lost etcd) says so: the next one may have it
+                if len(candidates) == 1 or method not in IDEMPOTENT or "etcd" not in str(exc):
+                    raise
+                self._failed(address)
+                failed.append(f"name server at {address}: {exc}")
+                continue
             except AuthenticationError as exc:
                 if len(candidates) == 1:
                     raise

@@ -99,7 +99,7 @@ def test_smoke_run_measures_every_figure(tmp_path):
     assert gathered["peak_connections"] >= 1 and gathered["peak_client_threads"] >= 1
 
     statuses = {t["target"]: t["status"] for t in data["targets"]}
-    assert len(statuses) == 20
+    assert len(statuses) == 21  # (20, and the metrics group's cost target)
     assert set(statuses.values()) <= {"pass", "miss", "n/a"}
     assert data["meta"]["pinned"] is True and data["meta"]["smoke"] is True
 
