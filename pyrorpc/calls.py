@@ -399,20 +399,26 @@ class CallHandler:
             if counted and info is not None and info._span is not None:  # (a oneway call's run ends its span)
                 tracing.finish(info, None, failed)
             if counted:
+                recorded = target if not flags & FLAGS_BATCH else None  # (a batch counts its calls itself)
                 if status is PENDING:
                     self._hand_over_write(conn, failed)
+                elif recorded is not None:
+                    self._record(recorded, method, failed, err, conn.arrived, info, True)  # (and out of flight)
+                    recorded = None
                 else:
                     stats.leave(failed)
-                if target is not None and not flags & FLAGS_BATCH:  # (a batch counts its calls itself)
-                    self._record(target, method, failed, err, conn.arrived, info)
+                if recorded is not None:
+                    self._record(recorded, method, failed, err, conn.arrived, info)
 
     def _record(self, target: _Target, method: Any, failed: bool, err: BaseException | None, started: float,
-                info: Any) -> None:
-        """Count a call that reached ``target`` in ServerStats: its outcome, latency since ``started``."""
+                info: Any, leave: bool = False) -> None:
+        """Count a call that reached ``target`` in ServerStats: its outcome, latency since ``started``; with
+        ``leave`` it is out of flight too (``ServerStats.leave``, under the same lock)."""
         if type(method) is not str or method not in target.methods:
             method = OTHER  # (names come from the peer)
         outcome = OK if not failed else TIMEOUT if isinstance(err, CallTimeoutError) else ERROR
-        self.stats.record(target.label, method, outcome, started, None if info is None else info.deadline, err)
+        self.stats.record(target.label, method, outcome, started, None if info is None else info.deadline, err,
+                          failed if leave else None)
 
     def _record_refused(self, conn: Connection, flags: int, body: Any) -> None:
         """Count a request refused while draining under its method, if it can be decoded (rare: no hurry)."""

@@ -101,10 +101,11 @@ class ServerStats:
             self.errors += errors
 
     def record(self, service: str, method: Any, outcome: int, started: float, deadline: float | None = None,
-               exc: BaseException | None = None) -> None:
+               exc: BaseException | None = None, leave: bool | None = None) -> None:
         """A call of ``service.method`` ended with ``outcome`` (``OK``...); ``started`` is its request's
         ``time.monotonic()``. An ``OK`` call that ended after its ``deadline`` (``time.time()`` based) counts
-        as ``TIMEOUT``: its caller had given up. Failed calls are logged (``pyrorpc.calls``), with ``exc``."""
+        as ``TIMEOUT``: its caller had given up. Failed calls are logged (``pyrorpc.calls``), with ``exc``.
+        With ``leave`` (its ``failed``) it is also what ``leave()`` does, under the same lock."""
         seconds = _MONOTONIC() - started
         if outcome == OK:
             if deadline is not None and _TIME() > deadline:
@@ -120,6 +121,13 @@ class ServerStats:
             entry.buckets[bisect_left(BUCKETS, seconds)] += 1
             entry.total += seconds
             entry.recent.append(seconds)
+            if leave is not None:
+                self.in_flight -= 1
+                self.calls += 1
+                if leave:
+                    self.errors += 1
+                if self.draining and not self.in_flight:
+                    self._idle.notify_all()
         if outcome != OK:
             self._log_failure(service, method, outcome, seconds, exc)
 
