@@ -203,7 +203,14 @@ def serve_workers(ns: str, services: list[str], threads: int | None, *, stats: b
     endpoint (its URL in the READY line as ``metrics:SERVICE=URL``)."""
     if not stats:
         from pyrorpc.stats import ServerStats
-        ServerStats.record = lambda *_args, **_kwargs: None  # type: ignore[method-assign]
+
+        def record(self: ServerStats, *args: Any, **kwargs: Any) -> None:
+            # nothing recorded; a call still leaves flight (record() does that with leave=, under its lock)
+            leave = args[6] if len(args) > 6 else kwargs.get("leave")
+            if leave is not None:
+                ServerStats.leave(self, leave)
+
+        ServerStats.record = record  # type: ignore[method-assign]
     if not tracing:
         try:
             from pyrorpc import tracing as otel
