@@ -137,7 +137,8 @@ class Pool(Dispatcher):
         hedge_budget: hedges are at most this share of the hedge-eligible calls (a token bucket).
         outlier_ejection: leave out for a cooldown a worker whose median latency over its last 50 calls is
             ``outlier_latency`` times its peers' (and over 1 ms), or whose error rate is over
-            ``outlier_errors`` and twice its peers'; never more than half of the workers at once.
+            ``outlier_errors`` and twice its peers'; never more than half of the workers at once. Off by
+            default (survivors absorbing a dead worker's calls can look like outliers for a moment).
         outlier_latency: the latency ratio (0: latency never ejects).
         outlier_errors: the error rate (0: errors never eject).
         settings: a ``pyrorpc.Settings``; keyword arguments (also ``secret=``, ``tls_ca=``...) override it.
@@ -153,7 +154,7 @@ class Pool(Dispatcher):
     def __init__(self, service: str, *, ns: Any = None, strategy: "str | Strategy" = "least-loaded",
                  timeout: float | None = None, max_in_flight: int | None = None, refresh: float | None = None,
                  retries: int = 3, cooldown: float = 2.0, hedge: bool | float | None = None,
-                 hedge_budget: float = 0.1, outlier_ejection: bool = True, outlier_latency: float = 5.0,
+                 hedge_budget: float = 0.1, outlier_ejection: bool = False, outlier_latency: float = 5.0,
                  outlier_errors: float = 0.2, settings: Settings | None = None,
                  outbox: str | os.PathLike[str] | None = None, **options: Any) -> None:
         try:

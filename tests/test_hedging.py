@@ -255,7 +255,7 @@ def test_a_slow_worker_is_left_out_and_comes_back_after_it_recovers(tuned: Fleet
     """Acceptance: one worker 10x slower than three others gets <= 5% of new calls within 5 s, and traffic
     again within a cooldown after it recovers."""
     cooldown = 0.5
-    pool = pool_factory("tunable", ns=tuned.ns, cooldown=cooldown)
+    pool = pool_factory("tunable", ns=tuned.ns, cooldown=cooldown, outlier_ejection=True)
     slow = tuned.workers[0]
     for w in tuned.workers:
         tuned.tune(w.name, base=0.005)
@@ -298,7 +298,7 @@ def test_a_slow_worker_is_left_out_and_comes_back_after_it_recovers(tuned: Fleet
 
 
 def test_outlier_ejection_leaves_at_least_half_and_can_be_turned_off(tuned: Fleet, pool_factory):
-    pool = pool_factory("tunable", ns=tuned.ns, cooldown=5.0)
+    pool = pool_factory("tunable", ns=tuned.ns, cooldown=5.0, outlier_ejection=True)
     off = pool_factory("tunable", ns=tuned.ns, cooldown=5.0, outlier_ejection=False)
     for w, base in zip(tuned.workers, (0.05, 0.08, 0.002, 0.002), strict=True):
         tuned.tune(w.name, base=base)  # two outliers of four: both left out, never a third
