@@ -140,13 +140,15 @@ class Fleet:
                 result[name] = value
                 self._backoff.pop(name, None)
             else:
-                strikes = self._backoff.get(name, (0, 0.0))[0] + 1
-                self._backoff[name] = (strikes, now + min(30.0, 2.0 ** strikes))
+                self._strike(name, now)
         for future in _late:
-            name = futures[future]
-            strikes = self._backoff.get(name, (0, 0.0))[0] + 1
-            self._backoff[name] = (strikes, now + min(30.0, 2.0 ** strikes))
+            self._strike(futures[future], now)
         return result
+
+    def _strike(self, name: str, now: float) -> None:
+        """``name`` did not answer stats(): ask it again after 2, 4, 8 ... (at most 30) seconds."""
+        strikes = self._backoff.get(name, (0, 0.0))[0] + 1
+        self._backoff[name] = (strikes, now + min(30.0, 2.0 ** strikes))
 
     def _stats_of(self, info: WorkerInfo) -> dict[str, Any] | None:
         import pyrorpc
@@ -270,16 +272,10 @@ def _latencies(stats: dict[str, Any], service: str) -> tuple[float | None, float
     methods = stats.get("methods")
     if not isinstance(bounds, list) or not isinstance(methods, dict):
         return _number(stats.get("p50_ms")), _number(stats.get("p99_ms"))
-    per_method = methods.get(service)
-    if not isinstance(per_method, dict):
+    summed = _service_buckets(stats, service)
+    if summed is None:
         return None, None
-    total = [0] * (len(bounds) + 1)
-    for entry in per_method.values():
-        buckets = entry.get("buckets") if isinstance(entry, dict) else None
-        if isinstance(buckets, list) and len(buckets) == len(total):
-            for i, n in enumerate(buckets):
-                if isinstance(n, int):
-                    total[i] += n
+    bounds, total = summed
     return _bucket_quantile(bounds, total, 0.5), _bucket_quantile(bounds, total, 0.99)
 
 
