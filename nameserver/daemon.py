@@ -88,7 +88,7 @@ class NameServerDaemon:
             raise
         self.verifier = self.server.verify
         self.tls = self.server.ssl_context is not None
-        self.server.register(self.nameserver, Pyro5.core.NAMESERVER_NAME)
+        self.server.register(self.nameserver, Pyro5.core.NAMESERVER_NAME, inline=NameServer.INLINE)
         self.nameserver.register(Pyro5.core.NAMESERVER_NAME, self.uri,
                                  metadata={"class:Pyro5.nameserver.NameServer", "class:nameserver.NameServer"})
         self.metrics: MetricsServer | None = None

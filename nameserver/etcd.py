@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -168,6 +169,7 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
         self._owner_alive = time.monotonic()  # the last time etcd confirmed the owner lease
         self._dirty: dict[str, Record] = {}  # load reports to write with the next flush
         self._dirty_lock = threading.Lock()
+        self._tokens: dict[str, int] = {}  # name -> what ``renew`` must show (its holder's, from ``lease``)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "EtcdStorage":
@@ -206,6 +208,7 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
                 if cur is None:
                     return
                 del self.entries[name]
+                self._tokens.pop(name, None)
             else:
                 self._tombstones.pop(name, None)
                 self.entries[name] = rec
@@ -324,18 +327,51 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
                 and rec.ttl == ttl:
             rec.renewed = time.monotonic()
             rec.load = load
-            if self._fixed_fields_changed(rec):
-                self._put_leased(name, uri, tags, ttl, load, self.owner)
-            elif load != rec.written and rec.renewed - rec.seen >= self.load_interval:
-                with self._dirty_lock:  # written with the others due by the next flush, in one transaction
-                    self._dirty[name] = rec
-            return {"ttl": ttl, "created": False}
+            self._loaded(name, rec)
+            return {"ttl": ttl, "created": False, "token": self._token(name)}
         # new, changed, or owned by another name server (its worker renews here now): write it as ours
         if not self._put_leased(name, uri, tags, ttl, load, self.owner):
             self._owner_lost()
             if not self._put_leased(name, uri, tags, ttl, load, self.owner):
                 raise EtcdError(f"etcd lost this name server's lease again while registering {name!r}")
-        return {"ttl": ttl, "created": rec is None}
+        return {"ttl": ttl, "created": rec is None, "token": self._token(name)}
+
+    def _token(self, name: str) -> int:
+        token = self._tokens.get(name)
+        if token is None:
+            token = self._tokens[name] = secrets.randbits(62)
+        return token
+
+    def _loaded(self, name: str, rec: Record) -> None:
+        """A renewal changed ``rec.load``: a changed fixed field is written now, counters with the next flush
+        once the last write is ``load_interval`` old."""
+        if self._fixed_fields_changed(rec):
+            self._put_leased(name, rec.uri, rec.metadata, rec.ttl, rec.load, self.owner)
+        elif rec.load != rec.written and rec.renewed - rec.seen >= self.load_interval:
+            with self._dirty_lock:  # written with the others due by the next flush, in one transaction
+                self._dirty[name] = rec
+
+    def renew(self, name: str, token: int, load: dict[str, Any] | None) -> float | None:
+        """NameServer.renew: the lease's TTL, or None unless this name server holds ``name`` under ``token``
+        (in memory; a load report is written as ``lease`` writes it).
+
+        Raises:
+            Pyro5.errors.NamingError: etcd is unreachable (as for ``lease``)."""
+        if time.monotonic() - self._owner_alive > self.owner_ttl:
+            raise EtcdError(f"this name server lost etcd ({', '.join(self.etcd.names)}) for over "
+                            f"{self.owner_ttl} s; try another name server")
+        rec = self.entries.get(name) if type(name) is str else None
+        now = time.monotonic()
+        if rec is None or rec.lease != self.owner or rec.ttl is None:
+            self._tokens.pop(name, None)
+            return None
+        if self._tokens.get(name) != token or now - rec.renewed > rec.ttl:
+            return None
+        rec.renewed = now
+        if load:
+            rec.load = {**rec.load, **load}
+            self._loaded(name, rec)
+        return rec.ttl
 
     def expire(self) -> list[str]:
         """Delete the registrations this name server owns whose worker missed its TTL; returns their names.

@@ -192,12 +192,57 @@ def loads_call(data: bytes | bytearray | memoryview) -> Any:
             end = call.end()
             if len(text) - end == 6 and text.endswith(_NO_ARGUMENTS):
                 return call.group(1), call.group(2), (), {}
+            if _FLAT_CALL.fullmatch(text, end) is not None and "__class__" not in text:
+                vargs, kwargs = _flat(_FLAT_TOKEN.findall(text, end))
+                return call.group(1), call.group(2), vargs, kwargs
             try:
                 value, classes = _parse(text, end, [call.group(1), call.group(2)])
                 return _recreate(value) if classes else value
             except (_Fallback, TypeError, ValueError, SyntaxError, IndexError, MemoryError, RecursionError):
                 pass
     return loads(data)
+
+
+# arguments that are scalars (strings without escapes, numbers, True/False/None), flat lists of them or
+# flat dicts of them, and keyword arguments that are a flat dict: checked whole by one regular expression,
+# then read token by token without further checks (the usual request: ``lease``, ``renew``, ``add(1, 2)``)
+_SCALAR = (r"""(?:'[^'\\\n\r\x00]*'|"[^"\\\n\r\x00]*"|True|False|None"""
+           r"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)")
+_FLAT_DICT = rf"\{{(?:{_SCALAR}:{_SCALAR},)*(?:{_SCALAR}:{_SCALAR})?\}}"
+_ITEM = rf"(?:{_SCALAR}|\[(?:{_SCALAR},)*(?:{_SCALAR})?\]|{_FLAT_DICT})"
+_FLAT_CALL = re.compile(rf"(?:\(\)|\((?:{_ITEM},)+(?:{_ITEM})?\)),{_FLAT_DICT}\)", re.ASCII)
+_FLAT_TOKEN = re.compile(r"""'[^']*'|"[^"]*"|[^,:'"()\[\]{}]+|[\[\]{})]""")
+
+
+def _flat(tokens: list[str]) -> tuple[tuple[Any, ...], dict[Any, Any]]:
+    """The arguments and keyword arguments of a request body ``_FLAT_CALL`` matched, from its tokens."""
+    top: list[Any] = []  # the items of the arguments' tuple
+    items = top
+    vargs: tuple[Any, ...] | None = None
+    for tok in tokens:
+        c = tok[0]
+        if c == "'" or c == '"':
+            items.append(tok[1:-1])
+        elif c == "[" or c == "{":
+            items = []
+        elif c == "]":
+            top.append(items)
+            items = top
+        elif c == "}":
+            value = dict(zip(items[::2], items[1::2], strict=False))
+            if vargs is not None:
+                return vargs, value  # the keyword arguments: the last item
+            top.append(value)
+            items = top
+        elif c == ")":
+            vargs = tuple(top)
+        elif tok in _NAMES:
+            items.append(_NAMES[tok])
+        elif "." in tok or "e" in tok or "E" in tok:
+            items.append(float(tok))
+        else:
+            items.append(int(tok))
+    raise _Fallback  # (unreachable for a body _FLAT_CALL matched)
 
 
 def _parse(text: str, start: int, call: list[Any] | None = None) -> tuple[Any, bool]:

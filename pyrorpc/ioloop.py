@@ -61,6 +61,9 @@ __all__ = ["BUSY", "CLOSED", "HANDSHAKE", "IDLE", "PENDING", "REFUSED", "WRITING
 
 log = logging.getLogger("pyrorpc.server")
 
+_SWEEP_SLICE = 2048  # connections a tick (0.25 s) checks for deadlines; more are taken in turns
+
+
 class IOLoop:
     """The I/O thread of a ``Server`` (a mixin: the attributes below are the server's)."""
 
@@ -87,6 +90,7 @@ class IOLoop:
     _accepting: bool
     _notice_due: bool
     _accept_paused_until: float
+    _sweep_at: int  # where the next tick's slice of connections starts
 
     if TYPE_CHECKING:  # provided by the Server (declared here for the type checker only)
         def metadata(self, object_id: str) -> dict[str, Any]: ...
@@ -261,31 +265,39 @@ class IOLoop:
     def _sweep(self, now: float) -> None:
         """Close connections past their deadline: unfinished handshakes and requests, idle ones."""
         idle_limit = now - self.idle_timeout
-        expired = []
-        for conn in list(self.connections.values()):
+        expired: dict[int, Connection] = {}
+        conns = list(self.connections.values())
+        if len(conns) > _SWEEP_SLICE:
+            # thousands of connections (a name server's workers): a slice per tick, so each is looked at
+            # every len / _SWEEP_SLICE ticks; unfinished handshakes every tick still
+            start = self._sweep_at % len(conns)
+            self._sweep_at = start + _SWEEP_SLICE
+            chunk = conns[start:start + _SWEEP_SLICE]
+            conns = chunk + conns[:_SWEEP_SLICE - len(chunk)] + list(self._handshaking.values())
+        for conn in conns:
             state = conn.state
             if state == BUSY:
                 continue
             if state in (HANDSHAKE, REFUSED, WRITING):
                 if now >= conn.deadline:
-                    expired.append(conn)
+                    expired[id(conn)] = conn
             elif conn.mux:
                 if conn.wq and now - conn.wrote_at > self.send_timeout:
                     log.warning("%s: dropped %s: output not taken within %gs", self.name, conn.peer,
                                 self.send_timeout)
-                    expired.append(conn)
+                    expired[id(conn)] = conn
                 elif conn.pending and not conn.paused and now - conn.started > self.handshake_timeout:
-                    expired.append(conn)  # a request started and never finished arriving (not: one we left unread)
+                    expired[id(conn)] = conn  # a request started and never finished arriving (not: one we left unread)
                 elif conn.tasks:
                     self._sweep_streams(conn, now)
                 elif not conn.calls and not conn.wq and not conn.pending and conn.last_active < idle_limit:
-                    expired.append(conn)
+                    expired[id(conn)] = conn
             elif conn.pending:
                 if now - conn.started > self.handshake_timeout:
-                    expired.append(conn)
+                    expired[id(conn)] = conn
             elif state == IDLE and conn.last_active < idle_limit:
-                expired.append(conn)
-        for conn in expired:
+                expired[id(conn)] = conn
+        for conn in expired.values():
             if conn.state == WRITING:
                 log.warning("%s: dropped %s: reply not taken within %gs", self.name, conn.peer, self.send_timeout)
             elif conn.state == HANDSHAKE:

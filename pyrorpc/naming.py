@@ -145,7 +145,7 @@ def _threads(value: Any) -> int:
 # again (on a fresh connection, or to the next name server). ``remove`` and ``release_lock`` would answer
 # differently the second time, so they are not.
 IDEMPOTENT = frozenset({"ping", "count", "lookup", "list", "yplookup", "register", "set_metadata", "lease",
-                        "lease_many", "service_workers", "services", "watch_service", "acquire_lock"})
+                        "lease_many", "renew", "service_workers", "services", "watch_service", "acquire_lock"})
 MAX_WATCH = 30.0  # seconds a watch_service call may wait on the name server (it caps it the same way)
 _MAX_IDLE = 4  # idle connections kept per name server and kind (plain, multiplexed)
 _BACKOFF = (1.0, 30.0)  # seconds a name server that failed is tried after the others: first, at most
@@ -236,6 +236,18 @@ class _Connections:
                 pass
 
 
+class _Held:
+    """A lease this client holds: what its ``lease`` carried and the token a ``renew`` shows."""
+
+    __slots__ = ("token", "uri", "tags", "ttl", "load")
+
+    def __init__(self, token: int, uri: str, tags: list[str], ttl: float | None, load: dict[str, Any]) -> None:
+        self.token, self.uri, self.tags, self.ttl, self.load = token, uri, tags, ttl, load
+
+
+_ABSENT = object()
+
+
 class NameServerClient:
     """Talks to a name server, or to the first that answers of several (``Settings.ns`` may list them).
 
@@ -264,6 +276,7 @@ class NameServerClient:
         self._finalizer = weakref.finalize(self, self._conns.close)
         self._methods: frozenset[str] | None = None  # what the server's handshake listed
         self._leasing: bool | None = None  # does the server speak pyrorpc's lease API?
+        self._held: dict[str, _Held] = {}  # name -> the lease we hold (renewed with ``renew``)
 
     def __repr__(self) -> str:
         return f"<NameServerClient {self.addresses}>"
@@ -448,6 +461,7 @@ class NameServerClient:
         self._call("register", name, str(uri), metadata=sorted(metadata or ()))
 
     def remove(self, name: str) -> int:
+        self._held.pop(name, None)
         return int(self._call("remove", name))
 
     def lease(self, name: str, uri: str, metadata: Any, load: dict[str, Any], ttl: float | None,
@@ -459,7 +473,28 @@ class NameServerClient:
         if self._leasing is None:
             self._call_with("ping", (), {}, timeout=timeout)  # (what kind of name server: in the same time)
         if self.leasing:
-            reply = self._call_with("lease", (name, str(uri), sorted(metadata), load, ttl), {}, timeout=timeout)
+            uri, tags = str(uri), sorted(metadata)
+            held = self._held.get(name)
+            if held is not None and held.uri == uri and held.tags == tags and held.ttl == ttl:
+                # a heartbeat: the lease's token and the load fields that changed (a few dozen bytes). A name
+                # server that does not know the token (another one, restarted, expired) answers None
+                delta = {k: v for k, v in load.items() if held.load.get(k, _ABSENT) != v} if load else None
+                try:
+                    renewed = self._call_with("renew", (name, held.token, delta), {}, timeout=timeout)
+                except BaseException:
+                    self._held.pop(name, None)  # it may or may not have arrived: the next one is a whole lease
+                    raise
+                if renewed is not None:
+                    if delta:
+                        held.load = {**held.load, **delta}
+                    return float(renewed)
+                self._held.pop(name, None)
+            reply = self._call_with("lease", (name, uri, tags, load, ttl), {}, timeout=timeout)
+            token = reply.get("token")
+            if isinstance(token, int) and "renew" in (self._methods or ()):
+                self._held[name] = _Held(token, uri, tags, ttl, dict(load or {}))
+            else:
+                self._held.pop(name, None)
             return float(reply["ttl"])
         try:
             current, _meta = self.lookup(name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import select
 import socket
 import ssl
@@ -46,7 +47,16 @@ from .connection import (
 )
 from .ioloop import IOLoop
 from .mux import MuxHandler
-from .protocol import MSG_NOTICE, ProtocolViolation, pack
+from .protocol import (
+    FLAGS_BATCH,
+    FLAGS_COMPRESSED,
+    FLAGS_ONEWAY,
+    HEADER_SIZE,
+    MSG_INVOKE,
+    MSG_NOTICE,
+    ProtocolViolation,
+    pack,
+)
 from .push import PushStreams
 from .streams import StockStreams
 
@@ -58,6 +68,9 @@ _SETTLE = 0.25  # seconds without a request to refuse before a drained server cl
 _BUDGET = 32  # requests a call thread serves on one connection before it lets others go first
 _THREAD_IDLE = 30.0  # seconds an idle call thread waits for work before it exits (one always stays)
 _NOTICE = pack(MSG_NOTICE, 0, 0, b"")  # "draining: send nothing more here", to peers that asked for it
+_NOT_INLINE = FLAGS_ONEWAY | FLAGS_BATCH | FLAGS_COMPRESSED
+# the start of a request's body: its object id and method name (codec._CALL, on bytes)
+_CALL = re.compile(rb"# serpent utf-8 python3\.2\n\('([^'\\\n\r\x00]*)','([^'\\\n\r\x00]*)',")
 
 
 class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
@@ -97,6 +110,7 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
         self.async_runner = AsyncRunner(name)  # the event loop of async def methods (started on first use)
         self.stock_streams = StockStreams(idle_timeout, self.async_runner)  # Pyro5 item streams (streams.py)
         self.objects: dict[str, _Target] = {}
+        self.inline: dict[bytes, frozenset[bytes]] = {}  # object id -> methods the I/O thread runs (register)
         self.metadata_extra: dict[str, Any] | None = None  # sent to pyrorpc clients as meta["pyrorpc"]
         _raise_fd_limit()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -146,6 +160,7 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
         self._queued = 0
         self._queued_conns = 0
         self._accept_paused_until = 0.0
+        self._sweep_at = 0
         self._oneway_limit = oneway_queue if oneway_queue is not None else 4 * threads
         self._closed = False
         self._stuck_logged = False
@@ -259,7 +274,61 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
 
     # the call pool ------------------------------------------------------------------------------
     def _dispatch(self, conn: Connection) -> None:
+        if self.inline and self._inline(conn):
+            return
         self._submit(conn)
+
+    def _inline(self, conn: Connection) -> bool:
+        """Run the request that has arrived whole on ``conn`` here on the I/O thread if it calls a method
+        registered ``inline`` (and any such requests behind it); False: it goes to the call pool.
+
+        A name server's heartbeat or lookup then costs no hand-off to a call thread and no linger for a next
+        request that will not come for seconds: the two wake-ups and the timed wait were most of its cost."""
+        if not self._inline_call(conn):
+            return False
+        max_size = self.max_message_size
+        while True:
+            frame = conn.next_frame(max_size)
+            assert frame is not None
+            status = self._handle_inline(conn, frame[0], frame[1])
+            if status is None:
+                status = self._handle(conn, frame[0], frame[1])
+            if status is PENDING:
+                return True  # the I/O thread writes the rest of the reply, then serves on
+            if not status:
+                self._drop(conn)
+                return True
+            try:
+                ready = conn.size >= HEADER_SIZE and conn.frame_ready(max_size)
+            except ProtocolViolation as exc:
+                self._violation(conn, exc)
+                return True
+            if not ready:
+                break
+            if not self._inline_call(conn):
+                self._submit(conn)  # a request of another kind right behind it: a call thread's
+                return True
+        conn.state = IDLE
+        conn.last_active = time.monotonic()
+        if self.stats.draining and conn.notice and not conn.noticed:
+            self._notify(conn)
+        if not self._running:
+            self._drop(conn)
+        else:
+            self._rearm(conn)
+        return True
+
+    def _inline_call(self, conn: Connection) -> bool:
+        """Whether the whole request buffered on ``conn`` is a plain call of an ``inline`` method."""
+        header = conn.header
+        if header.msg_type != MSG_INVOKE or header.flags & _NOT_INLINE:
+            return False
+        buf = conn._head(header.total)
+        call = _CALL.match(buf, conn.pos + HEADER_SIZE + header.ann_size)
+        if call is None:
+            return False
+        methods = self.inline.get(call.group(1))
+        return methods is not None and call.group(2) in methods
 
     def _submit(self, job: Any) -> None:
         with self._pool_lock:

@@ -183,6 +183,42 @@ def test_request_decoder_matches_serpent():
     assert loads_call(header + b"('a','b',1,2,3)") == ("a", "b", 1, 2, 3)
 
 
+def test_flat_request_fast_path_matches_serpent():
+    """Requests whose arguments are scalars, flat lists or flat dicts (what ``lease`` and ``renew`` send) take
+    ``loads_call``'s flat path: same values and types as serpent, and odd shapes still go to the full parser."""
+    import hypothesis
+    import serpent
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=12))
+    items = st.one_of(scalars, st.lists(scalars, max_size=4), st.dictionaries(
+        st.one_of(st.text(max_size=8), st.integers()), scalars, max_size=4))
+    calls = st.tuples(st.just("Pyro.NameServer"), st.just("renew"), st.lists(items, max_size=5).map(tuple),
+                      st.dictionaries(st.text(max_size=6), scalars, max_size=3))
+
+    @hypothesis.settings(max_examples=400, deadline=None)
+    @hypothesis.given(calls)
+    def check(call):
+        for data in (dumps(call), serpent.dumps(call, module_in_classname=True, bytes_repr=True)):
+            assert _same(loads_call(data), SERIALIZER.recreate_classes(serpent.loads(data)))
+
+    check()
+    header = b"# serpent utf-8 python3.2\n"
+    for body in (b"('a','b',(1),{})", b"('a','b',[1,2],{})", b"('a','b',(1,),{1:2,})", b"('a','b',(007,),{})",
+                 b"('a','b',(1.e5,),{})", b"('a','b',(0e0,-0.0,1e999,),{})", b"('a','b',({'x':1,'x':2},),{})",
+                 b"('a','b',( 1,),{})", b"('a','b',({1,2},),{})",
+                 b"('a','b',({'__class__':'float','value':'nan'},),{})",
+                 b"('a','b',('it''s',),{})", b"('a','b',(\"it's\",[],{}),{'k':[1]})"):
+        try:
+            expected = SERIALIZER.recreate_classes(serpent.loads(header + body))
+        except (ValueError, SyntaxError):
+            with pytest.raises((ValueError, SyntaxError)):
+                loads_call(header + body)
+            continue
+        got = loads_call(header + body)
+        assert _same(got, expected) or (isinstance(expected[2][0], float) and expected[2][0] != expected[2][0]), body
+
+
 def _same(a, b):
     """Equal, and of the same types all the way down (1 == 1.0 == True would hide a decoding bug)."""
     if type(a) is not type(b):

@@ -275,7 +275,7 @@ def test_service_lookups_use_the_index_not_a_scan() -> None:
 def test_lease_creates_renews_without_rewrite_and_records_load() -> None:
     storage = CountingStorage()
     ns = NameServer(storage)
-    assert ns.lease("calc.w1", U1, {svc("calc"), "pyrorpc.pid:1"}, {"in_flight": 2, "calls": 7}, 5) == \
+    assert _untoken(ns.lease("calc.w1", U1, {svc("calc"), "pyrorpc.pid:1"}, {"in_flight": 2, "calls": 7}, 5)) == \
         {"ttl": 5.0, "created": True}
     uri, meta = ns.lookup("calc.w1", return_metadata=True)
     assert str(uri) == U1
@@ -284,7 +284,7 @@ def test_lease_creates_renews_without_rewrite_and_records_load() -> None:
     writes = storage.writes
 
     reply = ns.lease("calc.w1", Pyro5.core.URI(U1), [svc("calc"), "pyrorpc.pid:1"], {"in_flight": 0, "calls": 9}, 5)
-    assert reply == {"ttl": 5.0, "created": False}
+    assert _untoken(reply) == {"ttl": 5.0, "created": False}
     assert storage.writes == writes, "a renewal must not rewrite the storage"
 
     [worker] = ns.service_workers("calc")
@@ -306,7 +306,7 @@ def test_lease_creates_renews_without_rewrite_and_records_load() -> None:
 def test_lease_defaults_and_load_cleaning() -> None:
     ns = NameServer()
     ns.default_lease_ttl = 7.0
-    assert ns.lease("s.w", U1) == {"ttl": 7.0, "created": True}
+    assert _untoken(ns.lease("s.w", U1)) == {"ttl": 7.0, "created": True}
     assert ns.lookup("s.w", return_metadata=True)[1] == {"pyrorpc.lease:7"}
     ns.lease("s.w1", U1, {svc("s"), 42, "pyrorpc.lease:999"},
              {"ok": 1, "f": 0.5, "s": "text", "flag": True, "long": "x" * 300, 5: 1, "n": None}, 3)
@@ -602,3 +602,32 @@ def test_ten_thousand_entries_one_service_is_exact() -> None:
     assert norm(ours.yplookup(meta_all={svc("svc500"), "pyrorpc.pid:3"}, return_metadata=False)) == \
         {"svc500.w3": "PYRO:obj_500_3@10.0.0.3:9500"}
     assert ours.service_workers("svc5000") == [] and ours.yplookup(meta_all={svc("svc5000")}) == {}
+
+
+def test_renew_needs_the_lease_token_and_merges_the_load() -> None:
+    ns = NameServer(CountingStorage())
+    reply = ns.lease("calc.w1", U1, {svc("calc")}, {"in_flight": 2, "calls": 7, "host": "h"}, 0.5)
+    token = reply["token"]
+    assert ns.renew("calc.w1", token, {"calls": 9}) == 0.5
+    [worker] = ns.service_workers("calc")
+    assert worker["load"] == {"in_flight": 2, "calls": 9, "host": "h"}
+    assert ns.renew("calc.w1", token) == 0.5  # nothing changed: no load at all
+    assert ns.renew("calc.w1", token + 1, {"calls": 10}) is None  # not the holder's token
+    assert ns.renew("calc.w2", token) is None  # no such lease
+    assert ns.renew(["calc.w1"], token) is None  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="in_flight"):
+        ns.renew("calc.w1", token, {"in_flight": -1})  # checked as lease checks it
+    with pytest.raises(TypeError):
+        ns.renew("calc.w1", token, [1])
+    assert ns.service_workers("calc")[0]["load"]["calls"] == 9  # a refused report changed nothing
+    time.sleep(0.6)
+    assert ns.renew("calc.w1", token) is None  # expired, even before the sweep removed it: not revived
+    assert ns.expire() == ["calc.w1"]
+    again = ns.lease("calc.w1", U1, {svc("calc")}, None, 0.5)
+    assert again["created"] is True and again["token"] != token
+
+
+def _untoken(reply: dict) -> dict:
+    """A lease reply without its token (a random int, checked where renew is)."""
+    assert isinstance(reply.pop("token"), int)
+    return reply

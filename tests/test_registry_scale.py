@@ -158,6 +158,42 @@ def test_worker_heartbeats_reuse_one_connection(secure_ns) -> None:
     watcher_client.close()
 
 
+def test_heartbeats_renew_with_the_lease_token_and_load_changes_only(secure_ns) -> None:
+    """After the first lease, a heartbeat is ``renew(name, token, changed load fields)``: the name server
+    counts a renewal and keeps the merged load report; a name server that lost the lease (restarted, or
+    expired) answers None and the client sends the whole lease again, so the worker is registered again."""
+    daemon, _handshakes = secure_ns
+    ns = daemon.nameserver
+    calls: list[str] = []
+    real_renew, real_lease = ns.renew, ns.lease
+    ns.renew = lambda *a, **k: (calls.append("renew"), real_renew(*a, **k))[1]  # type: ignore[method-assign]
+    ns.lease = lambda *a, **k: (calls.append("lease"), real_lease(*a, **k))[1]  # type: ignore[method-assign]
+    name, uri, tags = "calc.h.1.a", "PYRO:calc.h.1.a@127.0.0.1:1", {"pyrorpc.service:calc", "pyrorpc.pid:1"}
+    with pyrorpc.NameServerClient(pyrorpc.Settings(ns=addr(daemon), secret=SECRET)) as client:
+        for i in range(5):
+            assert client.lease(name, uri, tags, {"calls": i, "threads": 4, "host": "h"}, 3.0) == 3.0
+        assert calls == ["lease", "renew", "renew", "renew", "renew"]
+        [info] = client.service_workers("calc")
+        assert (info.calls, info.threads, info.host) == (4, 4, "h")
+        # a changed load field travels alone; the others stay as they were
+        client.lease(name, uri, tags, {"calls": 4, "threads": 8, "host": "h"}, 3.0)
+        [info] = client.service_workers("calc")
+        assert (info.calls, info.threads, info.host) == (4, 8, "h")
+        # the lease is gone (as after a name server restart): the renewal is refused, the whole lease follows
+        ns.remove(name)
+        calls.clear()
+        assert client.lease(name, uri, tags, {"calls": 5}, 3.0) == 3.0
+        assert calls == ["renew", "lease"]
+        assert [w.name for w in client.service_workers("calc")] == [name]
+        # new metadata or a new TTL is a whole lease, never a renewal
+        calls.clear()
+        client.lease(name, uri, tags | {"pyrorpc.threads:8"}, {"calls": 5}, 3.0)
+        client.lease(name, uri, tags | {"pyrorpc.threads:8"}, {"calls": 5}, 4.0)
+        assert calls == ["lease", "lease"]
+        # a renewal with somebody else's token renews nothing
+        assert ns.renew(name, 12345, None) is None
+
+
 def test_lease_many_renews_several_in_one_request(secure_ns) -> None:
     daemon, handshakes = secure_ns
     with pyrorpc.NameServerClient(pyrorpc.Settings(ns=addr(daemon), secret=SECRET)) as client:

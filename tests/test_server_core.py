@@ -969,3 +969,58 @@ def test_large_replies_over_tls_arrive_whole(tls_files, delay):
             conn.close()
         with pyrorpc.connect(host.uri, tls_ca=tls_files["ca"]) as p:
             assert len(p.big(3_000_000)) == 3_000_000
+
+
+# inline methods (the name server's heartbeats) ---------------------------------------------------------
+
+class _Inline:
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    @Pyro5.api.expose
+    def quick(self, x: int) -> tuple[int, str]:
+        return x + 1, threading.current_thread().name
+
+    @Pyro5.api.expose
+    def fails(self) -> None:
+        raise KeyError("nope")
+
+    @Pyro5.api.expose
+    def slow(self) -> str:
+        self.gate.wait(10)
+        return threading.current_thread().name
+
+
+def test_inline_methods_run_on_the_io_thread_while_every_call_thread_is_busy() -> None:
+    """Methods registered ``inline`` answer from the I/O thread, also while the only call thread is taken;
+    their errors, statistics and the other methods' path stay as for any call."""
+    obj = _Inline()
+    server = pyrorpc.server.Server("127.0.0.1", 0, threads=1, name="inl")
+    uri = server.register(obj, "inl", inline=("quick", "fails"))
+    server.start()
+    try:
+        done: list[str] = []
+
+        def slow() -> None:
+            with Pyro5.api.Proxy(uri) as busy:
+                busy._pyroTimeout = 10
+                done.append(busy.slow())
+
+        with Pyro5.api.Proxy(uri) as p:
+            p._pyroTimeout = 10
+            t = threading.Thread(target=slow)
+            t.start()
+            wait_for(lambda: server.stats.in_flight == 1, 5)
+            assert tuple(p.quick(41)) == (42, "inl-io")
+            with pytest.raises(KeyError, match="nope"):
+                p.fails()
+            for i in range(200):  # pipelined and repeated: still one thread, still answered
+                assert p.quick(i)[0] == i + 1
+            obj.gate.set()
+            t.join(10)
+            assert done and done[0].startswith("inl-call")
+        methods = server.stats.methods_snapshot()["inl"]
+        assert methods["quick"]["ok"] == 201 and methods["fails"]["error"] == 1 and methods["slow"]["ok"] == 1
+        assert server.stats.in_flight == 0
+    finally:
+        server.close()
