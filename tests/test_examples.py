@@ -10,8 +10,10 @@ to appear in the example's README.
 from __future__ import annotations
 
 import ast
+import collections
 import concurrent.futures
 import datetime
+import http.client
 import importlib.util
 import json
 import os
@@ -20,6 +22,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,10 +120,11 @@ def load_module(path: Path) -> Any:
 
 # 1. web_offload ----------------------------------------------------------------------------------------
 
-def test_web_offload(example: Any) -> None:
-    ex = example("web_offload")
+def test_web_offload(example: Any, tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox.sqlite"
+    ex = example("web_offload", MAILER_OUTBOX=str(outbox))
     ex.in_readme("pyrorpc worker start worker:Mailer", "python app.py --port 8000",
-                 "python client.py --url http://127.0.0.1:8000 --requests 20")
+                 "python client.py --url http://127.0.0.1:8000 --requests 20", "pyrorpc outbox status outbox.sqlite")
     ex.workers("worker:Mailer")
     _app, ready = ex.start("app.py", "--port", "0", ready=r"sign-up app on (http://[\d.:]+)/")
     assert ready is not None
@@ -141,6 +146,110 @@ def test_web_offload(example: Any) -> None:
     assert len([a for a in sent if "-offload-" in a]) == requests + 1
     assert not [a for a in sent if "-inline-" in a]
     assert len(sent) == len(set(sent))
+
+    # ...through the outbox, which is empty once they went out
+    def outbox_empty() -> str | None:
+        out = subprocess.run([sys.executable, "-m", "pyrorpc", "outbox", "status", str(outbox)], env=ex.env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout if out.stdout.startswith("pending: 0  in-flight: 0  accepted: 0  unconfirmed: 0  "
+                                                   "failed: 0  lost: 0") else None
+    wait_for(outbox_empty, 10, message="an empty outbox")
+
+
+def _sign_up_burst(url: str, emails: list[str], acknowledged: list[str], threads: int = 8) -> list[threading.Thread]:
+    """POST ``/signup`` for every address from ``threads`` threads (started, returned), appending to
+    ``acknowledged`` each address whose request was answered 200; a thread stops at its first failed request
+    (the app was killed)."""
+    todo = iter(emails)
+    lock = threading.Lock()
+    parsed = urllib.parse.urlsplit(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port
+
+    def sign_up() -> None:
+        while True:
+            with lock:
+                email = next(todo, None)
+            if email is None:
+                return
+            try:
+                conn = http.client.HTTPConnection(host, port, timeout=10)
+                try:
+                    conn.request("POST", "/signup", urllib.parse.urlencode({"email": email}),
+                                 {"Content-Type": "application/x-www-form-urlencoded"})
+                    resp = conn.getresponse()
+                    body = resp.read()
+                finally:
+                    conn.close()
+            except (OSError, http.client.HTTPException):
+                return
+            if resp.status == 200 and body.endswith(b"}") and json.loads(body)["email"] == email:
+                with lock:
+                    acknowledged.append(email)
+
+    started = [threading.Thread(target=sign_up, daemon=True) for _ in range(threads)]
+    for thread in started:
+        thread.start()
+    return started
+
+
+def _mails_sent(log: Path) -> list[str]:
+    """The addresses in the mailers' shared journal (``ADDRESS PID`` lines), one per mail sent."""
+    lines = log.read_text().split("\n")[:-1] if log.exists() else []  # (not a line still being written)
+    return [line.split()[0] for line in lines]
+
+
+@pytest.mark.parametrize("mailers", ["during-burst", "after-crash"])
+def test_web_offload_app_killed_mid_burst_loses_no_mail(example: Any, tmp_path: Path, mailers: str) -> None:
+    """The web app is SIGKILLed while a burst of sign-ups comes in (mailers running, or none until after the
+    crash); started again on the same outbox, it sends what is left: every sign-up the app answered 200 gets
+    its welcome mail exactly once, and no mail goes out twice."""
+    outbox, log = tmp_path / "outbox.sqlite", tmp_path / "sent.log"
+    ex = example("web_offload", MAILER_OUTBOX=str(outbox), MAILER_LOG=str(log), MAIL_DELAY="0.01-0.05")
+    ex.in_readme("pyrorpc outbox status outbox.sqlite", "kill -9 $APP")
+    if mailers == "during-burst":
+        ex.workers("worker:Mailer")
+    app, ready = ex.start("app.py", "--port", "0", ready=r"sign-up app on (http://[\d.:]+)/")
+    assert ready is not None
+    emails = [f"burst{i}@example.com" for i in range(600)]
+    acknowledged: list[str] = []
+    threads = _sign_up_burst(ready.group(1), emails, acknowledged)
+    wait_for(lambda: len(acknowledged) >= 200, 20, message="200 sign-ups answered")
+    app.kill()
+    for thread in threads:
+        thread.join(15)
+    answered = list(acknowledged)
+    assert 200 <= len(answered) < len(emails)  # cut off mid-burst
+    left = pyrorpc.outbox.outbox_status(outbox)
+    assert left["pending"] + left["in_flight"] > 0, left  # the crash left mails for the next app to send
+    if mailers == "during-burst":
+        assert _mails_sent(log), "no mail went out during the burst"
+    else:
+        assert not log.exists()
+
+    _app, ready = ex.start("app.py", "--port", "0", ready=r"outbox .*: (\d+) mail\(s\) waiting from before")
+    assert ready is not None and int(ready.group(1)) > 0
+    if mailers == "after-crash":
+        ex.workers("worker:Mailer", "worker:Mailer")
+
+    def all_sent() -> bool:
+        status = pyrorpc.outbox.outbox_status(outbox)
+        return not (status["pending"] or status["in_flight"] or status["accepted"]) \
+            and set(answered) <= set(_mails_sent(log))
+    try:
+        wait_for(all_sent, 20)
+    except TimeoutError:
+        missing = sorted(set(answered) - set(_mails_sent(log)))
+        status = pyrorpc.outbox.outbox_status(outbox)
+        pytest.fail(f"{len(missing)} of {len(answered)} answered sign-ups got no mail (e.g. {missing[:3]}); "
+                    f"outbox: { {k: v for k, v in status.items() if k != 'entries'} }")
+    sent = collections.Counter(_mails_sent(log))
+    twice = sorted(a for a, n in sent.items() if n > 1)
+    assert not twice, f"{len(twice)} mails sent twice, e.g. {twice[:5]}"
+    assert set(answered) <= set(sent)  # (and the unanswered ones that made it into the outbox before the kill)
+    assert set(sent) <= set(emails)
+    status = pyrorpc.outbox.outbox_status(outbox)
+    assert status["failed"] == 0 and status["lost"] == 0, status
 
 
 # 2. thumbnails -----------------------------------------------------------------------------------------
