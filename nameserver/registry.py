@@ -205,7 +205,7 @@ class NameServer(Pyro5.nameserver.NameServer):
 
     default_lease_ttl = 10.0
     # what the name server's I/O thread runs itself (Server.register(inline=)): microseconds each, no waiting
-    INLINE = ("renew", "service_workers", "ping")
+    INLINE = ("renew", "renew_many", "service_workers", "ping")
 
     def __init__(self, storageProvider: Any = None) -> None:  # noqa: N803 - Pyro5's signature
         inner = storageProvider if storageProvider is not None else Pyro5.nameserver.MemoryStorage()
@@ -447,6 +447,27 @@ class NameServer(Pyro5.nameserver.NameServer):
         if services:  # (a lock is a lease too)
             log.info("lease registered: %s", name, extra={"event": "registered", "worker": name,
                                                           "service": services[0]})
+
+    def renew_many(self, *renewals: Any) -> list[float | None]:
+        """Several ``renew`` calls in one request (a supervisor renewing for its children): the arguments are
+        ``name, token, load`` triples one after the other (a flat argument list decodes fastest); returns each
+        one's ``renew`` answer in order: the TTL, None (send a whole lease), or ``{"error": "..."}`` for one
+        refused (the others still apply).
+
+        Raises:
+            TypeError, ValueError: not triples, or more than MAX_LEASE_MANY; nothing is renewed then.
+        """
+        if len(renewals) % 3:
+            raise TypeError("renew_many takes name, token, load triples")
+        if len(renewals) > 3 * MAX_LEASE_MANY:
+            raise ValueError(f"at most {MAX_LEASE_MANY} renewals per call, got {len(renewals) // 3}")
+        replies: list[Any] = []
+        for i in range(0, len(renewals), 3):
+            try:
+                replies.append(self.renew(*renewals[i:i + 3]))
+            except (TypeError, ValueError, Pyro5.errors.PyroError) as exc:
+                replies.append({"error": f"{type(exc).__name__}: {exc}"})
+        return replies
 
     def lease_many(self, leases: Any) -> list[dict[str, Any]]:
         """Several ``lease`` calls in one request (one process renewing for several workers): ``leases`` is a

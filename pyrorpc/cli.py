@@ -410,7 +410,7 @@ def worker_start(spec: str, service: str | None, processes: int, threads: int | 
             def echo(line: str) -> None:
                 click.echo(line, err=True)
         sup = Supervisor(argv, processes, grace=settings.drain_timeout + 10, env=env, max_restarts=max_restarts,
-                         restart_window=restart_window, echo=echo)
+                         restart_window=restart_window, echo=echo, heartbeats=settings)
         echo(f"supervisor {os.getpid()}: starting {processes} workers of {spec}")
         status = sup.run()
         if sup.failure:

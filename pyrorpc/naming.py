@@ -504,22 +504,67 @@ class NameServerClient:
             self.register(name, uri, metadata)
         return None
 
-    def lease_many(self, leases: Any) -> builtins.list[float | ValueError]:
-        """Register-or-renew several names in one request (pyrorpc's name server only): ``leases`` is an
-        iterable of ``(name, uri, metadata, load, ttl)``, as ``lease`` takes them. Returns, in order, each
-        lease's TTL, or a ValueError carrying the name server's reason for one it refused (the others
-        still apply). One request instead of one per worker: what one process renewing for several workers
-        (a supervisor for its children, say) saves the name server.
+    def lease_many(self, leases: Any, timeout: float | None = None) -> builtins.list[float | ValueError]:
+        """Register-or-renew several names at once (pyrorpc's name server only): ``leases`` is an iterable of
+        ``(name, uri, metadata, load, ttl)``, as ``lease`` takes them. Returns, in order, each lease's TTL,
+        or a ValueError carrying the name server's reason for one it refused (the others still apply).
+
+        As ``lease`` does one by one: the leases this client holds go as one ``renew_many`` (tokens and
+        changed load fields), the others, and those the name server no longer knows, as one ``lease_many``.
+        Two requests at most instead of one per worker: what a supervisor renewing for its children saves
+        the name server. ``timeout`` as for ``lease``.
 
         Raises:
             NameServerUnavailableError: also against a stock Pyro5 name server (no leases there).
         """
         items = [[name, str(uri), sorted(metadata or ()), load, ttl] for name, uri, metadata, load, ttl in leases]
+        if self._leasing is None:
+            self._call_with("ping", (), {}, timeout=timeout)
         if not self.leasing or "lease_many" not in (self._methods or ()):
             raise NameServerUnavailableError(f"name server at {self.address} cannot renew several leases at once")
-        return [float(r["ttl"]) if isinstance(r, dict) and "ttl" in r
-                else ValueError(r.get("error") if isinstance(r, dict) else repr(r))
-                for r in self._call("lease_many", items)]
+        results: list[float | ValueError | None] = [None] * len(items)
+        renewals: list[tuple[int, dict[str, Any] | None, _Held]] = []
+        if "renew_many" in (self._methods or ()):
+            for i, (name, uri, tags, load, ttl) in enumerate(items):
+                held = self._held.get(name)
+                if held is not None and held.uri == uri and held.tags == tags and held.ttl == ttl:
+                    delta = {k: v for k, v in load.items() if held.load.get(k, _ABSENT) != v} if load else None
+                    renewals.append((i, delta, held))
+        if renewals:
+            flat = [x for i, delta, held in renewals for x in (items[i][0], held.token, delta)]
+            try:
+                answers = self._call_with("renew_many", tuple(flat), {}, timeout=timeout)
+            except BaseException:
+                for i, _delta, _held in renewals:
+                    self._held.pop(items[i][0], None)
+                raise
+            for (i, delta, held), answer in zip(renewals, answers, strict=True):
+                if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+                    if delta:
+                        held.load = {**held.load, **delta}
+                    results[i] = float(answer)
+                else:
+                    self._held.pop(items[i][0], None)
+                    if isinstance(answer, dict):
+                        results[i] = ValueError(answer.get("error"))
+        whole = [i for i, r in enumerate(results) if r is None]
+        if whole:
+            renew = "renew" in (self._methods or ())
+            for i, reply in zip(whole, self._call_with("lease_many", ([items[i] for i in whole],), {},
+                                                                timeout=timeout),
+                                strict=True):
+                name = items[i][0]
+                if isinstance(reply, dict) and "ttl" in reply:
+                    results[i] = float(reply["ttl"])
+                    token = reply.get("token")
+                    if renew and isinstance(token, int):
+                        self._held[name] = _Held(token, items[i][1], items[i][2], items[i][4], dict(items[i][3] or {}))
+                    else:
+                        self._held.pop(name, None)
+                else:
+                    self._held.pop(name, None)
+                    results[i] = ValueError(reply.get("error") if isinstance(reply, dict) else repr(reply))
+        return [r if r is not None else ValueError("no answer") for r in results]
 
     def service_workers(self, service: str, with_metadata: bool = False) -> builtins.list[WorkerInfo]:
         """Live workers of ``service`` (O(its workers) on pyrorpc's name server); ``WorkerInfo.metadata``
@@ -528,6 +573,12 @@ class NameServerClient:
             return _infos(self._call("service_workers", service, with_metadata), service)
         found = self._call("yplookup", meta_all=[SERVICE_TAG + service], return_metadata=True)
         return [WorkerInfo.from_record(name, uri, meta, service=service) for name, (uri, meta) in found.items()]
+
+    @property
+    def can_renew_many(self) -> bool:
+        """True when the name server last connected to renews several leases by token (``renew_many``): what a
+        supervisor renewing for its workers needs (pyrorpc.heartbeats)."""
+        return "renew_many" in (self._methods or ())
 
     @property
     def can_watch(self) -> bool:

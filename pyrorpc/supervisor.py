@@ -50,7 +50,9 @@ class Supervisor:
 
     On POSIX each child gets ``--parent-fd FD`` appended to ``argv``: the read end of a pipe that reaches
     end-of-file when the supervisor dies, whatever kills it. Each child's environment has
-    ``PYRORPC_WORKER_SLOT``, its index 0..processes-1 (kept across restarts).
+    ``PYRORPC_WORKER_SLOT``, its index 0..processes-1 (kept across restarts). With ``heartbeats`` (the
+    workers' ``pyrorpc.Settings``) the children's lease renewals come to the supervisor over a pipe each and
+    go to the name server together, one request per period (``pyrorpc.heartbeats``).
 
     Raises:
         ValueError: a bad ``processes``, ``max_restarts`` or ``restart_window``.
@@ -59,7 +61,7 @@ class Supervisor:
     def __init__(self, argv: Sequence[str], processes: int, *, grace: float = 30.0, backoff: float = 0.5,
                  max_backoff: float = 30.0, healthy_after: float = 30.0, max_restarts: int = 5,
                  restart_window: float = 60.0, env: dict[str, str] | None = None,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, heartbeats: Any = None) -> None:
         if processes < 1:
             raise ValueError(f"`processes` must be >= 1, got {processes}")
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
@@ -81,15 +83,26 @@ class Supervisor:
         self.failure: str | None = None  # why run() gave up, if it did
         self._stop = threading.Event()
         self._lifeline: int | None = None  # read end handed to every child; the write end dies with us
+        self.heartbeats_settings = heartbeats  # pyrorpc.Settings: renew the children's leases together
+        self.heartbeats: Any = None  # pyrorpc.heartbeats.SharedHeartbeats while running
 
     def _spawn(self, child: _Child) -> None:
         # its slot, 0..processes-1, the same when it is restarted (e.g. for a port of its own: --metrics-port)
         env = dict(self.env if self.env is not None else os.environ, PYRORPC_WORKER_SLOT=str(child.slot))
-        if self._lifeline is None:
-            child.proc = subprocess.Popen(self.argv, env=env)
-        else:
-            child.proc = subprocess.Popen(self.argv + [PARENT_FD_OPTION, str(self._lifeline)], env=env,
-                                          pass_fds=(self._lifeline,))
+        beat_fd = None
+        if self.heartbeats is not None:
+            beat_fd, beat_env = self.heartbeats.open_pipe()
+            env.update(beat_env)
+        try:
+            if self._lifeline is None:
+                child.proc = subprocess.Popen(self.argv, env=env)
+            else:
+                child.proc = subprocess.Popen(self.argv + [PARENT_FD_OPTION, str(self._lifeline)], env=env,
+                                              pass_fds=(self._lifeline,) if beat_fd is None
+                                              else (self._lifeline, beat_fd))
+        finally:
+            if beat_fd is not None:
+                self.heartbeats.child_started(beat_fd)  # (our copy of its end goes: its exit is an EOF there)
         child.started = time.monotonic()
 
     def pids(self) -> list[int]:
@@ -108,6 +121,9 @@ class Supervisor:
             # os.pipe() descriptors are not inheritable: only pass_fds hands the read end to children, and no
             # child ever holds the write end, so it closes exactly when this process ends
             self._lifeline, write_end = os.pipe()
+            if self.heartbeats_settings is not None:
+                from .heartbeats import SharedHeartbeats
+                self.heartbeats = SharedHeartbeats(self.heartbeats_settings)
         try:
             for child in self.children:
                 self._spawn(child)
@@ -119,6 +135,9 @@ class Supervisor:
                 if fd is not None:
                     os.close(fd)
             self._lifeline = None
+            if self.heartbeats is not None:
+                self.heartbeats.close()
+                self.heartbeats = None
 
     def _check(self, now: float) -> None:
         for child in self.children:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import Settings, resolve
 from .errors import ConfigurationError, NameServerUnavailableError
+from .heartbeats import Relay, next_beat
 from .metrics import MetricsServer, check_port, serve_metrics
 from .naming import SERVICE_TAG, NameServerClient
 from .proxy import set_callback_settings
@@ -106,6 +107,7 @@ class WorkerHost:
         self.server: Server | None = None
         self.lease_ttl: float | None = None
         self._naming = NameServerClient(self.settings)
+        self._relay = Relay.from_env() if register else None  # a supervisor renewing for its workers
         self._loop_thread: threading.Thread | None = None
         self._heartbeat_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -188,12 +190,19 @@ class WorkerHost:
 
     def _heartbeat(self) -> None:
         healthy = True
+        relay = self._relay
         while True:
             period = (self.lease_ttl or self.settings.lease_ttl or 10.0) / 3
             if not healthy:
                 period = min(period, 0.5)
+            elif relay is not None and not relay.broken and self._naming.can_renew_many:  # in step with the others
+                period = max(0.0, next_beat(time.monotonic(), period, relay.phase) - time.monotonic())
             if self._stopping.wait(period):
                 return
+            if healthy and relay is not None and not relay.broken and self._naming.can_renew_many:
+                assert self.uri is not None
+                if relay.beat(self.name, self.uri, self.metadata, self.load(), self.settings.lease_ttl):
+                    continue  # the supervisor renews it with its other workers' (pyrorpc.heartbeats)
             try:
                 self._renew()
                 if not healthy:
@@ -261,6 +270,8 @@ class WorkerHost:
             # a renewal still under way would register us again right after we deregister
             self._heartbeat_thread.join(self.settings.connect_timeout + 1)
         if self.register:
+            if self._relay is not None:
+                self._relay.bye(self.name)  # (before the removal: a renewal racing with it is taken back)
             try:
                 self._naming.remove(self.name)
             except Exception as exc:  # the lease will expire anyway

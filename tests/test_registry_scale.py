@@ -504,3 +504,122 @@ def test_ns_scale_benchmark_smoke(tmp_path) -> None:
     assert 0 < paced["ns_cpu_share"] < 1 and paced["ns_cpu_us_per_renewal"] > 0
     assert 0 < report["lookup"]["p50_ms"] <= report["lookup"]["p99_ms"]
     assert report["saturated"]["renewals_per_s"] > 0
+
+
+# shared heartbeats: a supervisor renews for its workers ------------------------------------------------
+
+class CallLog:
+    """Counts the name server's lease calls by method (wraps the NameServer object's methods)."""
+
+    def __init__(self, ns: Any) -> None:
+        self.calls: list[tuple[float, str, int]] = []  # (monotonic time, method, leases in it)
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        for method, size in (("lease", lambda a: 1), ("renew", lambda a: 1), ("lease_many", lambda a: len(a[0])),
+                             ("renew_many", lambda a: len(a) // 3)):
+            self._wrap(ns, method, size)
+
+    def _wrap(self, ns: Any, method: str, size: Callable[[tuple[Any, ...]], int]) -> None:
+        real = getattr(ns, method)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            depth = getattr(self.local, "depth", 0)
+            if not depth:  # (lease_many's own lease calls are not requests)
+                with self.lock:
+                    self.calls.append((time.monotonic(), method, size(args)))
+            self.local.depth = depth + 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.local.depth = depth
+        setattr(ns, method, wrapper)
+
+    def since(self, t: float) -> list[tuple[str, int]]:
+        with self.lock:
+            return [(m, n) for at, m, n in self.calls if at >= t]
+
+
+def test_lease_many_renews_held_leases_by_token(secure_ns) -> None:
+    daemon, _handshakes = secure_ns
+    log = CallLog(daemon.nameserver)
+    leases = [(f"calc.h.1.{x}", f"PYRO:calc.h.1.{x}@127.0.0.1:1", {"pyrorpc.service:calc"}, {"calls": 1}, 3.0)
+              for x in "abc"]
+    with pyrorpc.NameServerClient(pyrorpc.Settings(ns=addr(daemon), secret=SECRET)) as client:
+        t = time.monotonic()
+        assert client.lease_many(leases) == [3.0] * 3
+        assert client.lease_many(leases) == [3.0] * 3
+        assert log.since(t) == [("lease_many", 3), ("renew_many", 3)]
+        daemon.nameserver.remove("calc.h.1.b")  # (as if the name server had restarted, for this one)
+        t = time.monotonic()
+        assert client.lease_many([(*lease[:3], {"calls": 2}, 3.0) for lease in leases]) == [3.0] * 3
+        assert log.since(t) == [("renew_many", 3), ("lease_many", 1)]
+        assert sorted(w.name for w in client.service_workers("calc")) == [lease[0] for lease in leases]
+        assert {w.calls for w in client.service_workers("calc")} == {2}
+
+
+def test_supervised_workers_renew_together_and_leave_cleanly(tmp_path) -> None:
+    """``pyrorpc worker start --processes 3``: the supervisor renews its three workers with one request per
+    period; a SIGKILLed worker is renewed no more (its lease expires); on stop every worker is gone for good."""
+    with NameServerDaemon("127.0.0.1", 0, lease_ttl=1.5) as daemon:
+        daemon.start()
+        log = CallLog(daemon.nameserver)
+        client = pyrorpc.NameServerClient(pyrorpc.Settings(ns=addr(daemon)))
+        tests_dir = os.path.dirname(os.path.abspath(__file__))
+        sup = pyrorpc.testing.ChildProcess([sys.executable, "-m", "pyrorpc", "worker", "start", "services:Calculator",
+                                            "--processes", "3", "--ns", addr(daemon)], cwd=tests_dir)
+        try:
+            wait_for(lambda: len(client.service_workers("calc")) == 3, 20)
+            time.sleep(1.0)  # every worker has handed over its heartbeats by now
+            t = time.monotonic()
+            time.sleep(2.0)  # four periods of 0.5 s
+            calls = log.since(t)
+            assert calls and all(call == ("renew_many", 3) for call in calls), calls
+            assert 3 <= len(calls) <= 5, calls
+            workers = {w.pid: w.name for w in client.service_workers("calc")}
+            victim = sorted(workers)[0]
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            wait_for(lambda: workers[victim] not in {w.name for w in client.service_workers("calc")}, 10)
+            assert time.monotonic() - killed_at < 1.5 + 1.0  # its lease ran out: nobody renewed it
+            # the supervisor restarts it: the new one joins the shared renewals
+            wait_for(lambda: len(client.service_workers("calc")) == 3, 20)
+        finally:
+            sup.stop(signal.SIGTERM, 30)
+        assert client.service_workers("calc") == []
+        time.sleep(2.0)  # a renewal that raced with a worker's goodbye is taken back, never left to linger
+        assert client.service_workers("calc") == []
+        client.close()
+
+
+def test_a_renewal_racing_with_a_goodbye_is_taken_back(secure_ns) -> None:
+    """A worker deregisters while its supervisor's renewal of it is on the way: the renewal registers it again
+    at the name server, then the supervisor reads the goodbye and removes it."""
+    from pyrorpc.heartbeats import SharedHeartbeats
+
+    daemon, _handshakes = secure_ns
+    ns = daemon.nameserver
+    shared = SharedHeartbeats(pyrorpc.Settings(ns=addr(daemon), secret=SECRET), phase=0.0)
+    write_fd, env = shared.open_pipe()
+    name, uri = "calc.h.9.a", "PYRO:calc.h.9.a@127.0.0.1:1"
+    real = ns.lease_many
+
+    def lease_many(leases: Any) -> Any:
+        os.write(write_fd, json.dumps({"name": name, "bye": True}).encode() + b"\n")  # the goodbye ...
+        ns.remove(name)  # ... and the worker's own deregistration, before the renewal arrives
+        return real(leases)
+    ns.lease_many = lease_many
+    try:
+        assert env["PYRORPC_HEARTBEAT_FD"] == str(write_fd)
+        os.write(write_fd, json.dumps({"name": name, "uri": uri, "tags": ["pyrorpc.service:calc"],
+                                       "load": {"calls": 1}, "ttl": 3.0}).encode() + b"\n")
+        wait_for(lambda: shared.requests == 1, 5)
+        wait_for(lambda: name not in ns.storage, 5)
+        time.sleep(0.3)
+        assert name not in ns.storage
+        os.write(write_fd, json.dumps({"name": name, "uri": uri, "tags": ["pyrorpc.service:calc"],
+                                       "load": {"calls": 2}, "ttl": 3.0}).encode() + b"\n")
+        time.sleep(0.3)
+        assert name not in ns.storage and shared.requests == 1  # it said goodbye: never renewed again
+    finally:
+        shared.close()
+        os.close(write_fd)
