@@ -6,8 +6,14 @@ An entry is ``pending`` until a sender claims it (``in_flight``, under that send
 (with its error) when the worker refused it (no such method, arguments it does not take) or the method
 raised, and ``lost`` when the worker was lost after accepting it (it may or may not have run: an
 ``@idempotent`` method is re-sent instead, and is never lost). A sender that dies leaves its claims to
-expire: ``in_flight`` entries go out again (the worker's memory of accepted ids keeps a re-send from
-running twice); ``accepted`` ones are never re-sent (at-most-once) and show as ``unconfirmed``.
+expire: ``in_flight`` entries go out again; ``accepted`` ones are never re-sent (at-most-once) and show as
+``unconfirmed``.
+
+Each claimed entry is given its worker in the claim's transaction, before anything is sent, and keeps it
+until it is known not to have reached that worker. A re-send (the sender died, or the connection broke before
+the acknowledgement came) goes to that same worker, whose memory of accepted ids keeps it from running twice;
+if that worker is gone, the entry is ``lost`` (it may or may not have run), except for an ``@idempotent``
+method, which goes to another worker.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from .acks import Ack
 from .codec import dumps, loads
 from .compat import remote_traceback
 from .config import Settings, resolve
-from .errors import ConfigurationError
+from .endpoint import NotSent
+from .errors import CallTimeoutError, ConfigurationError, WorkerLostError
 from .proxy import NoMux, send_loop
 
 if TYPE_CHECKING:
@@ -48,7 +55,8 @@ CREATE TABLE IF NOT EXISTS entries (
     lease_until REAL NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL DEFAULT 0,
-    error TEXT
+    error TEXT,
+    worker TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_state ON entries (state, seq);
 """
@@ -116,6 +124,8 @@ class Outbox:
         try:
             self._db = _connect(self.path, sync.upper())
             self._db.executescript(_SCHEMA)
+            if "worker" not in {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}:
+                self._db.execute("ALTER TABLE entries ADD COLUMN worker TEXT")  # (an outbox of an older version)
         except sqlite3.Error as exc:
             raise ConfigurationError(f"cannot open the outbox {self.path!r}: {exc}") from None
         self._sync = sync.upper()
@@ -128,9 +138,11 @@ class Outbox:
         self._own_pools: list[Pool] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._outcomes: list[tuple[int, str, str | None]] = []  # (seq, what happened, error) for the sender
+        # (seq, what happened, error, worker): for the sender thread to write down
+        self._outcomes: list[tuple[int, str, str | None, str | None]] = []
         self._outcomes_lock = threading.Lock()
         self._active = 0  # entries claimed by this sender and not finished
+        self._assigned: dict[str, int] = {}  # worker -> entries this sender gave it that are not finished
         self._waiting = False  # the sender has room and workers, and waits for entries
         self._idle = threading.Condition(threading.Lock())
         self._closed = False
@@ -237,15 +249,30 @@ class Outbox:
         for service in sorted(self._services):
             pool = self._pool(service)
             if pool is not None and pool.workers():
+                self._learn_methods(pool)
                 ready.append(service)
         return ready
+
+    @staticmethod
+    def _learn_methods(pool: Pool) -> None:
+        """Make sure one worker of ``pool`` told us its methods (which are ``@idempotent`` decides the fate of
+        an entry whose worker is gone: ``_assign``): one handshake, the first time."""
+        members = list(pool._members.values())
+        if any(m.endpoint.methods is not None for m in members):
+            return
+        for member in members:
+            try:
+                member.endpoint._connect(timeout=2.0).close()
+                return
+            except Exception:  # (that one is not answering: the next)
+                continue
 
     def _claim(self, db: sqlite3.Connection, services: list[str], n: int) -> list[tuple[Any, ...]]:
         """Take up to ``n`` entries of ``services``, oldest first: pending ones that are due, and those whose
         sender's lease ran out before they were accepted. (Two queries, each walking the state index.)"""
         now = time.time()
         marks = ",".join("?" * len(services))
-        columns = "seq, id, service, method, payload"
+        columns = "seq, id, service, method, payload, worker"
         db.execute("BEGIN IMMEDIATE")
         try:
             rows = db.execute(
@@ -254,20 +281,49 @@ class Outbox:
             rows += db.execute(
                 f"SELECT {columns} FROM entries WHERE state = 'inflight' AND lease_until < ? AND service IN ({marks}) "
                 "ORDER BY seq LIMIT ?", (now, *services, n)).fetchall()
-            rows = sorted(rows)[:n]
-            db.executemany("UPDATE entries SET state = 'inflight', owner = ?, lease_until = ?, "
+            claimed, lost = [], []
+            for seq, entry_id, service, method, payload, before in sorted(rows)[:n]:
+                worker, reason = self._assign(service, method, before)
+                if reason is not None:
+                    lost.append((reason, seq))
+                elif worker is not None:
+                    claimed.append((seq, entry_id, service, method, payload, worker, worker == before))
+            db.executemany("UPDATE entries SET state = 'inflight', owner = ?, lease_until = ?, worker = ?, "
                            "attempts = attempts + 1 WHERE seq = ?",
-                           [(self._owner, now + self._lease, row[0]) for row in rows])
+                           [(self._owner, now + self._lease, row[5], row[0]) for row in claimed])
+            db.executemany("UPDATE entries SET state = 'lost', owner = NULL, error = ? WHERE seq = ?", lost)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return rows
+        for row in claimed:
+            self._assigned[row[5]] = self._assigned.get(row[5], 0) + 1
+        return claimed
 
-    def _outcome(self, seq: int, what: str, error: str | None = None) -> None:
+    def _assign(self, service: str, method: str, worker: str | None) -> tuple[str | None, str | None]:
+        """The worker an entry goes to: ``(worker, None)``; ``(None, reason)`` when it is lost; ``(None, None)``
+        when there is no worker now. An entry that may have reached a worker already (``worker`` set) goes to
+        that one again, or, if it is gone, is lost unless its method is ``@idempotent``."""
+        pool = self._pools.get(service)
+        members = dict(pool._members) if pool is not None else {}
+        if worker is not None:
+            if worker in members:
+                return worker, None
+            if not any(m.endpoint.methods is not None for m in members.values()):
+                return None, None  # (nobody told us its methods yet: later)
+            if not any(method in m.endpoint.idempotent for m in members.values()):
+                return None, (f"its worker {worker} is gone and may have taken it before: it may or may not have "
+                              "run (not @idempotent: not sent again)")
+        if not members:
+            return None, None
+        now = time.monotonic()
+        ready = [m for m in members.values() if m.ejected_until <= now and not m.suspect] or list(members.values())
+        return min(ready, key=lambda m: (self._assigned.get(m.name, 0), m.in_flight)).name, None
+
+    def _outcome(self, seq: int, what: str, error: str | None = None, worker: str | None = None) -> None:
         """From the send loop: an entry's fate, for the sender thread to write down."""
         with self._outcomes_lock:
-            self._outcomes.append((seq, what, error))
+            self._outcomes.append((seq, what, error, worker))
         self._wake.set()
 
     def _apply(self, db: sqlite3.Connection) -> None:
@@ -279,16 +335,16 @@ class Outbox:
         finished = 0
         db.execute("BEGIN IMMEDIATE")
         try:
-            for seq, what, error in outcomes:
+            for seq, what, error, _worker in outcomes:
                 if what == "done":
                     db.execute("DELETE FROM entries WHERE seq = ?", (seq,))
                 elif what == "accepted":
                     db.execute("UPDATE entries SET state = 'accepted' WHERE seq = ?", (seq,))
                     continue  # (still this sender's until its outcome comes)
-                elif what == "retry":
+                elif what in ("retry", "again"):  # again: it may have reached its worker: to that one only
                     db.execute("UPDATE entries SET state = 'pending', owner = NULL, error = ?, next_try = "
-                               "? + MIN(?, 0.05 * (1 << MIN(attempts, 8))) WHERE seq = ?",
-                               (error, now, _MAX_BACKOFF, seq))
+                               "? + MIN(?, 0.05 * (1 << MIN(attempts, 8))), worker = CASE WHEN ? THEN worker END "
+                               "WHERE seq = ?", (error, now, _MAX_BACKOFF, what == "again", seq))
                 else:  # failed, lost
                     db.execute("UPDATE entries SET state = ?, owner = NULL, error = ? WHERE seq = ?",
                                (what, error, seq))
@@ -299,30 +355,51 @@ class Outbox:
             with self._outcomes_lock:
                 self._outcomes[:0] = outcomes
             raise
+        for _seq, what, _error, worker in outcomes:
+            if what != "accepted" and worker is not None:
+                left = self._assigned.get(worker, 0) - 1
+                if left > 0:
+                    self._assigned[worker] = left
+                else:
+                    self._assigned.pop(worker, None)
         with self._idle:
             self._active -= finished
             self._idle.notify_all()
 
-    async def _deliver(self, pool: Pool, seq: int, entry_id: str, method: str, payload: bytes) -> None:
+    async def _deliver(self, pool: Pool, seq: int, entry_id: str, method: str, payload: bytes, worker: str,
+                       pinned: bool) -> None:
+        """Send one entry to its worker (``_assign``), never to another: a re-send must reach the worker that
+        may have it already (``pinned``: an earlier attempt went there). Outcomes: ``done``/``accepted``/
+        ``failed``/``lost``; ``retry`` when it surely reached no worker (any worker may have it next),
+        ``again`` when it may have reached this one (that worker only)."""
+        member = pool._members.get(worker)
+        if member is None:  # gone since the claim: the next claim decides (lost, or another worker if idempotent)
+            self._outcome(seq, "again", f"its worker {worker} is gone", worker)
+            return
+        idempotent = method in member.endpoint.idempotent
         try:
             args, kwargs = loads(payload)
             ack = Ack(entry_id, on_done=lambda error, lost: self._outcome(
                 seq, "lost" if lost else "failed" if error is not None else "done",
                 "the worker was lost after accepting it: it may or may not have run" if lost
-                else None if error is None else _error_text(error)))
+                else None if error is None else _error_text(error), worker))
             try:
-                await pool._acall(method, tuple(args), kwargs, None, False, ack)
-            except NoMux:  # a stock Pyro5 worker: a plain call (accepted = completed)
+                await member.endpoint.acall(method, tuple(args), kwargs, self._settings.timeout, False, ack=ack)
+            except NoMux:  # a stock Pyro5 worker: a plain call (accepted = completed), through the pool
                 await asyncio.get_running_loop().run_in_executor(None, pool._call, method, tuple(args), kwargs,
                                                                  None, False)
                 ack.waited = True
-        except Exception as exc:
-            self._outcome(seq, "retry" if _retryable(exc) else "failed", _error_text(exc))
+        except NotSent as exc:  # not this time (refused while draining, no connection); an earlier attempt may have
+            self._outcome(seq, "again" if pinned and not idempotent else "retry", _error_text(exc.cause), worker)
             return
-        if ack.waited:
-            self._outcome(seq, "done")
-        else:
-            self._outcome(seq, "accepted")
+        except (WorkerLostError, CallTimeoutError) as exc:
+            # sent, and no acknowledgement: it may be queued there. An @idempotent call may run again anywhere
+            self._outcome(seq, "retry" if idempotent else "again", _error_text(exc), worker)
+            return
+        except Exception as exc:
+            self._outcome(seq, "retry" if _retryable(exc) else "failed", _error_text(exc), worker)
+            return
+        self._outcome(seq, "done" if ack.waited else "accepted", None, worker)
 
     def _run(self) -> None:
         db = _connect(self.path, self._sync)
@@ -351,9 +428,9 @@ class Outbox:
                 if rows:
                     with self._idle:
                         self._active += len(rows)
-                    for seq, entry_id, service, method, payload in rows:
+                    for seq, entry_id, service, method, payload, worker, pinned in rows:
                         pool = self._pools[service]
-                        loop.submit(self._deliver(pool, seq, entry_id, method, payload))
+                        loop.submit(self._deliver(pool, seq, entry_id, method, payload, worker, pinned))
                     continue
                 self._wake.wait(0.05)
             self._apply(db)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -262,6 +264,41 @@ def test_outbox_worker_sigkilled_mid_run(nameserver, worker_factory, tmp_path) -
     cut_off = set(journal_runs(str(tmp_path), "start")[on_a]) - set(done.get(on_a, []))
     assert cut_off  # (the kill did cut calls off mid-run)
     assert {uid for uid in cut_off if uid.startswith("i")} <= set(done[f"{b.worker_pid}.log"])  # re-sent to b
+
+
+def test_outbox_resend_after_a_sender_crash_goes_to_the_same_worker(nameserver, worker_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The process that enqueued is SIGKILLed with calls on their way to two workers; whoever opens the outbox
+    next re-sends them, each to the worker it went to (which has it already: it does not run it again), and
+    a call whose worker is gone meanwhile is reported lost instead of run elsewhere."""
+    ns = nameserver(lease_ttl=3)
+    path = str(tmp_path / "outbox.sqlite")
+    env = dict(os.environ, DELIVERY_JOURNAL=str(tmp_path))
+    workers = [worker_factory("delivery_app:Mailer", ns.ns, env=env) for _ in range(3)]
+    client = _client(ns.ns, path, 0, 400)
+    try:
+        client.expect("ENQUEUED 400", 20)
+        wait_for(lambda: sum(len(v) for v in journal_runs(str(tmp_path), "start").values()) >= 150, 20)
+        client.kill()
+    finally:
+        client.kill()
+    victim = workers[0]
+    victim.kill()  # entries it had may have run there or not: they must not run anywhere else
+    time.sleep(0.5)
+    with pyrorpc.Outbox(path, ns=ns.ns, service="mailer", lease=1.0) as outbox:
+        _delivered(path, 30)
+        status = outbox.status()
+    runs = journal_runs(str(tmp_path), "start")
+    starts = [uid for uids in runs.values() for uid in uids]
+    twice = sorted({uid for uid in starts if starts.count(uid) > 1})
+    assert twice == []
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        lost = {pyrorpc.codec.loads(payload)[0][0] for (payload,) in
+                db.execute("SELECT payload FROM entries WHERE state = 'lost'")}
+    assert status["lost"] == len(lost)
+    assert set(starts) | lost == {f"u{i}" for i in range(400)}  # each ran, or is reported lost
+    survivors = {uid for name, uids in runs.items() if name != f"{victim.worker_pid}.log" for uid in uids}
+    assert not lost & survivors  # a lost one may have run on the dead worker, never on another
+    assert status["pending"] == status["in_flight"] == status["accepted"] == status["failed"] == 0
 
 
 def test_outbox_keeps_failed_entries_and_status_shows_them(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]

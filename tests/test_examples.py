@@ -208,7 +208,7 @@ def test_web_offload_app_killed_mid_burst_loses_no_mail(example: Any, tmp_path: 
     ex = example("web_offload", MAILER_OUTBOX=str(outbox), MAILER_LOG=str(log), MAIL_DELAY="0.01-0.05")
     ex.in_readme("pyrorpc outbox status outbox.sqlite", "kill -9 $APP")
     if mailers == "during-burst":
-        ex.workers("worker:Mailer")
+        ex.workers("worker:Mailer", "worker:Mailer")  # (a re-send must reach the mailer that had it, not the other)
     app, ready = ex.start("app.py", "--port", "0", ready=r"sign-up app on (http://[\d.:]+)/")
     assert ready is not None
     emails = [f"burst{i}@example.com" for i in range(600)]
