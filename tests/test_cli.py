@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -19,8 +19,9 @@ from click.testing import CliRunner
 
 import pyrorpc
 from pyrorpc.cli import main as cli_main
-from pyrorpc.testing import ChildProcess, wait_for
+from pyrorpc.testing import ChildProcess, WorkerProcess, wait_for
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 DOWN_NS = "127.0.0.1:1"  # nothing listens on port 1: connection refused at once
 CLI_TIMEOUT = 30.0
 
@@ -97,6 +98,31 @@ def calc(ns_addr: str, worker_factory: Callable[..., Any]) -> Any:
     return worker_factory("services:Calculator", ns_addr)
 
 
+@pytest.fixture(scope="module")
+def shared_ns() -> Iterator[str]:
+    """One in-thread name server (lease TTL 3 s) for the tests of this module that register nothing, remove
+    nothing and count nothing: they only call ``shared_calc`` and read the registry."""
+    from nameserver import NameServerDaemon
+    with NameServerDaemon("127.0.0.1", 0, lease_ttl=3.0) as daemon:
+        daemon.start()
+        host, port = daemon.address
+        yield f"{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+def shared_calc(shared_ns: str) -> Iterator[WorkerProcess]:
+    """The only worker of ``shared_ns``, a ``services:Calculator`` process (tests that count its calls, or
+    remove or add registrations, use ``calc`` and a name server of their own)."""
+    # module scope: started before the per-test clean_environ, so its environment is made the same way here
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYRORPC_", "PYRO_"))}
+    env["PYTHONPATH"] = HERE + os.pathsep + os.environ.get("PYTHONPATH", "")
+    worker = WorkerProcess("services:Calculator", shared_ns, env=env)
+    try:
+        yield worker
+    finally:
+        worker.kill()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -107,44 +133,44 @@ def pid_alive(pid: int) -> bool:
 
 # 1. pyrorpc call -------------------------------------------------------------------------------------
 
-def test_call_prints_result(ns_addr: str, calc: Any) -> None:
-    result = cli("call", "calc", "add", "2", "3", "--ns", ns_addr)
+def test_call_prints_result(shared_ns: str, shared_calc: Any) -> None:
+    result = cli("call", "calc", "add", "2", "3", "--ns", shared_ns)
     assert ok(result) == "5\n"
     assert result.stderr == ""
 
 
-def test_call_negative_numbers_are_arguments_not_options(ns_addr: str, calc: Any) -> None:
-    assert ok(cli("call", "calc", "add", "-1", "-2", "--ns", ns_addr)).strip() == "-3"
+def test_call_negative_numbers_are_arguments_not_options(shared_ns: str, shared_calc: Any) -> None:
+    assert ok(cli("call", "calc", "add", "-1", "-2", "--ns", shared_ns)).strip() == "-3"
 
 
-def test_call_keyword_and_literal_arguments(ns_addr: str, calc: Any) -> None:
-    assert ok(cli("call", "calc", "add", "--kw", "a=40", "--kw", "b=2", "--ns", ns_addr)).strip() == "42"
-    assert ok(cli("call", "calc", "add", "1", "--kw", "b=2.5", "--ns", ns_addr)).strip() == "3.5"
+def test_call_keyword_and_literal_arguments(shared_ns: str, shared_calc: Any) -> None:
+    assert ok(cli("call", "calc", "add", "--kw", "a=40", "--kw", "b=2", "--ns", shared_ns)).strip() == "42"
+    assert ok(cli("call", "calc", "add", "1", "--kw", "b=2.5", "--ns", shared_ns)).strip() == "3.5"
     # string literals and bare words both arrive as str; a string result prints without quotes
-    assert ok(cli("call", "calc", "add", "'ab'", "'cd'", "--ns", ns_addr)) == "abcd\n"
-    assert ok(cli("call", "calc", "add", "foo", "bar", "--ns", ns_addr)) == "foobar\n"
+    assert ok(cli("call", "calc", "add", "'ab'", "'cd'", "--ns", shared_ns)) == "abcd\n"
+    assert ok(cli("call", "calc", "add", "foo", "bar", "--ns", shared_ns)) == "foobar\n"
     # a list result prints as its repr
-    assert ok(cli("call", "calc", "add", "[1, 'x']", "[None]", "--ns", ns_addr)).strip() == "[1, 'x', None]"
+    assert ok(cli("call", "calc", "add", "[1, 'x']", "[None]", "--ns", shared_ns)).strip() == "[1, 'x', None]"
 
 
-def test_call_json_output_parses(ns_addr: str, calc: Any) -> None:
-    assert json.loads(ok(cli("call", "calc", "add", "[1, 2]", "[3]", "--json", "--ns", ns_addr))) == [1, 2, 3]
-    assert json.loads(ok(cli("call", "calc", "add", "'a'", "'b'", "--json", "--ns", ns_addr))) == "ab"
-    assert json.loads(ok(cli("call", "calc", "add", "2", "3", "--json", "--ns", ns_addr))) == 5
-    assert json.loads(ok(cli("call", "calc", "get", "k", "--json", "--ns", ns_addr))) == "value-k"
+def test_call_json_output_parses(shared_ns: str, shared_calc: Any) -> None:
+    assert json.loads(ok(cli("call", "calc", "add", "[1, 2]", "[3]", "--json", "--ns", shared_ns))) == [1, 2, 3]
+    assert json.loads(ok(cli("call", "calc", "add", "'a'", "'b'", "--json", "--ns", shared_ns))) == "ab"
+    assert json.loads(ok(cli("call", "calc", "add", "2", "3", "--json", "--ns", shared_ns))) == 5
+    assert json.loads(ok(cli("call", "calc", "get", "k", "--json", "--ns", shared_ns))) == "value-k"
 
 
-def test_call_oneway_then_logs_shows_message(ns_addr: str, calc: Any) -> None:
+def test_call_oneway_then_logs_shows_message(shared_ns: str, shared_calc: Any) -> None:
     token = f"hello-{os.getpid()}-{time.monotonic_ns()}"
-    out = ok(cli("call", "calc", "log", token, "--oneway", "--ns", ns_addr))
+    out = ok(cli("call", "calc", "log", token, "--oneway", "--ns", shared_ns))
     assert "oneway" in out
     assert token not in out  # nothing is returned by a oneway call
 
     def logged() -> bool:
-        return token in json.loads(ok(cli("call", "calc", "logs", "--json", "--ns", ns_addr)))
+        return token in json.loads(ok(cli("call", "calc", "logs", "--json", "--ns", shared_ns)))
 
     wait_for(logged, timeout=10, interval=0.1, message="oneway message in logs")
-    assert token in ok(cli("call", "calc", "logs", "--ns", ns_addr))
+    assert token in ok(cli("call", "calc", "logs", "--ns", shared_ns))
 
 
 def test_call_by_worker_name_and_by_uri(ns_addr: str, worker_factory: Callable[..., Any]) -> None:
@@ -160,25 +186,25 @@ def test_call_by_worker_name_and_by_uri(ns_addr: str, worker_factory: Callable[.
     assert int(ok(cli("call", "calc", "pid", "--ns", ns_addr))) in {w1.worker_pid, w2.worker_pid}
 
 
-def test_call_uses_pyrorpc_ns_env(ns_addr: str, calc: Any) -> None:
-    assert ok(cli("call", "calc", "add", "2", "3", env={"PYRORPC_NS": ns_addr})) == "5\n"
+def test_call_uses_pyrorpc_ns_env(shared_ns: str, shared_calc: Any) -> None:
+    assert ok(cli("call", "calc", "add", "2", "3", env={"PYRORPC_NS": shared_ns})) == "5\n"
     # --ns wins over the environment
-    assert ok(cli("call", "calc", "add", "2", "3", "--ns", ns_addr, env={"PYRORPC_NS": DOWN_NS})) == "5\n"
+    assert ok(cli("call", "calc", "add", "2", "3", "--ns", shared_ns, env={"PYRORPC_NS": DOWN_NS})) == "5\n"
     # and the environment really is read: a dead name server there is an error
     line = user_error(cli("call", "calc", "add", "2", "3", env={"PYRORPC_NS": DOWN_NS}))
     assert DOWN_NS in line
 
 
-def test_call_remote_exception_is_one_error_line(ns_addr: str, calc: Any) -> None:
-    result = cli("call", "calc", "fail", "'boom'", "--ns", ns_addr)
+def test_call_remote_exception_is_one_error_line(shared_ns: str, shared_calc: Any) -> None:
+    result = cli("call", "calc", "fail", "'boom'", "--ns", shared_ns)
     line = user_error(result)
     assert result.returncode == 1
     assert "ValueError" in line and "boom" in line
     assert result.stdout == ""
 
 
-def test_call_traceback_option_shows_remote_traceback(ns_addr: str, calc: Any) -> None:
-    result = cli("call", "calc", "fail", "'boom'", "--traceback", "--ns", ns_addr)
+def test_call_traceback_option_shows_remote_traceback(shared_ns: str, shared_calc: Any) -> None:
+    result = cli("call", "calc", "fail", "'boom'", "--traceback", "--ns", shared_ns)
     assert result.returncode == 1 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     # the remote traceback (asked for), then the one error line, last
@@ -189,9 +215,9 @@ def test_call_traceback_option_shows_remote_traceback(ns_addr: str, calc: Any) -
     assert "click/core.py" not in result.stderr and "pyrorpc/cli.py" not in result.stderr
 
 
-def test_call_timeout_is_one_error_line(ns_addr: str, calc: Any) -> None:
+def test_call_timeout_is_one_error_line(shared_ns: str, shared_calc: Any) -> None:
     started = time.monotonic()
-    result = cli("call", "calc", "slow", "3", "--timeout", "0.5", "--ns", ns_addr)
+    result = cli("call", "calc", "slow", "3", "--timeout", "0.5", "--ns", shared_ns)
     elapsed = time.monotonic() - started
     line = user_error(result)
     assert "Timeout" in line
@@ -225,30 +251,31 @@ def test_bad_ns_in_environment() -> None:
 ], ids=lambda a: " ".join(a[:2]))
 def test_name_server_down(args: list[str]) -> None:
     started = time.monotonic()
-    result = cli(*args, "--ns", DOWN_NS)
+    # (a worker keeps trying a name server for connect_timeout: 1 s here, the error is the same)
+    result = cli(*args, "--ns", DOWN_NS, env={"PYRORPC_CONNECT_TIMEOUT": "1"})
     line = user_error(result)
     assert result.returncode == 1
     assert DOWN_NS in line
     assert time.monotonic() - started < 10
 
 
-def test_unknown_service(ns_addr: str) -> None:
-    result = cli("call", "nosuchservice", "add", "1", "2", "--ns", ns_addr)
+def test_unknown_service(shared_ns: str) -> None:
+    result = cli("call", "nosuchservice", "add", "1", "2", "--ns", shared_ns)
     line = user_error(result)
     assert result.returncode == 1
     assert "nosuchservice" in line
 
 
 @pytest.mark.parametrize("method", ["nosuchmethod", "secret_value"])
-def test_unknown_or_unexposed_method(ns_addr: str, calc: Any, method: str) -> None:
+def test_unknown_or_unexposed_method(shared_ns: str, shared_calc: Any, method: str) -> None:
     """Calling a method the service does not expose is a user mistake: one line, no traceback."""
-    result = cli("call", "calc", method, "--ns", ns_addr)
+    result = cli("call", "calc", method, "--ns", shared_ns)
     line = user_error(result)
     assert method in line
 
 
-def test_private_method_refused(ns_addr: str, calc: Any) -> None:
-    result = cli("call", "calc", "_private", "--ns", ns_addr)
+def test_private_method_refused(shared_ns: str, shared_calc: Any) -> None:
+    result = cli("call", "calc", "_private", "--ns", shared_ns)
     line = user_error(result)
     assert "_private" in line
     assert "private" not in result.stdout  # never called: the method would have returned "private"
@@ -281,14 +308,14 @@ def test_worker_start_plain_class_with_service_option(ns_addr: str, worker_facto
     assert ok(cli("call", "plain", "hello", "--ns", ns_addr)) == "hello\n"
 
 
-def test_ns_lookup_unknown_name(ns_addr: str) -> None:
-    result = cli("ns", "lookup", "no.such.name", "--ns", ns_addr)
+def test_ns_lookup_unknown_name(shared_ns: str) -> None:
+    result = cli("ns", "lookup", "no.such.name", "--ns", shared_ns)
     assert "no.such.name" in user_error(result)
     assert result.returncode == 1
 
 
-def test_ns_remove_unknown_name(ns_addr: str) -> None:
-    result = cli("ns", "remove", "no.such.name", "--ns", ns_addr)
+def test_ns_remove_unknown_name(shared_ns: str) -> None:
+    result = cli("ns", "remove", "no.such.name", "--ns", shared_ns)
     assert "no.such.name" in user_error(result)
     assert result.returncode == 1
 
@@ -316,53 +343,53 @@ def test_usage_errors_without_network(args: list[str], needle: str) -> None:
 
 # 3. pyrorpc ns ... -----------------------------------------------------------------------------------
 
-def test_ns_ping(ns_addr: str) -> None:
-    out = ok(cli("ns", "ping", "--ns", ns_addr))
-    assert ns_addr in out and "pyrorpc" in out
+def test_ns_ping(shared_ns: str) -> None:
+    out = ok(cli("ns", "ping", "--ns", shared_ns))
+    assert shared_ns in out and "pyrorpc" in out
 
 
-def test_ns_list(ns_addr: str, calc: Any) -> None:
-    out = ok(cli("ns", "list", "--ns", ns_addr))
+def test_ns_list(shared_ns: str, shared_calc: Any) -> None:
+    out = ok(cli("ns", "list", "--ns", shared_ns))
     rows = dict(line.split(None, 1) for line in out.strip().splitlines())
-    assert rows[calc.name].strip() == calc.uri
+    assert rows[shared_calc.name].strip() == shared_calc.uri
     assert "Pyro.NameServer" in rows
 
-    out = ok(cli("ns", "list", "calc", "--ns", ns_addr))
+    out = ok(cli("ns", "list", "calc", "--ns", shared_ns))
     rows = dict(line.split(None, 1) for line in out.strip().splitlines())
-    assert rows == {calc.name: calc.uri}
+    assert rows == {shared_calc.name: shared_calc.uri}
 
 
-def test_ns_list_json(ns_addr: str, calc: Any) -> None:
-    data = json.loads(ok(cli("ns", "list", "--json", "--ns", ns_addr)))
-    assert set(data) == {"Pyro.NameServer", calc.name}
-    assert data[calc.name]["uri"] == calc.uri
-    assert "pyrorpc.service:calc" in data[calc.name]["metadata"]
+def test_ns_list_json(shared_ns: str, shared_calc: Any) -> None:
+    data = json.loads(ok(cli("ns", "list", "--json", "--ns", shared_ns)))
+    assert set(data) == {"Pyro.NameServer", shared_calc.name}
+    assert data[shared_calc.name]["uri"] == shared_calc.uri
+    assert "pyrorpc.service:calc" in data[shared_calc.name]["metadata"]
 
-    data = json.loads(ok(cli("ns", "list", "calc", "--json", "--ns", ns_addr)))
-    assert set(data) == {calc.name}
-    assert data[calc.name]["uri"] == calc.uri
+    data = json.loads(ok(cli("ns", "list", "calc", "--json", "--ns", shared_ns)))
+    assert set(data) == {shared_calc.name}
+    assert data[shared_calc.name]["uri"] == shared_calc.uri
 
 
-def test_ns_list_service_json_keeps_metadata(ns_addr: str, calc: Any) -> None:
+def test_ns_list_service_json_keeps_metadata(shared_ns: str, shared_calc: Any) -> None:
     """``ns list SERVICE --json`` has the same shape and content as ``ns list --json``, just filtered."""
-    everything = json.loads(ok(cli("ns", "list", "--json", "--ns", ns_addr)))
-    only_calc = json.loads(ok(cli("ns", "list", "calc", "--json", "--ns", ns_addr)))
-    assert "pyrorpc.service:calc" in only_calc[calc.name]["metadata"]
-    assert only_calc[calc.name]["metadata"] == everything[calc.name]["metadata"]
+    everything = json.loads(ok(cli("ns", "list", "--json", "--ns", shared_ns)))
+    only_calc = json.loads(ok(cli("ns", "list", "calc", "--json", "--ns", shared_ns)))
+    assert "pyrorpc.service:calc" in only_calc[shared_calc.name]["metadata"]
+    assert only_calc[shared_calc.name]["metadata"] == everything[shared_calc.name]["metadata"]
 
 
-def test_ns_list_unknown_service(ns_addr: str) -> None:
-    assert "nosuchservice" in user_error(cli("ns", "list", "nosuchservice", "--ns", ns_addr))
+def test_ns_list_unknown_service(shared_ns: str) -> None:
+    assert "nosuchservice" in user_error(cli("ns", "list", "nosuchservice", "--ns", shared_ns))
 
 
-def test_ns_lookup(ns_addr: str, calc: Any) -> None:
-    data = json.loads(ok(cli("ns", "lookup", calc.name, "--json", "--ns", ns_addr)))
-    assert data["name"] == calc.name and data["uri"] == calc.uri
+def test_ns_lookup(shared_ns: str, shared_calc: Any) -> None:
+    data = json.loads(ok(cli("ns", "lookup", shared_calc.name, "--json", "--ns", shared_ns)))
+    assert data["name"] == shared_calc.name and data["uri"] == shared_calc.uri
     assert "pyrorpc.service:calc" in data["metadata"]
-    assert f"pyrorpc.pid:{calc.worker_pid}" in data["metadata"]
+    assert f"pyrorpc.pid:{shared_calc.worker_pid}" in data["metadata"]
 
-    lines = ok(cli("ns", "lookup", calc.name, "--ns", ns_addr)).splitlines()
-    assert lines[0] == calc.uri
+    lines = ok(cli("ns", "lookup", shared_calc.name, "--ns", shared_ns)).splitlines()
+    assert lines[0] == shared_calc.uri
     assert "  pyrorpc.service:calc" in lines[1:]
 
 
@@ -421,8 +448,8 @@ def test_workers_lists_every_service(ns_addr: str, worker_factory: Callable[...,
     assert [r["name"] for r in only] == [sleeper.name]
 
 
-def test_workers_unknown_service(ns_addr: str) -> None:
-    result = cli("workers", "nosuchservice", "--ns", ns_addr)
+def test_workers_unknown_service(shared_ns: str) -> None:
+    result = cli("workers", "nosuchservice", "--ns", shared_ns)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
     assert [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")] == [
         "Error: no live workers for service 'nosuchservice'"]
@@ -454,8 +481,8 @@ def test_ns_start_ping_and_sigterm(spawn: Callable[..., Spawned]) -> None:
     user_error(cli("ns", "ping", "--ns", addr))  # and it is really gone
 
 
-def test_ns_start_port_in_use(ns_addr: str) -> None:
-    host, port = ns_addr.rsplit(":", 1)
+def test_ns_start_port_in_use(shared_ns: str) -> None:
+    host, port = shared_ns.rsplit(":", 1)
     result = cli("ns", "start", "--host", host, "--port", port, timeout=15)
     line = user_error(result)
     assert result.returncode == 1

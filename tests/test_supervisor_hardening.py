@@ -69,18 +69,20 @@ def group_members(pgid: int) -> list[int]:
 
 
 class Spawned(ChildProcess):
-    """``python -m pyrorpc ARGS`` in a session of its own (so the whole tree can be SIGKILLed)."""
+    """``python -m pyrorpc ARGS`` in a session of its own (so the whole tree can be SIGKILLed); with
+    ``backoff_cli`` the same command through FAST_BACKOFF_CLI."""
 
-    def __init__(self, args: Sequence[str]) -> None:
-        super().__init__([sys.executable, "-m", "pyrorpc", *args], env=pyrorpc_env())
+    def __init__(self, args: Sequence[str], *, backoff_cli: bool = False) -> None:
+        command = ["-c", FAST_BACKOFF_CLI] if backoff_cli else ["-m", "pyrorpc"]
+        super().__init__([sys.executable, *command, *args], env=pyrorpc_env())
 
 
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., Spawned]]:
     made: list[Spawned] = []
 
-    def factory(*args: str) -> Spawned:
-        s = Spawned(args)
+    def factory(*args: str, backoff_cli: bool = False) -> Spawned:
+        s = Spawned(args, backoff_cli=backoff_cli)
         made.append(s)
         return s
 
@@ -242,10 +244,21 @@ def test_broken_class_single_process_exits_at_once_with_one_error_line(ns_addr: 
     assert live_workers(ns_addr, "broken") == []
 
 
+# ``python -m pyrorpc ARGS`` with the supervisor's restart backoff at 0.1 s instead of its default 0.5 s doubling
+# up to 8 s (15.5 s of waiting before the sixth exit): the CLI has no option for it, so the child swaps in a
+# Supervisor with that one keyword set; everything else (the CLI's restart budget, the workers) is the real one
+FAST_BACKOFF_CLI = ("import functools, sys\n"
+                    "import pyrorpc.supervisor\n"
+                    "pyrorpc.supervisor.Supervisor = functools.partial(pyrorpc.supervisor.Supervisor, backoff=0.1,\n"
+                    "                                                   max_backoff=0.1)\n"
+                    "from pyrorpc.cli import main\n"
+                    "main(sys.argv[1:], prog_name='pyrorpc')\n")
+
+
 def test_broken_class_supervisor_gives_up_after_repeated_fast_failures(ns_addr: str,
                                                                        spawn: Callable[..., Spawned]) -> None:
     """Defaults: more than 5 restarts within 60 s -> one final Error line, exit 1."""
-    sup = spawn("worker", "start", "services:Broken", "--processes", "2", "--ns", ns_addr)
+    sup = spawn("worker", "start", "services:Broken", "--processes", "2", "--ns", ns_addr, backoff_cli=True)
     try:
         status = sup.wait(40)
     except subprocess.TimeoutExpired:
@@ -253,6 +266,8 @@ def test_broken_class_supervisor_gives_up_after_repeated_fast_failures(ns_addr: 
                     + "\n".join(sup.lines[-12:]))
     assert status == 1, sup.output
     assert "Traceback" not in sup.output, sup.output
+    delays = re.findall(r"restarting in (\S+)s$", sup.output, re.M)
+    assert delays and set(delays) == {"0.1"}, sup.output  # the short backoff was the one used
     lines = error_lines(sup.output)
     child_lines = [line for line in lines if line != lines[-1]]
     # one whole line per failed child (no interleaving), at least the 6 that used up the budget
@@ -262,9 +277,19 @@ def test_broken_class_supervisor_gives_up_after_repeated_fast_failures(ns_addr: 
     assert group_members(sup.pid) == []
 
 
+def test_default_backoff_lets_the_default_budget_run_out() -> None:
+    """The default backoff (doubling from ``backoff`` up to ``max_backoff``) spaces the restarts that use up
+    the default budget well within the default window, so a class that cannot start is given up on (the
+    test above runs the CLI's defaults with a shorter backoff)."""
+    sup = Supervisor(["true"], 1)
+    waited = sum(min(sup.max_backoff, sup.backoff * 2 ** k) for k in range(sup.max_restarts))
+    assert (sup.max_restarts, sup.restart_window) == (5, 60)
+    assert waited <= sup.restart_window / 2, waited
+
+
 def test_max_restarts_and_restart_window_options(ns_addr: str, spawn: Callable[..., Spawned]) -> None:
     sup = spawn("worker", "start", "services:Broken", "--processes", "2", "--ns", ns_addr,
-                "--max-restarts", "1", "--restart-window", "30")
+                "--max-restarts", "1", "--restart-window", "30", backoff_cli=True)
     assert sup.wait(30) == 1, sup.output
     assert re.fullmatch(r"Error: worker [01] exited 2 times within 30s \(--max-restarts 1, "
                         r"--restart-window 30\); giving up", sup.output.splitlines()[-1]), sup.output
