@@ -916,8 +916,12 @@ def test_a_request_trickling_in_holds_no_call_thread():
         # ~700 bytes at one per 4 ms: about 3 s of trickle, inside the 10 s request deadline
         frame = protocol.pack(protocol.MSG_INVOKE, 0, 2, pyrorpc.codec.dumps((host.name, "ok", ("x" * 600,), {})))
 
+        enough = threading.Event()  # set once the other client has been served: the rest of the trickle adds nothing
+
         def trickle() -> None:
             for byte in frame[:-1]:
+                if enough.is_set():
+                    return
                 try:
                     conn.sock.send(bytes([byte]))
                 except OSError:
@@ -933,7 +937,9 @@ def test_a_request_trickling_in_holds_no_call_thread():
                     started = time.monotonic()
                     assert other.ok(i) == i
                     assert time.monotonic() - started < 1.0
+            assert t.is_alive(), "the trickle ended before the other client was served"
         finally:
+            enough.set()
             t.join(10)
             conn.close()
 
