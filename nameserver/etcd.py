@@ -367,10 +367,14 @@ class EtcdStorage(MutableMapping):  # type: ignore[type-arg]
             return None
         if self._tokens.get(name) != token or now - rec.renewed > rec.ttl:
             return None
+        merged = {**rec.load, **load} if load else None
+        if merged is not None and (not load.keys() <= rec.load.keys()  # type: ignore[union-attr]
+                                   or any(merged.get(k) != rec.written.get(k) for k in merged.keys() - COUNTERS)):
+            return None  # a new or fixed field changed: a whole lease (its etcd write on a call thread)
         rec.renewed = now
-        if load:
-            rec.load = {**rec.load, **load}
-            self._loaded(name, rec)
+        if merged is not None:
+            rec.load = merged
+            self._loaded(name, rec)  # (counters only: a write with the next flush, if one is due)
         return rec.ttl
 
     def expire(self) -> list[str]:

@@ -206,6 +206,7 @@ class NameServer(Pyro5.nameserver.NameServer):
     default_lease_ttl = 10.0
     # what the name server's I/O thread runs itself (Server.register(inline=)): microseconds each, no waiting
     INLINE = ("renew", "renew_many", "service_workers", "ping")
+    INLINE_WORKERS = 64  # a service_workers reply of more workers is built on a call thread (_inline_ok)
 
     def __init__(self, storageProvider: Any = None) -> None:  # noqa: N803 - Pyro5's signature
         inner = storageProvider if storageProvider is not None else Pyro5.nameserver.MemoryStorage()
@@ -236,6 +237,14 @@ class NameServer(Pyro5.nameserver.NameServer):
             ttl = lease_ttl_of(meta)
             if ttl is not None:
                 self.leases[wname] = Lease(ttl, str(uri))
+
+    def _inline_ok(self, method: str, args: Any) -> bool:
+        """Whether the server's I/O thread may run this call of an INLINE method itself (it takes
+        microseconds): not a lookup of a big service, whose reply takes a while to build."""
+        if method == "service_workers":
+            members = self.storage.by_service.get(args[0]) if args and isinstance(args[0], str) else None
+            return members is None or len(members) <= self.INLINE_WORKERS
+        return True
 
     def set_metadata(self, name: str, metadata: Any) -> None:
         """Pyro5's set_metadata; a leased entry keeps its lease (and so still expires if not renewed)."""
@@ -413,9 +422,10 @@ class NameServer(Pyro5.nameserver.NameServer):
     def renew(self, name: str, token: int, load: Any = None) -> float | None:
         """Renew the lease ``name`` cheaply (what a worker's heartbeat sends once it holds the lease): ``token``
         is the one the lease's last ``lease`` reply carried, ``load`` only the load report's fields that
-        changed since (merged into the report; checked as ``lease`` checks it). Returns the lease TTL, or None
-        when this name server has no such lease under that token (it expired, the name server restarted,
-        another name server holds it): the holder then sends a whole ``lease``.
+        changed since (merged into the report; checked as ``lease`` checks it; a field the report does not
+        have yet takes a whole lease). Returns the lease TTL, or None when this name server has no such lease
+        under that token (it expired, the name server restarted, another name server holds it) or wants the
+        whole lease: the holder then sends a whole ``lease``.
 
         It runs on the name server's I/O thread (no call thread, no registry lock): it only touches the lease.
 
@@ -430,9 +440,13 @@ class NameServer(Pyro5.nameserver.NameServer):
             now = time.monotonic()
             if lease is None or lease.token != token or lease.expired(now):
                 return None  # (an expired lease the sweep has not removed yet is not revived: a whole lease is)
+            if clean and not clean.keys() <= lease.load.keys():
+                return None  # a field the lease's report does not have: a whole lease sets the report anew
             lease.renewed = now
             if clean:
                 lease.load = {**lease.load, **clean}
+            if self.leases.get(name) is not lease:
+                return None  # (the sweep removed it meanwhile)
             ttl = lease.ttl
         if ttl is not None:
             self.counts["renewals"] += 1

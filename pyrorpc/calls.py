@@ -438,15 +438,19 @@ class CallHandler:
             body = payload[ann_size:]
         else:
             body = payload
+        try:
+            _object_id, target, method, vargs, kwargs = self._decode_request(header.flags, body)
+        except Exception:
+            return None  # (the call thread answers with the error, as for any call)
+        ok = getattr(target.obj, "_inline_ok", None)  # the object may know this one would take long
+        if ok is not None and not ok(method, vargs):
+            return None
         if not self.stats.enter():
             return None
         failed = True
         err: BaseException | None = None
-        target: _Target | None = None
-        method: Any = None
         status: Any = True
         try:
-            _object_id, target, method, vargs, kwargs = self._decode_request(header.flags, body)
             result = self._method(target, self._instance(target, conn), method)(*vargs, **kwargs)
             if type(result) is types.CoroutineType:
                 result.close()
@@ -460,12 +464,9 @@ class CallHandler:
         finally:
             if status is PENDING:
                 self._hand_over_write(conn, failed)
-                if target is not None:
-                    self._record(target, method, failed, err, conn.arrived, None)
-            elif target is not None:
-                self._record(target, method, failed, err, conn.arrived, None, True)
+                self._record(target, method, failed, err, conn.arrived, None)
             else:
-                self.stats.leave(failed)
+                self._record(target, method, failed, err, conn.arrived, None, True)
         return status
 
     def _record(self, target: _Target, method: Any, failed: bool, err: BaseException | None, started: float,

@@ -192,7 +192,8 @@ def loads_call(data: bytes | bytearray | memoryview) -> Any:
             end = call.end()
             if len(text) - end == 6 and text.endswith(_NO_ARGUMENTS):
                 return call.group(1), call.group(2), (), {}
-            if _FLAT_CALL.fullmatch(text, end) is not None and "__class__" not in text:
+            if len(text) - end <= _FLAT_MAX and _FLAT_CALL.fullmatch(text, end) is not None \
+                    and "__class__" not in text:
                 vargs, kwargs = _flat(_FLAT_TOKEN.findall(text, end))
                 return call.group(1), call.group(2), vargs, kwargs
             try:
@@ -211,6 +212,7 @@ _SCALAR = (r"""(?:'[^'\\\n\r\x00]*'|"[^"\\\n\r\x00]*"|True|False|None"""
 _FLAT_DICT = rf"\{{(?:{_SCALAR}:{_SCALAR},)*(?:{_SCALAR}:{_SCALAR})?\}}"
 _ITEM = rf"(?:{_SCALAR}|\[(?:{_SCALAR},)*(?:{_SCALAR})?\]|{_FLAT_DICT})"
 _FLAT_CALL = re.compile(rf"(?:\(\)|\((?:{_ITEM},)+(?:{_ITEM})?\)),{_FLAT_DICT}\)", re.ASCII)
+_FLAT_MAX = 4096  # characters of arguments the flat path takes on (its expression backtracks on long input)
 _FLAT_TOKEN = re.compile(r"""'[^']*'|"[^"]*"|[^,:'"()\[\]{}]+|[\[\]{})]""")
 
 

@@ -475,7 +475,8 @@ class NameServerClient:
         if self.leasing:
             uri, tags = str(uri), sorted(metadata)
             held = self._held.get(name)
-            if held is not None and held.uri == uri and held.tags == tags and held.ttl == ttl:
+            if held is not None and held.uri == uri and held.tags == tags and held.ttl == ttl \
+                    and (load or {}).keys() == held.load.keys():
                 # a heartbeat: the lease's token and the load fields that changed (a few dozen bytes). A name
                 # server that does not know the token (another one, restarted, expired) answers None
                 delta = {k: v for k, v in load.items() if held.load.get(k, _ABSENT) != v} if load else None
@@ -527,7 +528,8 @@ class NameServerClient:
         if "renew_many" in (self._methods or ()):
             for i, (name, uri, tags, load, ttl) in enumerate(items):
                 held = self._held.get(name)
-                if held is not None and held.uri == uri and held.tags == tags and held.ttl == ttl:
+                if held is not None and held.uri == uri and held.tags == tags and held.ttl == ttl \
+                        and (load or {}).keys() == held.load.keys():
                     delta = {k: v for k, v in load.items() if held.load.get(k, _ABSENT) != v} if load else None
                     renewals.append((i, delta, held))
         if renewals:

@@ -69,6 +69,16 @@ _BUDGET = 32  # requests a call thread serves on one connection before it lets o
 _THREAD_IDLE = 30.0  # seconds an idle call thread waits for work before it exits (one always stays)
 _NOTICE = pack(MSG_NOTICE, 0, 0, b"")  # "draining: send nothing more here", to peers that asked for it
 _NOT_INLINE = FLAGS_ONEWAY | FLAGS_BATCH | FLAGS_COMPRESSED
+_INLINE_MAX = 4096  # bytes a request the I/O thread runs itself may have (header included)
+
+
+class _Frame:
+    """A request the I/O thread read whole and leaves to a call thread (``Server._inline`` declined it)."""
+
+    __slots__ = ("conn", "header", "payload")
+
+    def __init__(self, conn: Connection, header: Any, payload: bytes) -> None:
+        self.conn, self.header, self.payload = conn, header, payload
 # the start of a request's body: its object id and method name (codec._CALL, on bytes)
 _CALL = re.compile(rb"# serpent utf-8 python3\.2\n\('([^'\\\n\r\x00]*)','([^'\\\n\r\x00]*)',")
 
@@ -291,8 +301,9 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
             frame = conn.next_frame(max_size)
             assert frame is not None
             status = self._handle_inline(conn, frame[0], frame[1])
-            if status is None:
-                status = self._handle(conn, frame[0], frame[1])
+            if status is None:  # not for this thread after all (annotations, draining, a big answer ahead)
+                self._submit(_Frame(conn, frame[0], frame[1]))
+                return True
             if status is PENDING:
                 return True  # the I/O thread writes the rest of the reply, then serves on
             if not status:
@@ -321,8 +332,8 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
     def _inline_call(self, conn: Connection) -> bool:
         """Whether the whole request buffered on ``conn`` is a plain call of an ``inline`` method."""
         header = conn.header
-        if header.msg_type != MSG_INVOKE or header.flags & _NOT_INLINE:
-            return False
+        if header.msg_type != MSG_INVOKE or header.flags & _NOT_INLINE or header.total > _INLINE_MAX:
+            return False  # (a big request is a call thread's to decode: the I/O thread never takes long)
         buf = conn._head(header.total)
         call = _CALL.match(buf, conn.pos + HEADER_SIZE + header.ann_size)
         if call is None:
@@ -333,7 +344,7 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
     def _submit(self, job: Any) -> None:
         with self._pool_lock:
             self._queued += 1
-            if type(job) is Connection:
+            if type(job) is Connection or type(job) is _Frame:
                 self._queued_conns += 1  # requests read but not yet counted in flight: drain waits for them
             spawn = self._idle_workers < self._queued and self._workers < self.threads
             if spawn:
@@ -367,7 +378,7 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
             with lock:
                 self._idle_workers -= 1
                 self._queued -= 1
-                if type(job) is Connection:
+                if type(job) is Connection or type(job) is _Frame:
                     self._queued_conns -= 1
             if job is None:
                 with lock:
@@ -380,12 +391,30 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
                         pass
                 elif type(job) is tuple:
                     self._run_oneway(*job)
+                elif type(job) is _Frame:
+                    self._serve_frame(job)
                 else:
                     job()  # a request of a multiplexed connection, or a stream to resume (mux.py)
             except BaseException:  # pragma: no cover - a bug must not cost a call thread or a connection
                 log.exception("%s: unexpected error in a call thread", self.name)
                 if type(job) is Connection and job.state == BUSY:
                     self._drop(job)
+                elif type(job) is _Frame and job.conn.state == BUSY:
+                    self._drop(job.conn)
+
+    def _serve_frame(self, job: _Frame) -> None:
+        """A call thread runs a request the I/O thread read, then serves the connection on as ``_serve``."""
+        conn = job.conn
+        if conn.state != BUSY:
+            return
+        status = self._handle(conn, job.header, job.payload)
+        if status is PENDING:
+            return
+        if not status:
+            self._drop(conn)
+            return
+        while self._serve(conn):
+            pass
 
     def _serve(self, conn: Connection) -> bool:
         """Serve ``conn`` while requests keep coming, up to a budget; True to be called again at once.

@@ -133,6 +133,13 @@ def test_a_lease_renewed_on_either_name_server_expires_on_time(ns_pair: tuple[An
             time.sleep(0.5)
         [record] = pa.service_workers("calc")
         assert record["ttl"] == 2.0 and record["load"]["threads"] == 4
+        # a renewal by token carries counters; a fixed field (an etcd write) or a new one asks for a whole lease,
+        # so the name server's I/O thread never waits on etcd; another name server does not know the token
+        token = pb.lease(name, uri, tags, {"threads": 4, "calls": 2}, 2.0)["token"]
+        assert pb.renew(name, token, {"calls": 3}) == 2.0
+        assert pb.renew(name, token, {"threads": 8}) is None
+        assert pb.renew(name, token, {"new_key": 1}) is None
+        assert pa.renew(name, token, {"calls": 3}) is None
         # a fixed field of the load report is written at once
         pb.lease(name, uri, tags, {"threads": 8, "calls": 3}, 2.0)
         wait_for(lambda: pa.service_workers("calc")[0]["load"]["threads"] == 8, 5, message="new load on a")

@@ -620,11 +620,26 @@ def test_renew_needs_the_lease_token_and_merges_the_load() -> None:
     with pytest.raises(TypeError):
         ns.renew("calc.w1", token, [1])
     assert ns.service_workers("calc")[0]["load"]["calls"] == 9  # a refused report changed nothing
+    # a field the report does not have takes a whole lease: renewals cannot grow a report past lease's limits
+    assert ns.renew("calc.w1", token, {"extra1": 1}) is None
+    for i in range(100):
+        ns.renew("calc.w1", token, {f"k{i}": i})
+    assert set(ns.service_workers("calc")[0]["load"]) == {"in_flight", "calls", "host"}
     time.sleep(0.6)
     assert ns.renew("calc.w1", token) is None  # expired, even before the sweep removed it: not revived
     assert ns.expire() == ["calc.w1"]
     again = ns.lease("calc.w1", U1, {svc("calc")}, None, 0.5)
     assert again["created"] is True and again["token"] != token
+
+
+def test_big_service_lookups_are_not_for_the_io_thread() -> None:
+    ns = NameServer(CountingStorage())
+    for i in range(NameServer.INLINE_WORKERS + 1):
+        ns.lease(f"big.w{i}", U1, {svc("big")}, None, 5)
+    ns.lease("small.w1", U1, {svc("small")}, None, 5)
+    assert ns._inline_ok("service_workers", ("small",)) and ns._inline_ok("service_workers", ("nothing",))
+    assert not ns._inline_ok("service_workers", ("big",))
+    assert ns._inline_ok("renew", ("big.w1", 1, None)) and ns._inline_ok("service_workers", ([],))
 
 
 def _untoken(reply: dict) -> dict:

@@ -182,8 +182,12 @@ def test_heartbeats_renew_with_the_lease_token_and_load_changes_only(secure_ns) 
         # the lease is gone (as after a name server restart): the renewal is refused, the whole lease follows
         ns.remove(name)
         calls.clear()
-        assert client.lease(name, uri, tags, {"calls": 5}, 3.0) == 3.0
+        assert client.lease(name, uri, tags, {"calls": 5, "threads": 8, "host": "h"}, 3.0) == 3.0
         assert calls == ["renew", "lease"]
+        # a load report with other fields than the lease's is a whole lease (it replaces the report)
+        calls.clear()
+        client.lease(name, uri, tags, {"calls": 5, "threads": 8}, 3.0)
+        assert calls == ["lease"] and client.service_workers("calc")[0].host == ""
         assert [w.name for w in client.service_workers("calc")] == [name]
         # new metadata or a new TTL is a whole lease, never a renewal
         calls.clear()

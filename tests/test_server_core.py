@@ -1030,3 +1030,43 @@ def test_inline_methods_run_on_the_io_thread_while_every_call_thread_is_busy() -
         assert server.stats.in_flight == 0
     finally:
         server.close()
+
+
+def test_big_or_declined_inline_requests_go_to_a_call_thread() -> None:
+    """The I/O thread only runs small requests of inline methods: a big one (decoding it takes long) and one
+    the object declines (``_inline_ok``) run on a call thread, with the same answer, and other clients'
+    inline calls are not held up meanwhile."""
+    class Decliner(_Inline):
+        def _inline_ok(self, method: str, args: Any) -> bool:
+            return not (args and args[0] == -1)
+
+    obj = Decliner()
+    server = pyrorpc.server.Server("127.0.0.1", 0, threads=4, name="inl")
+    uri = server.register(obj, "inl", inline=("quick",))
+    server.start()
+    try:
+        with Pyro5.api.Proxy(uri) as p:
+            p._pyroTimeout = 10
+            assert tuple(p.quick(1)) == (2, "inl-io")
+            result, thread = p.quick(-1)
+            assert result == 0 and thread.startswith("inl-call")
+            big = list(range(2000))  # (a request of over 4 KB)
+            with pytest.raises(TypeError):
+                p.quick(big)  # list + 1: the method ran, on a call thread
+        wait_for(lambda: server.stats.methods_snapshot()["inl"]["quick"]["error"] == 1, 5)  # (counted after the reply)
+        assert server.stats.methods_snapshot()["inl"]["quick"]["ok"] == 2
+    finally:
+        server.close()
+
+
+def test_flat_fast_path_leaves_long_arguments_to_the_full_parser(monkeypatch) -> None:
+    from pyrorpc import codec
+
+    class Refuse:
+        def fullmatch(self, *args: Any) -> None:
+            raise AssertionError("the flat path took on a long body")
+
+    body = codec.dumps(("obj", "m", (list(range(3000)),), {}))
+    expected = codec.loads_call(body)
+    monkeypatch.setattr(codec, "_FLAT_CALL", Refuse())
+    assert codec.loads_call(body) == expected
