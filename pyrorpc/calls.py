@@ -28,7 +28,7 @@ from Pyro5.callcontext import current_context
 
 from . import compat, tracing
 from .aloop import PeerGone, Raised, guarded, wait
-from .codec import loads_call
+from .codec import loads_call, loads_call_flat
 from .connection import PENDING, Connection
 from .context import CallInfo, current_call, incoming
 from .context import enter as enter_call
@@ -438,9 +438,12 @@ class CallHandler:
             body = payload[ann_size:]
         else:
             body = payload
-        try:
-            _object_id, target, method, vargs, kwargs = self._decode_request(header.flags, body)
-        except Exception:
+        call = loads_call_flat(body)  # (bounded work; anything else is a call thread's to decode)
+        if call is None:
+            return None
+        object_id, method, vargs, kwargs = call
+        target = self.objects.get(object_id) if type(object_id) is str else None
+        if target is None or type(vargs) is not tuple or type(kwargs) is not dict:
             return None  # (the call thread answers with the error, as for any call)
         ok = getattr(target.obj, "_inline_ok", None)  # the object may know this one would take long
         if ok is not None and not ok(method, vargs):

@@ -18,7 +18,7 @@ from typing import Any
 import serpent
 from Pyro5 import serializers
 
-__all__ = ["SERIALIZER", "BytesSerpent", "dumps", "loads", "loads_call", "set_proxy_factory"]
+__all__ = ["SERIALIZER", "BytesSerpent", "dumps", "loads", "loads_call", "loads_call_flat", "set_proxy_factory"]
 
 
 class BytesSerpent(serializers.SerpentSerializer):
@@ -245,6 +245,27 @@ def _flat(tokens: list[str]) -> tuple[tuple[Any, ...], dict[Any, Any]]:
         else:
             items.append(int(tok))
     raise _Fallback  # (unreachable for a body _FLAT_CALL matched)
+
+
+def loads_call_flat(data: bytes | bytearray | memoryview) -> Any:
+    """``loads_call`` for a request whose arguments take the flat path (scalars, flat lists and dicts, at
+    most ``_FLAT_MAX`` characters), else None: bounded work, for the server's I/O thread."""
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not text.startswith(_HEADER):
+        return None
+    call = _CALL.match(text, _CALL_START)
+    if call is None:
+        return None
+    end = call.end()
+    if len(text) - end == 6 and text.endswith(_NO_ARGUMENTS):
+        return call.group(1), call.group(2), (), {}
+    if len(text) - end <= _FLAT_MAX and _FLAT_CALL.fullmatch(text, end) is not None and "__class__" not in text:
+        vargs, kwargs = _flat(_FLAT_TOKEN.findall(text, end))
+        return call.group(1), call.group(2), vargs, kwargs
+    return None
 
 
 def _parse(text: str, start: int, call: list[Any] | None = None) -> tuple[Any, bool]:
