@@ -37,33 +37,58 @@ class Ack:
 
 
 class SeenIds:
-    """Ids of sends a worker accepted recently: the last ``limit`` of them, none older than ``ttl`` seconds.
-    A re-send of one of them (the sender never heard the acknowledgement) is acknowledged again, not run."""
+    """Ids of sends a worker accepted recently: the last ``limit`` of them, none older than ``ttl`` seconds,
+    each with its outcome once its run ended (the reply's flags and body). A re-send of one of them (the
+    sender never heard the acknowledgement, or restarted) is acknowledged again, not run: it gets the first
+    run's outcome, at once or when that run ends."""
+
+    MAX_WAITERS = 16  # re-sends of one id waiting for its run to end
 
     def __init__(self, limit: int = 100_000, ttl: float = 600.0) -> None:
         self.limit = limit
         self.ttl = ttl
-        self._ids: OrderedDict[bytes, float] = OrderedDict()
+        self._ids: OrderedDict[bytes, list[Any]] = OrderedDict()  # id -> [accepted at, outcome, waiters]
         self._lock = threading.Lock()
 
     def accept(self, send_id: bytes) -> bool:
         """Remember ``send_id``; False if it was accepted already (within the limits)."""
+        return self.accept_or_join(send_id, None) is None
+
+    def accept_or_join(self, send_id: bytes, waiter: Any) -> Any:
+        """None when ``send_id`` is new (it is remembered, its run to come). For one accepted already:
+        ``(flags, body)``, the outcome of its run if it ended, else ``waiter`` is kept to hear it (``finish``
+        returns it then) and True is returned (False when too many wait already: answer it as lost)."""
         now = time.monotonic()
         ids = self._ids
         with self._lock:
-            seen = ids.get(send_id)
-            if seen is not None and now - seen < self.ttl:
-                return False
-            ids[send_id] = now
+            entry = ids.get(send_id)
+            if entry is not None and now - entry[0] < self.ttl:
+                if entry[1] is not None:
+                    return entry[1]
+                if waiter is None or len(entry[2]) >= self.MAX_WAITERS:
+                    return False
+                entry[2].append(waiter)
+                return True
+            ids[send_id] = [now, None, []]
             ids.move_to_end(send_id)
             while len(ids) > self.limit:
                 ids.popitem(last=False)
             while ids:  # (the oldest first: stop at the first young enough)
-                oldest = next(iter(ids.values()))
+                oldest = next(iter(ids.values()))[0]
                 if now - oldest < self.ttl:
                     break
                 ids.popitem(last=False)
-            return True
+            return None
+
+    def finish(self, send_id: bytes, flags: int, body: bytes) -> list[Any]:
+        """The run of ``send_id`` ended with this reply: kept for later re-sends; returns the waiters."""
+        with self._lock:
+            entry = self._ids.get(send_id)
+            if entry is None:
+                return []
+            entry[1] = (flags, body)
+            waiters, entry[2] = entry[2], []
+            return waiters
 
     def __len__(self) -> int:
         return len(self._ids)

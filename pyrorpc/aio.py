@@ -452,7 +452,9 @@ class MuxChannel(asyncio.Protocol):
         request is never given up after acceptance (no MSG_CANCEL): the worker runs it to its end.
 
         Raises:
-            NotWritten: not sent, or the connection was lost before the worker accepted it.
+            NotWritten: not sent.
+            Pyro5.errors.ConnectionClosedError: the connection was lost after the request was handed to it
+                and before the worker accepted it (it may still run there).
             Pyro5.errors.TimeoutError: neither acceptance nor a reply within ``timeout`` (given up), or with
                 ``wait`` no reply within ``timeout`` (the call keeps running there).
             Pyro5.errors.ConnectionClosedError: the connection was lost after acceptance (``wait`` only).
@@ -479,7 +481,11 @@ class MuxChannel(asyncio.Protocol):
                 self.cancel(seq)
                 raise Pyro5.errors.TimeoutError(f"not accepted within {timeout:g}s")
             if not ok and reply.done() and reply.exception() is not None:
-                raise NotWritten(f"connection lost before the worker accepted the call: {reply.exception()}")
+                # the request was handed to the socket: it may have reached the worker (one that was stopped,
+                # say, reads it later), so this is no "not sent": only an @idempotent call goes elsewhere
+                raise Pyro5.errors.ConnectionClosedError(
+                    f"connection lost before the worker acknowledged the call (it may or may not run): "
+                    f"{reply.exception()}")
             if wait and not reply.done():
                 timer.cancel()
                 timer = loop.call_at(deadline, _expire, reply)

@@ -30,13 +30,14 @@ from Pyro5.callcontext import current_context
 from . import context, tracing
 from .acks import ACK_KEY, check_arguments, seen_ids
 from .connection import _DONTWAIT, _EPOLLIN, _EPOLLOUT, _NOT_READY, _ONESHOT, _TLS_CHUNK, CLOSED, Connection
-from .errors import CallTimeoutError, WorkerDrainingError
+from .errors import CallTimeoutError, WorkerDrainingError, WorkerLostError
 from .protocol import (
     FLAGS_BATCH,
     FLAGS_COMPRESSED,
     FLAGS_CORR_ID,
     FLAGS_EXCEPTION,
     FLAGS_ONEWAY,
+    HEADER_SIZE,
     MSG_ACCEPTED,
     MSG_CANCEL,
     MSG_CREDIT,
@@ -47,6 +48,7 @@ from .protocol import (
     ProtocolViolation,
     pack,
     parse_annotations,
+    parse_header,
 )
 from .push import MAX_CREDIT, Pending, _aclose_quietly, _close_quietly, is_stream
 from .stats import REFUSED
@@ -100,6 +102,7 @@ class MuxHandler:
     _last_refusal: float
     _refused_oneways: int
     _closed: bool
+    _acked_runs: dict[tuple[int, int], bytes]  # (id(conn), seq) -> the send id of an accepted run under way
 
     if TYPE_CHECKING:  # provided by the Server (declared here for the type checker only)
         def _submit(self, job: Any) -> None: ...
@@ -463,11 +466,23 @@ class MuxHandler:
         of an id accepted here already: answered (accepted, and done) without running it again."""
         check_arguments(fn, vargs, kwargs)
         seq = header.seq
-        if not seen_ids(self).accept(bytes(send_id)):
-            self._mux_done(conn, pack(MSG_ACCEPTED, 0, seq, b"") + _result(0, header, SERIALIZER.dumps(None)),
-                           False, seq=seq)
+        send_id = bytes(send_id)
+        known = seen_ids(self).accept_or_join(send_id, (conn, header))
+        if known is not None:
+            # a re-send of a call accepted here already: acknowledged again, and answered with the first run's
+            # outcome (now, or when that run ends), never run twice
+            self._mux_send(conn, pack(MSG_ACCEPTED, 0, seq, b""))
+            if known is True:
+                return True  # (answered by _mux_done when the first run ends)
+            if known is False:
+                exc = WorkerLostError("too many re-sends of this call wait for its run; it was accepted here")
+                self._mux_done(conn, self._error_frame(exc, seq, None, header), True, seq=seq)
+                return True
+            flags, body = known
+            self._mux_done(conn, _result(flags, header, body), bool(flags & FLAGS_EXCEPTION), seq=seq)
             return True
         info.deadline = None  # accepted: it runs, drain or not, whatever its deadline
+        self._acked_runs[(id(conn), seq)] = send_id  # its outcome is remembered (_mux_done; a dict: GIL-safe)
         self._mux_send(conn, pack(MSG_ACCEPTED, 0, seq, b""))
         return False
 
@@ -477,6 +492,10 @@ class MuxHandler:
         outstanding requests (which may let it be read again), and its sequence number free (``seq``)."""
         if data is not None:
             self._mux_send(conn, data)
+            if seq is not None and self._acked_runs:
+                send_id = self._acked_runs.pop((id(conn), seq), None)
+                if send_id is not None:
+                    self._remember_outcome(send_id, data)
         if count:
             self.stats.leave(bool(failed))
         with conn.wlock:
@@ -485,6 +504,17 @@ class MuxHandler:
             conn.calls -= 1
             if self._pause_check(conn):
                 self._resume(conn)
+
+    def _remember_outcome(self, send_id: bytes, data: bytes) -> None:
+        """A send's run ended with the reply ``data``: kept for its re-sends, and sent to those waiting."""
+        try:
+            header = parse_header(data, len(data), 0)
+        except ProtocolViolation:  # pragma: no cover - our own frame
+            return
+        flags = header.flags & (FLAGS_EXCEPTION | FLAGS_BATCH)
+        body = bytes(data[HEADER_SIZE + header.ann_size:header.total])
+        for conn, waiter in seen_ids(self).finish(send_id, flags, body):
+            self._mux_done(conn, _result(flags, waiter, body), bool(flags & FLAGS_EXCEPTION), seq=waiter.seq)
 
     def _unstarted_refused(self, conn: Connection, header: Any, method: Any, target: _Target | None = None,
                            started: float = 0.0, acked: bool = False) -> bool:

@@ -171,6 +171,7 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
         self._queued_conns = 0
         self._accept_paused_until = 0.0
         self._sweep_at = 0
+        self._acked_runs: dict[tuple[int, int], bytes] = {}  # accepted sends under way (mux.py)
         self._oneway_limit = oneway_queue if oneway_queue is not None else 4 * threads
         self._closed = False
         self._stuck_logged = False

@@ -132,6 +132,52 @@ def test_send_to_a_dead_worker_goes_elsewhere(nameserver, worker_factory, tmp_pa
         assert runs[f"{b.worker_pid}.log"] == ["second"]
 
 
+def test_send_cut_off_after_writing_is_never_sent_elsewhere(nameserver, worker_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A send written to a worker that is stopped (SIGSTOP) and cut off before it acknowledged: it may still
+    run there once the worker resumes, so send() raises WorkerLostError and never sends it to another worker."""
+    ns = nameserver(lease_ttl=3)
+    env = dict(os.environ, DELIVERY_JOURNAL=str(tmp_path))
+    a = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    b = worker_factory("delivery_app:Mailer", ns.ns, env=env)
+    with pyrorpc.Pool("mailer", ns=ns.ns, strategy=Steer(a.name)) as pool:
+        pool.mail.send("warm")  # (the channel to a is open)
+        time.sleep(0.3)
+        a.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(pyrorpc.WorkerLostError):
+                pool.mail.send("once-only")  # cut off once a's lease renewals stop
+        finally:
+            a.signal(signal.SIGCONT)
+        time.sleep(1.0)
+    runs = journal_runs(str(tmp_path), "start")
+    assert runs.get(f"{b.worker_pid}.log", []) == []
+    assert runs[f"{a.worker_pid}.log"].count("once-only") <= 1
+
+
+def test_a_resend_gets_the_first_runs_outcome(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An outbox entry re-sent to the worker that ran it (its sender died before writing the outcome down)
+    ends as that run ended: failed with its error, or done once a run still going ends; it never runs twice."""
+    path = str(tmp_path / "outbox.sqlite")
+    with pyrorpc.WorkerHost(Mailer, ns=ns_addr) as host, pyrorpc.Pool("mailer", ns=ns_addr) as pool:
+        pool.fail.send_as("first-failed", "x")  # accepted, then it raises
+        pool.mail.send_as("first-slow", "slow", 1.0)  # accepted, still running below
+        wait_for(lambda: ("start", "slow") in Mailer.runs, 5)
+        with pyrorpc.Outbox(path, ns=ns_addr, service="mailer", send=False):
+            pass  # (creates the journal)
+        with contextlib.closing(sqlite3.connect(path)) as db, db:  # what a sender that died left behind
+            for entry_id, method, args in (("first-failed", "fail", ("x",)), ("first-slow", "mail", ("slow", 1.0))):
+                db.execute("INSERT INTO entries (id, service, method, payload, created, state, lease_until, worker) "
+                           "VALUES (?, 'mailer', ?, ?, ?, 'inflight', 0, ?)",
+                           (entry_id, method, pyrorpc.codec.dumps((args, {})), time.time(), host.name))
+        with pyrorpc.Outbox(path, ns=ns_addr, service="mailer") as outbox:
+            assert outbox.wait(10)
+            status = outbox.status()
+    assert status["failed"] == 1 and status["lost"] == 0
+    [entry] = status["entries"]
+    assert entry["id"] == "first-failed" and "ValueError" in entry["error"] and "cannot mail x" in entry["error"]
+    assert [uid for kind, uid in Mailer.runs if kind == "start"] == ["slow"]  # each ran once
+
+
 def test_idempotent_send_is_resent_after_sigkill(nameserver, worker_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     ns = nameserver(lease_ttl=30)
     env = dict(os.environ, DELIVERY_JOURNAL=str(tmp_path))
