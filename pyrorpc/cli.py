@@ -515,17 +515,27 @@ def workers_cmd(service: str | None, as_json: bool, watch: bool, ns: Addresses |
             raise click.ClickException(f"no live workers for service {service!r}")
         show(rows)
         return
+    # Ctrl-C (SIGINT) ends the watch at the next refresh: a flag, not KeyboardInterrupt, which a name-server
+    # call under way could take for its own failure
+    import signal
+    import threading
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda _signo, _frame: stop.set())
     try:
-        while True:  # until Ctrl-C; a name server that does not answer is shown, and asked again
+        while not stop.is_set():  # a name server that does not answer is shown, and asked again
             try:
                 rows = fetch()
             except NameServerUnavailableError as exc:
                 click.echo(f"{time.strftime('%H:%M:%S')} {exc}; retrying every second (Ctrl-C to stop)", err=True)
             else:
-                show(rows)
-            time.sleep(1.0)
+                if not stop.is_set():
+                    show(rows)
+            stop.wait(1.0)
     except KeyboardInterrupt:
         return
+    finally:
+        client.close()
 
 
 def format_workers(rows: list[Any]) -> str:

@@ -221,6 +221,8 @@ class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
             time.sleep(0.005)
         settle_until = time.monotonic() + 1.0
         while True:
+            if not self._accepting and self.connection_count() <= 0:
+                return drained  # no connection left to send anything on (nor a new one)
             # a client that looked at its connection just before the notice came may still send one request
             quiet = time.monotonic() - max(self._last_refusal, self._notice_at)
             if quiet >= _SETTLE or time.monotonic() >= settle_until:

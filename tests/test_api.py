@@ -112,9 +112,12 @@ def test_imports_flow_one_way():
     assert imports("mux.py") <= {"pyrorpc.acks", "pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection",
                                  "pyrorpc.context", "pyrorpc.errors", "pyrorpc.protocol", "pyrorpc.push",
                                  "pyrorpc.wire", "pyrorpc.tracing", "pyrorpc.stats"}
-    # the outbox sends through proxies and pools (a Pool made with outbox= imports it when it needs it)
+    # the outbox sends through a pool's endpoints, each entry to its own worker (a Pool made with outbox=
+    # imports it when it needs it)
     assert imports("outbox.py") <= {"pyrorpc.acks", "pyrorpc.codec", "pyrorpc.compat", "pyrorpc.config",
-                                    "pyrorpc.errors", "pyrorpc.proxy", "pyrorpc.pool"}
+                                    "pyrorpc.endpoint", "pyrorpc.errors", "pyrorpc.proxy", "pyrorpc.pool"}
+    # shared heartbeats: a supervisor's name-server client, no server parts
+    assert imports("heartbeats.py") <= {"pyrorpc.config", "pyrorpc.errors", "pyrorpc.naming"}
     assert imports("server.py") <= {"pyrorpc.aloop", "pyrorpc.calls", "pyrorpc.connection", "pyrorpc.ioloop",
                                     "pyrorpc.mux", "pyrorpc.protocol", "pyrorpc.push", "pyrorpc.streams"}
     for low in ("naming.py", "worker.py", "proxy.py", "endpoint.py", "pool.py", "server.py", "callbacks.py",

@@ -387,7 +387,7 @@ def test_interrupted_call_never_leaves_its_reply_to_the_next_call():
             interrupter = threading.Thread(target=ctrl_c_once_running)
             interrupter.start()
             with pytest.raises(KeyboardInterrupt):
-                proxy.slow(0.6)
+                proxy.slow(2.0)  # (long enough for the Ctrl-C to land on a loaded machine)
             interrupter.join(5)
             assert host.stats.calls == 1  # add; slow still running
             calls = 0
@@ -399,7 +399,7 @@ def test_interrupted_call_never_leaves_its_reply_to_the_next_call():
                 return host.stats.calls >= 2 + calls  # add, our calls, and slow (its reply written)
 
             # calls before, while and after the interrupted call's reply arrives: each gets its own reply
-            wait_for(call_until_the_slow_reply_was_written, 5, interval=0.01, message="the slow call's reply")
+            wait_for(call_until_the_slow_reply_was_written, 8, interval=0.01, message="the slow call's reply")
             assert [proxy.add(i, 20) for i in range(5)] == [20, 21, 22, 23, 24]
         finally:
             proxy.close()
