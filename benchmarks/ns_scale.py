@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.duration <= 0 or args.lookup_seconds < 0 or args.saturate < 0:
         parser.error("--duration must be positive, --lookup-seconds and --saturate non-negative")
     cpus = sorted(os.sched_getaffinity(0))
-    if not args.unpinned and (args.cpu not in cpus or len(cpus) < 2):
+    if not args.unpinned and (args.cpu not in cpus or (len(cpus) < 2 and not args.same_cpu)):
         parser.error(f"--cpu {args.cpu}: needs that CPU and another one for the clients (have {cpus}); "
                      "or --unpinned")
     return args

@@ -684,7 +684,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="call threads of the concurrent figure's worker process (default 4)")
     parser.add_argument("--only", default=None, metavar="NAME[,NAME]", help=f"run a subset of: {', '.join(GROUPS)}")
     parser.add_argument("--unpinned", action="store_true", help="do not pin processes to one CPU")
-    parser.add_argument("--cpu", type=int, default=0, help="the CPU to pin every process to (default 0)")
+    parser.add_argument("--cpu", type=int, default=min(os.sched_getaffinity(0)),
+                        help="the CPU to pin every process to (default: the first this process may use)")
     parser.add_argument("--no-rpyc", dest="rpyc", action="store_false", help="skip RPyC even if installed")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny run: 200 calls (20 per client thread), 1 round, pools of 1/2, small "
