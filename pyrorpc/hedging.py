@@ -334,9 +334,11 @@ class Hedging:
         self.hedger = Hedger(service)
 
     def wants(self, pool: Pool, method: str) -> bool:
-        """Hedge this call: ``method`` is ``@idempotent`` and there is more than one healthy worker."""
+        """Hedge this call: ``method`` is ``@idempotent`` on every healthy worker that told us its methods (in
+        a rolling upgrade one version may not say so: then it is not hedged), and there is more than one."""
         healthy = pool._healthy_members()
-        return len(healthy) > 1 and any(method in m.endpoint.idempotent for m in healthy)
+        known = [m for m in healthy if m.endpoint.methods is not None]
+        return len(healthy) > 1 and bool(known) and all(method in m.endpoint.idempotent for m in known)
 
     def close(self) -> None:
         self.hedger.stop()

@@ -6,8 +6,9 @@ An entry is ``pending`` until a sender claims it (``in_flight``, under that send
 (with its error) when the worker refused it (no such method, arguments it does not take) or the method
 raised, and ``lost`` when the worker was lost after accepting it (it may or may not have run: an
 ``@idempotent`` method is re-sent instead, and is never lost). A sender that dies leaves its claims to
-expire: ``in_flight`` entries go out again; ``accepted`` ones are never re-sent (at-most-once) and show as
-``unconfirmed``.
+expire: ``in_flight`` entries go out again, and so do ``accepted`` ones (shown as ``unconfirmed`` until then):
+each to the worker it went to, which remembers the ids it accepted (600 s) and answers a re-send with the
+first run's outcome instead of running it again. An entry first sent over 540 s before is not re-sent: ``lost``.
 
 Each claimed entry is given its worker in the claim's transaction, before anything is sent, and keeps it
 until it is known not to have reached that worker. A re-send (the sender died, or the connection broke before
@@ -24,6 +25,7 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -56,12 +58,14 @@ CREATE TABLE IF NOT EXISTS entries (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL DEFAULT 0,
     error TEXT,
-    worker TEXT
+    worker TEXT,
+    sent_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS entries_state ON entries (state, seq);
 """
 _INSERT = "INSERT INTO entries (id, service, method, payload, created) VALUES (?, ?, ?, ?, ?)"
 _MAX_BACKOFF = 2.0
+_REMEMBERED = 540.0  # seconds after its first send an entry may go to its worker again (it remembers ids 600 s)
 
 
 def _connect(path: str, sync: str) -> sqlite3.Connection:
@@ -124,8 +128,11 @@ class Outbox:
         try:
             self._db = _connect(self.path, sync.upper())
             self._db.executescript(_SCHEMA)
-            if "worker" not in {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}:
-                self._db.execute("ALTER TABLE entries ADD COLUMN worker TEXT")  # (an outbox of an older version)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+            if "worker" not in columns:  # (an outbox of an older version)
+                self._db.execute("ALTER TABLE entries ADD COLUMN worker TEXT")
+            if "sent_at" not in columns:
+                self._db.execute("ALTER TABLE entries ADD COLUMN sent_at REAL NOT NULL DEFAULT 0")
         except sqlite3.Error as exc:
             raise ConfigurationError(f"cannot open the outbox {self.path!r}: {exc}") from None
         self._sync = sync.upper()
@@ -215,11 +222,13 @@ class Outbox:
         return outbox_status(self.path)
 
     def wait(self, timeout: float) -> bool:
-        """Wait until no entry is pending, in flight or awaiting its outcome (accepted); True if so."""
+        """Wait until no entry is pending, in flight or awaiting its outcome (accepted; with a sender here, also
+        unconfirmed ones, which it settles); True if so."""
         deadline = time.monotonic() + timeout
         while True:
             counts = outbox_status(self.path)
-            if not (counts["pending"] or counts["in_flight"] or counts["accepted"]):
+            if not (counts["pending"] or counts["in_flight"] or counts["accepted"]
+                    or (self._sender is not None and counts["unconfirmed"])):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -244,7 +253,7 @@ class Outbox:
         if time.monotonic() >= self._services_due:
             self._services_due = time.monotonic() + 0.5
             self._services.update(row[0] for row in db.execute(
-                "SELECT DISTINCT service FROM entries WHERE state IN ('pending', 'inflight')"))
+                "SELECT DISTINCT service FROM entries WHERE state IN ('pending', 'inflight', 'accepted')"))
         ready = []
         for service in sorted(self._services):
             pool = self._pool(service)
@@ -272,25 +281,32 @@ class Outbox:
         sender's lease ran out before they were accepted. (Two queries, each walking the state index.)"""
         now = time.time()
         marks = ",".join("?" * len(services))
-        columns = "seq, id, service, method, payload, worker"
+        columns = "seq, id, service, method, payload, worker, sent_at"
         db.execute("BEGIN IMMEDIATE")
         try:
             rows = db.execute(
                 f"SELECT {columns} FROM entries WHERE state = 'pending' AND next_try <= ? AND service IN ({marks}) "
                 "ORDER BY seq LIMIT ?", (now, *services, n)).fetchall()
+            # in flight or accepted under a sender that is gone: sent again to the same worker, which has the id
+            # (it answers with the first run's outcome, without running it again)
             rows += db.execute(
-                f"SELECT {columns} FROM entries WHERE state = 'inflight' AND lease_until < ? AND service IN ({marks}) "
-                "ORDER BY seq LIMIT ?", (now, *services, n)).fetchall()
+                f"SELECT {columns} FROM entries WHERE state IN ('inflight', 'accepted') AND lease_until < ? "
+                f"AND service IN ({marks}) ORDER BY seq LIMIT ?", (now, *services, n)).fetchall()
             claimed, lost = [], []
-            for seq, entry_id, service, method, payload, before in sorted(rows)[:n]:
+            for seq, entry_id, service, method, payload, before, sent_at in sorted(rows)[:n]:
+                if before is not None and now - sent_at > _REMEMBERED:
+                    lost.append((f"its worker {before} was sent it {now - sent_at:.0f} s ago: a re-send could run it "
+                                 "again, after the worker forgot it; it may or may not have run", seq))
+                    continue
                 worker, reason = self._assign(service, method, before)
                 if reason is not None:
                     lost.append((reason, seq))
                 elif worker is not None:
                     claimed.append((seq, entry_id, service, method, payload, worker, worker == before))
             db.executemany("UPDATE entries SET state = 'inflight', owner = ?, lease_until = ?, worker = ?, "
-                           "attempts = attempts + 1 WHERE seq = ?",
-                           [(self._owner, now + self._lease, row[5], row[0]) for row in claimed])
+                           "sent_at = CASE WHEN worker IS ? THEN sent_at ELSE ? END, attempts = attempts + 1 "
+                           "WHERE seq = ?",
+                           [(self._owner, now + self._lease, row[5], row[5], now, row[0]) for row in claimed])
             db.executemany("UPDATE entries SET state = 'lost', owner = NULL, error = ? WHERE seq = ?", lost)
             db.execute("COMMIT")
         except BaseException:
@@ -477,7 +493,10 @@ def outbox_status(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigurationError(f"no outbox at {path!r}")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        db = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=30.0)
+    except sqlite3.Error as exc:
+        raise ConfigurationError(f"cannot read the outbox {path!r}: {exc}") from None
     try:
         now = time.time()
         counts = {"pending": 0, "in_flight": 0, "accepted": 0, "unconfirmed": 0, "failed": 0, "lost": 0}

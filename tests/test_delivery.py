@@ -166,9 +166,9 @@ def test_a_resend_gets_the_first_runs_outcome(ns_addr: str, tmp_path) -> None:  
             pass  # (creates the journal)
         with contextlib.closing(sqlite3.connect(path)) as db, db:  # what a sender that died left behind
             for entry_id, method, args in (("first-failed", "fail", ("x",)), ("first-slow", "mail", ("slow", 1.0))):
-                db.execute("INSERT INTO entries (id, service, method, payload, created, state, lease_until, worker) "
-                           "VALUES (?, 'mailer', ?, ?, ?, 'inflight', 0, ?)",
-                           (entry_id, method, pyrorpc.codec.dumps((args, {})), time.time(), host.name))
+                db.execute("INSERT INTO entries (id, service, method, payload, created, state, lease_until, worker, "
+                           "sent_at) VALUES (?, 'mailer', ?, ?, ?, 'inflight', 0, ?, ?)",
+                           (entry_id, method, pyrorpc.codec.dumps((args, {})), time.time(), host.name, time.time()))
         with pyrorpc.Outbox(path, ns=ns_addr, service="mailer") as outbox:
             assert outbox.wait(10)
             status = outbox.status()
@@ -345,6 +345,26 @@ def test_outbox_resend_after_a_sender_crash_goes_to_the_same_worker(nameserver, 
     survivors = {uid for name, uids in runs.items() if name != f"{victim.worker_pid}.log" for uid in uids}
     assert not lost & survivors  # a lost one may have run on the dead worker, never on another
     assert status["pending"] == status["in_flight"] == status["accepted"] == status["failed"] == 0
+
+
+def test_entries_left_unconfirmed_by_a_close_are_settled_by_the_next_sender(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """close() before the outcomes came leaves entries accepted (``unconfirmed`` once the claim runs out); the
+    next sender asks their worker again, which answers with the outcome: done, none run twice."""
+    path = str(tmp_path / "odd #1?%41.sqlite")  # (a path with URI characters: status reads it all the same)
+    with pyrorpc.WorkerHost(Mailer, ns=ns_addr):
+        with pyrorpc.Outbox(path, ns=ns_addr, service="mailer", lease=0.5) as outbox:
+            for i in range(5):
+                outbox.enqueue("mail", (f"c{i}", 1.0))
+            wait_for(lambda: outbox.status()["accepted"] == 5, 10)
+            outbox.close(0.1)
+        time.sleep(0.6)
+        assert pyrorpc.outbox.outbox_status(path)["unconfirmed"] == 5
+        with pyrorpc.Outbox(path, ns=ns_addr, service="mailer") as outbox:
+            assert outbox.wait(15)
+            status = outbox.status()
+    assert {k: status[k] for k in ("pending", "in_flight", "accepted", "unconfirmed", "failed", "lost")} == \
+        dict.fromkeys(("pending", "in_flight", "accepted", "unconfirmed", "failed", "lost"), 0)
+    assert sorted(uid for kind, uid in Mailer.runs if kind == "start") == [f"c{i}" for i in range(5)]
 
 
 def test_outbox_keeps_failed_entries_and_status_shows_them(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
