@@ -267,7 +267,7 @@ class CallHandler:
         extra = target.extra or self.metadata_extra
         if extra is not None or target.async_methods or target.stream_methods:
             meta["pyrorpc"] = dict(extra or {}, idle_timeout=self.idle_timeout, async_=set(target.async_methods),
-                                   streams=set(target.stream_methods))
+                                   streams=set(target.stream_methods), max_message_size=self.max_message_size)
             meta["pyrorpc"]["async"] = meta["pyrorpc"].pop("async_")
         return meta
 

@@ -625,6 +625,10 @@ class Endpoint:
         self.mux = mux
         if not mux:
             raise NoMux()
+        worker_max = (meta.get("pyrorpc") or {}).get("max_message_size")
+        if isinstance(worker_max, int) and not isinstance(worker_max, bool) and 1024 <= worker_max < channel.max_size:
+            # a request the worker would refuse (it drops the connection) is refused here, nothing sent
+            channel.max_size = worker_max
         with self._lock:
             if not self._closed:
                 self._channels.setdefault(loop, []).append(channel)

@@ -85,6 +85,17 @@ def _retryable(exc: BaseException) -> bool:
         or isinstance(exc, (Pyro5.errors.NamingError, RuntimeError))
 
 
+def _process_gone(exc: BaseException | None) -> bool:
+    """The connection was refused: no process listens at the worker's address any more."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -406,6 +417,11 @@ class Outbox:
                                                                  None, False)
                 ack.waited = True
         except NotSent as exc:  # not this time (refused while draining, no connection); an earlier attempt may have
+            if pinned and not idempotent and _process_gone(exc.cause):
+                # nothing listens where it was: it ran there before it died, or never will
+                self._outcome(seq, "lost", f"its worker {worker} is gone (connection refused) and may have taken "
+                                           "it before: it may or may not have run", worker)
+                return
             self._outcome(seq, "again" if pinned and not idempotent else "retry", _error_text(exc.cause), worker)
             return
         except (WorkerLostError, CallTimeoutError) as exc:

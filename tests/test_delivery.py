@@ -367,6 +367,25 @@ def test_entries_left_unconfirmed_by_a_close_are_settled_by_the_next_sender(ns_a
     assert sorted(uid for kind, uid in Mailer.runs if kind == "start") == [f"c{i}" for i in range(5)]
 
 
+def test_a_request_over_the_workers_limit_is_refused_before_sending(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The worker's max_message_size is known from its handshake: send() of a bigger request raises
+    MessageTooLargeError at once (the worker would drop the connection), and an outbox entry that big ends
+    failed without holding up the others."""
+    path = str(tmp_path / "outbox.sqlite")
+    with pyrorpc.WorkerHost(Mailer, ns=ns_addr, max_message_size=1_000_000), \
+            pyrorpc.Pool("mailer", ns=ns_addr) as pool:
+        with pytest.raises(pyrorpc.MessageTooLargeError):
+            pool.mail.send("q" * 2_000_000)
+        with pyrorpc.Outbox(path, ns=ns_addr, service="mailer") as outbox:
+            outbox.enqueue("mail", ("q" * 2_000_000,))
+            for i in range(5):
+                outbox.enqueue("mail", (f"s{i}",))
+            assert outbox.wait(10)
+            status = outbox.status()
+    assert status["failed"] == 1 and "MessageTooLargeError" in status["entries"][0]["error"]
+    assert sorted(uid for kind, uid in Mailer.runs if kind == "done") == [f"s{i}" for i in range(5)]
+
+
 def test_outbox_keeps_failed_entries_and_status_shows_them(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "outbox.sqlite")
     with pyrorpc.WorkerHost(Mailer, ns=ns_addr), pyrorpc.Pool("mailer", ns=ns_addr, outbox=path) as pool:
