@@ -144,19 +144,22 @@ class NameServerDaemon:
     def serve_forever(self, *, handle_signals: bool = True,
                       ready: Callable[["NameServerDaemon"], None] | None = None) -> None:
         """Serve until ``shutdown()``; with ``handle_signals`` SIGTERM/SIGINT stop it cleanly."""
+        previous: dict[int, Any] = {}
         if handle_signals:
             def stop(_signo: int, _frame: Any) -> None:
                 self._stop.set()
-            signal.signal(signal.SIGTERM, stop)
-            signal.signal(signal.SIGINT, stop)
-        self.start()
-        if ready is not None:
-            ready(self)
+            for signo in (signal.SIGTERM, signal.SIGINT):
+                previous[signo] = signal.signal(signo, stop)
         try:
+            self.start()
+            if ready is not None:
+                ready(self)
             while not self._stop.wait(0.5):
                 pass
         finally:
             self.close()
+            for number, handler in previous.items():  # (the process's own handlers again)
+                signal.signal(number, handler)
 
     def shutdown(self) -> None:
         """End ``serve_forever()``."""

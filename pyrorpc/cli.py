@@ -520,8 +520,9 @@ def workers_cmd(service: str | None, as_json: bool, watch: bool, ns: Addresses |
     import signal
     import threading
     stop = threading.Event()
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, lambda _signo, _frame: stop.set())
+        previous = signal.signal(signal.SIGINT, lambda _signo, _frame: stop.set())
     try:
         while not stop.is_set():  # a name server that does not answer is shown, and asked again
             try:
@@ -535,6 +536,8 @@ def workers_cmd(service: str | None, as_json: bool, watch: bool, ns: Addresses |
     except KeyboardInterrupt:
         return
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         client.close()
 
 

@@ -111,11 +111,12 @@ class Supervisor:
     def run(self, *, handle_signals: bool = True) -> int:
         """Supervise until stopped; returns 0 when every child drained and exited cleanly, 1 otherwise
         (also when it gave up on children that keep failing: see ``failure``)."""
+        previous: dict[int, Any] = {}
         if handle_signals:
             def on_signal(_signo: int, _frame: Any) -> None:
                 self._stop.set()
-            signal.signal(signal.SIGTERM, on_signal)
-            signal.signal(signal.SIGINT, on_signal)
+            for signo in (signal.SIGTERM, signal.SIGINT):
+                previous[signo] = signal.signal(signo, on_signal)
         write_end = None
         if os.name == "posix":
             # os.pipe() descriptors are not inheritable: only pass_fds hands the read end to children, and no
@@ -138,6 +139,8 @@ class Supervisor:
             if self.heartbeats is not None:
                 self.heartbeats.close()
                 self.heartbeats = None
+            for number, handler in previous.items():  # (the process's own handlers again)
+                signal.signal(number, handler)
 
     def _check(self, now: float) -> None:
         for child in self.children:

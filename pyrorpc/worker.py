@@ -221,15 +221,20 @@ class WorkerHost:
         """Start if needed and block until ``stop()``; SIGTERM/SIGINT stop it gracefully (main thread only)."""
         if self.server is None:
             self.start()
+        previous: dict[int, Any] = {}
         if handle_signals and threading.current_thread() is threading.main_thread():
             def on_signal(signo: int, _frame: Any) -> None:
                 log.info("worker %s: signal %d, draining", self.name, signo,
                          extra={"event": "draining", "worker": self.name, "service": self.service})
                 threading.Thread(target=self.stop, name="worker-stop", daemon=True).start()
-            signal.signal(signal.SIGTERM, on_signal)
-            signal.signal(signal.SIGINT, on_signal)
-        while not self._stopped.wait(0.5):
-            pass
+            for signo in (signal.SIGTERM, signal.SIGINT):
+                previous[signo] = signal.signal(signo, on_signal)
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        finally:
+            for number, handler in previous.items():  # (the process's own handlers again, e.g. Ctrl-C)
+                signal.signal(number, handler)
 
     def stop(self) -> bool:
         """Deregister, stop accepting, drain in-flight calls (replies included), close.

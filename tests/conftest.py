@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -19,15 +20,19 @@ pytest_plugins = ["pyrorpc.testing"]
 
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No PYRORPC_* / PYRO_* leaks between tests; Pyro5's config back to defaults; tests/ importable
-    by worker subprocesses."""
+    """No PYRORPC_* / PYRO_* leaks between tests; Pyro5's config back to defaults; SIGINT/SIGTERM handlers
+    back as they were; tests/ importable by worker subprocesses."""
     for key in list(os.environ):
         if key.startswith(("PYRORPC_", "PYRO_")):
             monkeypatch.delenv(key)
     monkeypatch.setenv("PYTHONPATH", HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     Pyro5.config.reset(use_environment=False)
+    handlers = {signo: signal.getsignal(signo) for signo in (signal.SIGINT, signal.SIGTERM)}
     yield
     Pyro5.config.reset(use_environment=False)
+    for signo, handler in handlers.items():  # (a test that served in the main thread left its handler behind?)
+        if signal.getsignal(signo) is not handler:
+            signal.signal(signo, handler)
 
 
 @pytest.fixture
