@@ -36,6 +36,12 @@ class Ack:
         self.waited = False
 
 
+RUNNING = object()  # SeenIds: the first run of this id is under way
+MAX_KEPT = 1024  # bytes of a successful result kept for re-sends (a larger one is kept as None)
+_EXCEPTION = 1 << 0  # protocol.FLAGS_EXCEPTION (acks.py has no protocol import: it is below it)
+_NONE = b"# serpent utf-8 python3.2\nNone"
+
+
 class SeenIds:
     """Ids of sends a worker accepted recently: the last ``limit`` of them, none older than ``ttl`` seconds,
     each with its outcome once its run ended (the reply's flags and body). A re-send of one of them (the
@@ -52,36 +58,56 @@ class SeenIds:
 
     def accept(self, send_id: bytes) -> bool:
         """Remember ``send_id``; False if it was accepted already (within the limits)."""
-        return self.accept_or_join(send_id, None) is None
+        return self.accept_or_outcome(send_id) is None
 
-    def accept_or_join(self, send_id: bytes, waiter: Any) -> Any:
-        """None when ``send_id`` is new (it is remembered, its run to come). For one accepted already:
-        ``(flags, body)``, the outcome of its run if it ended, else ``waiter`` is kept to hear it (``finish``
-        returns it then) and True is returned (False when too many wait already: answer it as lost)."""
+    def accept_or_outcome(self, send_id: bytes) -> Any:
+        """None when ``send_id`` is new (remembered now, its run to come); for one accepted already, the
+        ``(flags, body)`` outcome of its run if it ended, else RUNNING (``join`` to hear it)."""
         now = time.monotonic()
         ids = self._ids
         with self._lock:
             entry = ids.get(send_id)
-            if entry is not None and now - entry[0] < self.ttl:
-                if entry[1] is not None:
-                    return entry[1]
-                if waiter is None or len(entry[2]) >= self.MAX_WAITERS:
-                    return False
-                entry[2].append(waiter)
-                return True
+            if entry is not None and (now - entry[0] < self.ttl or entry[1] is None):
+                return RUNNING if entry[1] is None else entry[1]
             ids[send_id] = [now, None, []]
             ids.move_to_end(send_id)
-            while len(ids) > self.limit:
-                ids.popitem(last=False)
-            while ids:  # (the oldest first: stop at the first young enough)
-                oldest = next(iter(ids.values()))[0]
-                if now - oldest < self.ttl:
-                    break
-                ids.popitem(last=False)
+            self._evict(now)
             return None
 
+    def join(self, send_id: bytes, waiter: Any) -> Any:
+        """Wait for the run of ``send_id`` (RUNNING before): its outcome if it ended meanwhile, None when
+        ``waiter`` is kept (``finish`` returns it), False when it cannot wait (too many, or forgotten)."""
+        with self._lock:
+            entry = self._ids.get(send_id)
+            if entry is None:
+                return False
+            if entry[1] is not None:
+                return entry[1]
+            if len(entry[2]) >= self.MAX_WAITERS:
+                return False
+            entry[2].append(waiter)
+            return None
+
+    def _evict(self, now: float) -> None:
+        """Forget the oldest ids beyond the limit or the TTL, never one whose run is under way (its re-sends
+        wait for it: forgetting it would let one run again)."""
+        ids = self._ids
+        turns = 0
+        while ids and turns < 64:
+            oldest_id, oldest = next(iter(ids.items()))
+            if len(ids) <= self.limit and now - oldest[0] < self.ttl:
+                break
+            if oldest[1] is None:  # running: to the back of the line
+                ids.move_to_end(oldest_id)
+                turns += 1
+                continue
+            ids.popitem(last=False)
+
     def finish(self, send_id: bytes, flags: int, body: bytes) -> list[Any]:
-        """The run of ``send_id`` ended with this reply: kept for later re-sends; returns the waiters."""
+        """The run of ``send_id`` ended with this reply: kept for later re-sends (a large result as None: a
+        re-send's sender needs to know it ran, not what it returned); returns the waiters."""
+        if not flags & _EXCEPTION and len(body) > MAX_KEPT:
+            body = _NONE
         with self._lock:
             entry = self._ids.get(send_id)
             if entry is None:

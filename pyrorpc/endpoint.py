@@ -727,7 +727,9 @@ class Endpoint:
         reply, accepted = await channel.send(method, args, kwargs or {}, annotations, timeout, wait)
         if wait or not accepted:  # (not accepted: the reply came instead, a refusal most likely)
             flags, body = reply.result()
-            return decode_reply(flags, body, channel.max_size)
+            result = decode_reply(flags, body, channel.max_size)
+            ack.waited = True  # (answered in full: it ran, nothing more to hear)
+            return result
         on_done = ack.on_done
         if on_done is not None:
             max_size = channel.max_size

@@ -28,7 +28,7 @@ import Pyro5.errors
 from Pyro5.callcontext import current_context
 
 from . import context, tracing
-from .acks import ACK_KEY, check_arguments, seen_ids
+from .acks import ACK_KEY, RUNNING, check_arguments, seen_ids
 from .connection import _DONTWAIT, _EPOLLIN, _EPOLLOUT, _NOT_READY, _ONESHOT, _TLS_CHUNK, CLOSED, Connection
 from .errors import CallTimeoutError, WorkerDrainingError, WorkerLostError
 from .protocol import (
@@ -467,15 +467,18 @@ class MuxHandler:
         check_arguments(fn, vargs, kwargs)
         seq = header.seq
         send_id = bytes(send_id)
-        known = seen_ids(self).accept_or_join(send_id, (conn, header))
+        seen = seen_ids(self)
+        known = seen.accept_or_outcome(send_id)
         if known is not None:
             # a re-send of a call accepted here already: acknowledged again, and answered with the first run's
             # outcome (now, or when that run ends), never run twice
-            self._mux_send(conn, pack(MSG_ACCEPTED, 0, seq, b""))
-            if known is True:
-                return True  # (answered by _mux_done when the first run ends)
+            self._mux_send(conn, pack(MSG_ACCEPTED, 0, seq, b""))  # (before its outcome can be sent: join)
+            if known is RUNNING:
+                known = seen.join(send_id, (conn, header))
+                if known is None:
+                    return True  # (answered by _mux_done when the first run ends)
             if known is False:
-                exc = WorkerLostError("too many re-sends of this call wait for its run; it was accepted here")
+                exc = WorkerLostError("this call was accepted here already; its outcome cannot be waited for")
                 self._mux_done(conn, self._error_frame(exc, seq, None, header), True, seq=seq)
                 return True
             flags, body = known
@@ -492,10 +495,13 @@ class MuxHandler:
         outstanding requests (which may let it be read again), and its sequence number free (``seq``)."""
         if data is not None:
             self._mux_send(conn, data)
-            if seq is not None and self._acked_runs:
-                send_id = self._acked_runs.pop((id(conn), seq), None)
-                if send_id is not None:
-                    self._remember_outcome(send_id, data)
+        if seq is not None and self._acked_runs:
+            send_id = self._acked_runs.pop((id(conn), seq), None)
+            if send_id is not None:  # an accepted send's run ended: its re-sends get the outcome
+                if data is None:
+                    lost = WorkerLostError("its run was cut off before it could answer; it may or may not have run")
+                    data = self._error_frame(lost, seq, None)
+                self._remember_outcome(send_id, data)
         if count:
             self.stats.leave(bool(failed))
         with conn.wlock:
@@ -574,7 +580,7 @@ class MuxHandler:
                 if inspect.iscoroutine(result) or inspect.isasyncgen(result):
                     # a plain method that returned a coroutine: it runs on the event loop from here
                     self.async_runner.call_soon(self._mux_start_async, conn, header, method, lambda: result, (), {},
-                                                info, False, credit, target, started)
+                                                info, False, credit, target, started, ACK_KEY in annotations)
                     return
                 if credit is not None:
                     self._stream_start(conn, header, method, result, credit, info, target, started)

@@ -139,11 +139,7 @@ class Outbox:
         try:
             self._db = _connect(self.path, sync.upper())
             self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
-            if "worker" not in columns:  # (an outbox of an older version)
-                self._db.execute("ALTER TABLE entries ADD COLUMN worker TEXT")
-            if "sent_at" not in columns:
-                self._db.execute("ALTER TABLE entries ADD COLUMN sent_at REAL NOT NULL DEFAULT 0")
+            self._migrate()
         except sqlite3.Error as exc:
             raise ConfigurationError(f"cannot open the outbox {self.path!r}: {exc}") from None
         self._sync = sync.upper()
@@ -171,6 +167,27 @@ class Outbox:
 
     def __repr__(self) -> str:
         return f"<pyrorpc.Outbox {self.path!r}>"
+
+    def _migrate(self) -> None:
+        """An outbox of the version before entries had their worker: add the columns (once, whichever of the
+        processes opening it comes first), and report what it left accepted as lost (which worker took them
+        is not known, so asking again could run them twice)."""
+        db = self._db
+        if {"worker", "sent_at"} <= {row[1] for row in db.execute("PRAGMA table_info(entries)")}:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(entries)")}  # (again, under the lock)
+            if "worker" not in columns:
+                db.execute("ALTER TABLE entries ADD COLUMN worker TEXT")
+                db.execute("UPDATE entries SET state = 'lost', owner = NULL, error = 'accepted by a worker under an "
+                           "older pyrorpc that did not record which: its outcome is unknown' WHERE state = 'accepted'")
+            if "sent_at" not in columns:
+                db.execute("ALTER TABLE entries ADD COLUMN sent_at REAL NOT NULL DEFAULT 0")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # enqueue: group commit ----------------------------------------------------------------------------
     def enqueue(self, method: str, args: tuple[Any, ...] | list[Any] = (), kwargs: dict[str, Any] | None = None,
@@ -301,15 +318,12 @@ class Outbox:
             # in flight or accepted under a sender that is gone: sent again to the same worker, which has the id
             # (it answers with the first run's outcome, without running it again)
             rows += db.execute(
-                f"SELECT {columns} FROM entries WHERE state IN ('inflight', 'accepted') AND lease_until < ? "
-                f"AND service IN ({marks}) ORDER BY seq LIMIT ?", (now, *services, n)).fetchall()
+                f"SELECT {columns} FROM entries WHERE (state = 'inflight' OR (state = 'accepted' AND worker IS NOT "
+                f"NULL)) AND lease_until < ? AND service IN ({marks}) ORDER BY seq LIMIT ?",
+                (now, *services, n)).fetchall()
             claimed, lost = [], []
             for seq, entry_id, service, method, payload, before, sent_at in sorted(rows)[:n]:
-                if before is not None and now - sent_at > _REMEMBERED:
-                    lost.append((f"its worker {before} was sent it {now - sent_at:.0f} s ago: a re-send could run it "
-                                 "again, after the worker forgot it; it may or may not have run", seq))
-                    continue
-                worker, reason = self._assign(service, method, before)
+                worker, reason = self._assign(service, method, before, now - sent_at)
                 if reason is not None:
                     lost.append((reason, seq))
                 elif worker is not None:
@@ -327,18 +341,24 @@ class Outbox:
             self._assigned[row[5]] = self._assigned.get(row[5], 0) + 1
         return claimed
 
-    def _assign(self, service: str, method: str, worker: str | None) -> tuple[str | None, str | None]:
+    def _assign(self, service: str, method: str, worker: str | None, age: float = 0.0) -> tuple[str | None, str | None]:
         """The worker an entry goes to: ``(worker, None)``; ``(None, reason)`` when it is lost; ``(None, None)``
-        when there is no worker now. An entry that may have reached a worker already (``worker`` set) goes to
-        that one again, or, if it is gone, is lost unless its method is ``@idempotent``."""
+        when there is no worker now. An entry that may have reached a worker already (``worker`` set, ``age``
+        seconds ago) goes to that one again, or, if it is gone or may have forgotten it, is lost unless its
+        method is ``@idempotent`` (on every worker that told us: then any worker may have it)."""
         pool = self._pools.get(service)
         members = dict(pool._members) if pool is not None else {}
         if worker is not None:
-            if worker in members:
-                return worker, None
-            if not any(m.endpoint.methods is not None for m in members.values()):
+            known = [m for m in members.values() if m.endpoint.methods is not None]
+            if not known:
                 return None, None  # (nobody told us its methods yet: later)
-            if not any(method in m.endpoint.idempotent for m in members.values()):
+            idempotent = all(method in m.endpoint.idempotent for m in known)
+            if age > _REMEMBERED and not idempotent:
+                return None, (f"its worker {worker} was sent it {age:.0f} s ago: a re-send could run it again, "
+                              "after the worker forgot it; it may or may not have run")
+            if worker in members and age <= _REMEMBERED:
+                return worker, None
+            if not idempotent:
                 return None, (f"its worker {worker} is gone and may have taken it before: it may or may not have "
                               "run (not @idempotent: not sent again)")
         if not members:
@@ -362,19 +382,20 @@ class Outbox:
         finished = 0
         db.execute("BEGIN IMMEDIATE")
         try:
+            owner = self._owner  # (an entry another sender claimed since, after our lease ran out, is its)
             for seq, what, error, _worker in outcomes:
                 if what == "done":
-                    db.execute("DELETE FROM entries WHERE seq = ?", (seq,))
+                    db.execute("DELETE FROM entries WHERE seq = ? AND owner = ?", (seq, owner))
                 elif what == "accepted":
-                    db.execute("UPDATE entries SET state = 'accepted' WHERE seq = ?", (seq,))
+                    db.execute("UPDATE entries SET state = 'accepted' WHERE seq = ? AND owner = ?", (seq, owner))
                     continue  # (still this sender's until its outcome comes)
                 elif what in ("retry", "again"):  # again: it may have reached its worker: to that one only
                     db.execute("UPDATE entries SET state = 'pending', owner = NULL, error = ?, next_try = "
                                "? + MIN(?, 0.05 * (1 << MIN(attempts, 8))), worker = CASE WHEN ? THEN worker END "
-                               "WHERE seq = ?", (error, now, _MAX_BACKOFF, what == "again", seq))
+                               "WHERE seq = ? AND owner = ?", (error, now, _MAX_BACKOFF, what == "again", seq, owner))
                 else:  # failed, lost
-                    db.execute("UPDATE entries SET state = ?, owner = NULL, error = ? WHERE seq = ?",
-                               (what, error, seq))
+                    db.execute("UPDATE entries SET state = ?, owner = NULL, error = ? WHERE seq = ? AND owner = ?",
+                               (what, error, seq, owner))
                 finished += 1
             db.execute("COMMIT")
         except BaseException:
@@ -400,8 +421,8 @@ class Outbox:
         ``failed``/``lost``; ``retry`` when it surely reached no worker (any worker may have it next),
         ``again`` when it may have reached this one (that worker only)."""
         member = pool._members.get(worker)
-        if member is None:  # gone since the claim: the next claim decides (lost, or another worker if idempotent)
-            self._outcome(seq, "again", f"its worker {worker} is gone", worker)
+        if member is None:  # gone since the claim: nothing was sent now; an earlier attempt may have reached it
+            self._outcome(seq, "again" if pinned else "retry", f"its worker {worker} is gone", worker)
             return
         idempotent = method in member.endpoint.idempotent
         try:
@@ -413,8 +434,15 @@ class Outbox:
             try:
                 await member.endpoint.acall(method, tuple(args), kwargs, self._settings.timeout, False, ack=ack)
             except NoMux:  # a stock Pyro5 worker: a plain call (accepted = completed), through the pool
-                await asyncio.get_running_loop().run_in_executor(None, pool._call, method, tuple(args), kwargs,
-                                                                 None, False)
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, pool._call, method, tuple(args), kwargs,
+                                                                     None, False)
+                except (WorkerLostError, CallTimeoutError) as exc:
+                    if idempotent:
+                        raise
+                    # it may have run, and a stock worker cannot tell a re-send from a new call: at most once
+                    self._outcome(seq, "lost", f"{_error_text(exc)} (a stock Pyro5 worker: not sent again)", worker)
+                    return
                 ack.waited = True
         except NotSent as exc:  # not this time (refused while draining, no connection); an earlier attempt may have
             if pinned and not idempotent and _process_gone(exc.cause):

@@ -386,6 +386,26 @@ def test_a_request_over_the_workers_limit_is_refused_before_sending(ns_addr: str
     assert sorted(uid for kind, uid in Mailer.runs if kind == "done") == [f"s{i}" for i in range(5)]
 
 
+def test_an_outbox_of_the_version_before_is_taken_over(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An outbox file without the entries' workers: the columns are added (by whichever of several opening
+    processes comes first), and what it left accepted is reported lost (asking a worker again could run it
+    on another one), the rest kept."""
+    path = str(tmp_path / "old.sqlite")
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(pyrorpc.outbox._SCHEMA.replace(",\n    worker TEXT,\n    sent_at REAL NOT NULL DEFAULT 0", ""))
+        for i, state in enumerate(("pending", "inflight", "accepted")):
+            payload = pyrorpc.codec.dumps((("x",), {}))
+            db.execute("INSERT INTO entries (id, service, method, payload, created, state) "
+                       "VALUES (?, 'mailer', 'mail', ?, ?, ?)", (f"e{i}", payload, time.time(), state))
+    assert "worker" not in {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(entries)")}
+    with pyrorpc.Outbox(path, service="mailer", send=False), pyrorpc.Outbox(path, service="mailer", send=False):
+        pass
+    status = pyrorpc.outbox.outbox_status(path)
+    [entry] = status["entries"]
+    assert status["lost"] == 1 and entry["id"] == "e2" and "older pyrorpc" in entry["error"]
+    assert status["pending"] == 2  # (the in-flight one's claim is long gone)
+
+
 def test_outbox_keeps_failed_entries_and_status_shows_them(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "outbox.sqlite")
     with pyrorpc.WorkerHost(Mailer, ns=ns_addr), pyrorpc.Pool("mailer", ns=ns_addr, outbox=path) as pool:
@@ -434,16 +454,35 @@ def test_two_processes_share_an_outbox(ns_addr: str, tmp_path) -> None:  # type:
 
 
 def test_seen_ids_are_bounded_by_count_and_age() -> None:
-    from pyrorpc.acks import SeenIds
+    from pyrorpc.acks import RUNNING, SeenIds
+
     seen = SeenIds(limit=3, ttl=0.2)
-    assert all(seen.accept(k) for k in (b"a", b"b", b"c"))
+
+    def run(key: bytes) -> bool:  # accepted and ran to its end
+        new = seen.accept(key)
+        seen.finish(key, 0, b"# serpent utf-8 python3.2\nNone")
+        return new
+
+    assert all(run(k) for k in (b"a", b"b", b"c"))
     assert not seen.accept(b"a")  # a re-send
-    assert seen.accept(b"d") and len(seen) == 3  # the oldest ("a") made room
+    assert run(b"d") and len(seen) == 3  # the oldest ("a") made room
     assert not seen.accept(b"b")
-    assert seen.accept(b"a") and len(seen) == 3  # forgotten: accepted again
+    assert run(b"a") and len(seen) == 3  # forgotten: accepted again
     time.sleep(0.25)
-    assert seen.accept(b"d")  # too old to be remembered: accepted again
+    assert run(b"d")  # too old to be remembered: accepted again
     assert len(seen) == 1
+    # a run under way is never forgotten (its re-sends wait for it), whatever its age or the count
+    assert seen.accept(b"slow")
+    time.sleep(0.25)
+    for k in (b"e", b"f", b"g", b"h"):
+        run(k)
+    assert seen.accept_or_outcome(b"slow") is RUNNING
+    assert seen.join(b"slow", "waiter") is None
+    assert seen.finish(b"slow", 0, b"x" * 2000) == ["waiter"]
+    kept = SeenIds()
+    kept.accept(b"big")
+    kept.finish(b"big", 0, b"x" * 2000)
+    assert kept.accept_or_outcome(b"big") == (0, b"# serpent utf-8 python3.2\nNone")  # (a big result kept as None)
 
 
 def test_outbox_delivers_to_a_stock_pyro5_worker(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
