@@ -31,8 +31,10 @@ from harness import children, percentile, sync_loop  # noqa: E402
 import pyrorpc  # noqa: E402
 
 
-def enqueue_run(path: str, n: int, threads: int) -> dict[str, float]:
-    """``n`` enqueues from ``threads`` threads at once (n / threads each): rate and latency percentiles."""
+def enqueue_run(path: str, n: int, threads: int, rate: float = 0.0) -> dict[str, float]:
+    """``n`` enqueues from ``threads`` threads at once (n / threads each): rate and latency percentiles. With
+    ``rate`` the threads together enqueue that many per second (each on its own schedule, interleaved), the
+    way web requests arrive, instead of as fast as they can (a saturated CPU, where latency is queueing)."""
     with pyrorpc.Outbox(path, service="bench", send=False) as outbox:
         for _ in range(200):  # warm-up
             outbox.enqueue("ping")
@@ -43,8 +45,15 @@ def enqueue_run(path: str, n: int, threads: int) -> dict[str, float]:
         def run(i: int) -> None:
             clock = time.perf_counter_ns
             mine = lat[i]
+            step = threads / rate if rate else 0.0
             start.wait()
+            due = time.perf_counter() + i * step / threads
             for _ in range(per):
+                if step:
+                    wait = due - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                    due += step
                 t0 = clock()
                 outbox.enqueue("ping", ("user@example.com",))
                 mine.append(clock() - t0)
@@ -67,6 +76,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5000, help="calls per latency figure and round")
     parser.add_argument("--enqueues", type=int, default=20000, help="enqueues per figure and round")
     parser.add_argument("--threads", type=int, default=8, help="threads of the group-commit figure")
+    parser.add_argument("--paced-rate", type=float, default=10_000.0,
+                        help="enqueues per second of the paced figure, from --threads threads (default 10000)")
     parser.add_argument("--cpu", default="0", help="the CPU everything is pinned to")
     parser.add_argument("--unpinned", action="store_true")
     args = parser.parse_args()
@@ -95,6 +106,9 @@ def main() -> None:
             for threads in (1, args.threads):
                 path = os.path.join(tmp, f"outbox-{r}-{threads}.sqlite")
                 results.setdefault(f"enqueue x{threads}", []).append(enqueue_run(path, args.enqueues, threads))
+            path = os.path.join(tmp, f"outbox-{r}-paced.sqlite")
+            results.setdefault("enqueue paced", []).append(enqueue_run(path, args.enqueues, args.threads,
+                                                                       args.paced_rate))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         proxy.close()
         stock._pyroRelease()
@@ -113,6 +127,9 @@ def main() -> None:
         name = f"enqueue x{threads}"
         label = "outbox enqueue(), 1 thread" if threads == 1 else f"outbox enqueue(), {threads} threads (group commit)"
         print(f"| {label} | {med(name, 'per_s'):,.0f} | {med(name, 'p50_us'):.0f} µs | {med(name, 'p99_us'):.0f} µs |")
+    name = "enqueue paced"
+    print(f"| outbox enqueue(), {args.threads} threads, {args.paced_rate:,.0f}/s together (paced) | "
+          f"{med(name, 'per_s'):,.0f} | {med(name, 'p50_us'):.0f} µs | {med(name, 'p99_us'):.0f} µs |")
 
 
 if __name__ == "__main__":

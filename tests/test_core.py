@@ -382,7 +382,9 @@ def test_interrupted_call_never_leaves_its_reply_to_the_next_call():
 
             def ctrl_c_once_running():  # a real Ctrl-C (EINTR) while the call runs on the worker
                 wait_for(lambda: host.stats.in_flight == 1, 5, interval=0.005, message="slow call running")
-                os.kill(os.getpid(), signal.SIGINT)
+                # to the main thread itself: a process-directed signal may land on any of the threads earlier
+                # tests left behind, and then the main thread's recv is not interrupted (EINTR) at once
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
             interrupter = threading.Thread(target=ctrl_c_once_running)
             interrupter.start()
