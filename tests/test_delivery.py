@@ -406,6 +406,22 @@ def test_an_outbox_of_the_version_before_is_taken_over(tmp_path) -> None:  # typ
     assert status["pending"] == 2  # (the in-flight one's claim is long gone)
 
 
+def test_the_journal_is_checkpointed_off_the_enqueue_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Commits never checkpoint the write-ahead log (its fsync stalled the enqueues of that commit); the
+    outbox's checkpointer copies it into the database file within a second, and the log stays bounded."""
+    path = str(tmp_path / "outbox.sqlite")
+    with pyrorpc.Outbox(path, service="mailer", send=False) as outbox:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # (sqlite's default elsewhere)
+        assert outbox._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # (enqueue's connection)
+        empty = os.path.getsize(path)
+        for i in range(3000):
+            outbox.enqueue("mail", (f"u{i}",))
+        wait_for(lambda: os.path.getsize(path) > empty + 100_000, 5, message="the log copied into the database")
+        assert os.path.getsize(path + "-wal") <= pyrorpc.outbox._WAL_RESTART + (4 << 20)
+    assert pyrorpc.outbox.outbox_status(path)["pending"] == 3000
+
+
 def test_outbox_keeps_failed_entries_and_status_shows_them(ns_addr: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "outbox.sqlite")
     with pyrorpc.WorkerHost(Mailer, ns=ns_addr), pyrorpc.Pool("mailer", ns=ns_addr, outbox=path) as pool:
