@@ -190,8 +190,11 @@ class SharedHeartbeats:
             timeout = None
             if self._pending:
                 timeout = max(0.0, self._first_pending + WINDOW - time.monotonic())
+            poller = select.poll()  # (not select(): a descriptor numbered over 1023 would stop it)
+            for fd in (self._wake_r, *fds):
+                poller.register(fd, select.POLLIN)
             try:
-                readable, _w, _x = select.select([self._wake_r, *fds], [], [], timeout)
+                readable = [fd for fd, _ev in poller.poll(None if timeout is None else timeout * 1000)]
             except (OSError, ValueError):  # a descriptor closed under us: look again
                 time.sleep(0.01)
                 continue

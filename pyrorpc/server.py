@@ -70,6 +70,8 @@ _THREAD_IDLE = 30.0  # seconds an idle call thread waits for work before it exit
 _NOTICE = pack(MSG_NOTICE, 0, 0, b"")  # "draining: send nothing more here", to peers that asked for it
 _NOT_INLINE = FLAGS_ONEWAY | FLAGS_BATCH | FLAGS_COMPRESSED
 _INLINE_MAX = 4096  # bytes a request the I/O thread runs itself may have (header included)
+# the start of a request's body: its object id and method name (codec._CALL, on bytes)
+_CALL = re.compile(rb"# serpent utf-8 python3\.2\n\('([^'\\\n\r\x00]*)','([^'\\\n\r\x00]*)',")
 
 
 class _Frame:
@@ -79,8 +81,6 @@ class _Frame:
 
     def __init__(self, conn: Connection, header: Any, payload: bytes) -> None:
         self.conn, self.header, self.payload = conn, header, payload
-# the start of a request's body: its object id and method name (codec._CALL, on bytes)
-_CALL = re.compile(rb"# serpent utf-8 python3\.2\n\('([^'\\\n\r\x00]*)','([^'\\\n\r\x00]*)',")
 
 
 class Server(IOLoop, MuxHandler, PushStreams, CallHandler):
