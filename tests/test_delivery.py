@@ -408,7 +408,7 @@ def test_an_outbox_of_the_version_before_is_taken_over(tmp_path) -> None:  # typ
 
 def test_the_journal_is_checkpointed_off_the_enqueue_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Commits never checkpoint the write-ahead log (its fsync stalled the enqueues of that commit); the
-    outbox's checkpointer copies it into the database file within a second, and the log stays bounded."""
+    outbox's checkpointer copies it into the database file within a second."""
     path = str(tmp_path / "outbox.sqlite")
     with pyrorpc.Outbox(path, service="mailer", send=False) as outbox:
         with contextlib.closing(sqlite3.connect(path)) as db:
@@ -418,7 +418,6 @@ def test_the_journal_is_checkpointed_off_the_enqueue_path(tmp_path) -> None:  # 
         for i in range(3000):
             outbox.enqueue("mail", (f"u{i}",))
         wait_for(lambda: os.path.getsize(path) > empty + 100_000, 5, message="the log copied into the database")
-        assert os.path.getsize(path + "-wal") <= pyrorpc.outbox._WAL_RESTART + (4 << 20)
     assert pyrorpc.outbox.outbox_status(path)["pending"] == 3000
 
 
