@@ -236,6 +236,9 @@ class _Connections:
                 pass
 
 
+_ABSENT: Any = object()  # (no such field; as a delta: take a whole lease)
+
+
 class _Held:
     """A lease this client holds: what its ``lease`` carried and the token a ``renew`` shows."""
 
@@ -244,8 +247,12 @@ class _Held:
     def __init__(self, token: int, uri: str, tags: list[str], ttl: float | None, load: dict[str, Any]) -> None:
         self.token, self.uri, self.tags, self.ttl, self.load = token, uri, tags, ttl, load
 
-
-_ABSENT = object()
+    def delta(self, uri: str, tags: list[str], load: dict[str, Any] | None, ttl: float | None) -> Any:
+        """When a lease of ``uri``, ``tags``, ``load``, ``ttl`` renews this one: the load fields that changed
+        (None if none did); ``_ABSENT`` when it takes a whole lease (another URI, tags, TTL or load fields)."""
+        if uri != self.uri or tags != self.tags or ttl != self.ttl or (load or {}).keys() != self.load.keys():
+            return _ABSENT
+        return {k: v for k, v in load.items() if self.load.get(k, _ABSENT) != v} if load else None
 
 
 class NameServerClient:
@@ -475,11 +482,10 @@ class NameServerClient:
         if self.leasing:
             uri, tags = str(uri), sorted(metadata)
             held = self._held.get(name)
-            if held is not None and held.uri == uri and held.tags == tags and held.ttl == ttl \
-                    and (load or {}).keys() == held.load.keys():
+            delta = _ABSENT if held is None else held.delta(uri, tags, load, ttl)
+            if held is not None and delta is not _ABSENT:
                 # a heartbeat: the lease's token and the load fields that changed (a few dozen bytes). A name
                 # server that does not know the token (another one, restarted, expired) answers None
-                delta = {k: v for k, v in load.items() if held.load.get(k, _ABSENT) != v} if load else None
                 try:
                     renewed = self._call_with("renew", (name, held.token, delta), {}, timeout=timeout)
                 except BaseException:
@@ -528,9 +534,8 @@ class NameServerClient:
         if "renew_many" in (self._methods or ()):
             for i, (name, uri, tags, load, ttl) in enumerate(items):
                 held = self._held.get(name)
-                if held is not None and held.uri == uri and held.tags == tags and held.ttl == ttl \
-                        and (load or {}).keys() == held.load.keys():
-                    delta = {k: v for k, v in load.items() if held.load.get(k, _ABSENT) != v} if load else None
+                delta = _ABSENT if held is None else held.delta(uri, tags, load, ttl)
+                if held is not None and delta is not _ABSENT:
                     renewals.append((i, delta, held))
         if renewals:
             flat = [x for i, delta, held in renewals for x in (items[i][0], held.token, delta)]

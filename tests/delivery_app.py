@@ -45,11 +45,7 @@ class Mailer:
 
     @pyrorpc.idempotent
     def mail_idem(self, uid, seconds=0.0):
-        _journal("start", uid)
-        if seconds:
-            time.sleep(seconds)
-        _journal("done", uid)
-        return uid
+        return self.mail(uid, seconds)
 
     async def amail(self, uid, seconds=0.0):
         import asyncio

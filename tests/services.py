@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 
 import pyrorpc
 
@@ -110,3 +111,17 @@ class Broken:
 
     def ping(self):
         return "pong"
+
+
+class Steer:
+    """A balancing strategy (the public Strategy protocol) that picks the worker named ``target`` whenever
+    it is a candidate, else the first by name: lets a test choose which worker a call goes to."""
+
+    def __init__(self, target: str | None = None) -> None:
+        self.target = target
+
+    def choose(self, candidates: Sequence[pyrorpc.balancing.Candidate]) -> pyrorpc.balancing.Candidate:
+        for c in candidates:
+            if c.name == self.target:
+                return c
+        return min(candidates, key=lambda c: c.name)

@@ -12,11 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 
 import Pyro5.api
 import pytest
 from delivery_app import Mailer, journal_runs
+from services import Steer
 
 import pyrorpc
 from pyrorpc.testing import ChildProcess, wait_for
@@ -29,19 +29,6 @@ def fresh_runs() -> None:
 
 def _runs(kind: str = "done") -> list[str]:
     return [uid for k, uid in list(Mailer.runs) if k == kind]
-
-
-class Steer:
-    """Choose the worker named ``target`` whenever it is a candidate, else the first by name."""
-
-    def __init__(self, target: str | None = None) -> None:
-        self.target = target
-
-    def choose(self, candidates: Sequence[pyrorpc.balancing.Candidate]) -> pyrorpc.balancing.Candidate:
-        for c in candidates:
-            if c.name == self.target:
-                return c
-        return min(candidates, key=lambda c: c.name)
 
 
 # send() ------------------------------------------------------------------------------------------------

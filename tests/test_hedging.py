@@ -8,9 +8,10 @@ import concurrent.futures
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
+from services import Steer
 
 import pyrorpc
 from pyrorpc.hedging import outliers
@@ -18,19 +19,6 @@ from pyrorpc.testing import NameServerProcess, WorkerProcess, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPEC = "slow_services:Tunable"
-
-
-class Steer:
-    """Sends every call it can to the worker named ``target`` (else the first by name)."""
-
-    def __init__(self, target: str | None = None) -> None:
-        self.target = target
-
-    def choose(self, candidates: Sequence[pyrorpc.balancing.Candidate]) -> pyrorpc.balancing.Candidate:
-        for c in candidates:
-            if c.name == self.target:
-                return c
-        return min(candidates, key=lambda c: c.name)
 
 
 class Fleet:

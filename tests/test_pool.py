@@ -9,11 +9,11 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 from Pyro5.callcontext import current_context
-from services import Calculator
+from services import Calculator, Steer
 
 import pyrorpc
 from pyrorpc.testing import wait_for
@@ -42,20 +42,6 @@ def recorded() -> Iterator[list[tuple[int, int]]]:
     with _RUNS_LOCK:
         _RUNS.clear()
     yield _RUNS
-
-
-class Steer:
-    """A balancing strategy (the public Strategy protocol) that picks the worker named ``target`` whenever
-    it is a candidate, else the first by name: lets a test choose which worker a call goes to."""
-
-    def __init__(self, target: str | None = None) -> None:
-        self.target = target
-
-    def choose(self, candidates: Sequence[pyrorpc.balancing.Candidate]) -> pyrorpc.balancing.Candidate:
-        for c in candidates:
-            if c.name == self.target:
-                return c
-        return min(candidates, key=lambda c: c.name)
 
 
 def ejected(pool: pyrorpc.Pool) -> list[str]:
